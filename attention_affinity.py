@@ -1,0 +1,141 @@
+"""Affinity from Attention (AFA): a learned pixel affinity read off the transformer's attention.
+
+The encoder's multi-head self-attention already says which tokens belong together, but it is
+asymmetric and noisy. AFA (paper §3.2 "Affinity from Attention"; SPEC §1 and §4) turns
+the pre-softmax attention logits of the last blocks into a symmetric affinity a_ij in (0, 1)
+between the N = h·w tokens of the stride-16 grid, supervised by affinity labels derived from the
+PAR-refined pseudo label: a pair within a local window is positive when both pixels carry the
+same class, negative otherwise. The learned affinity then drives the random walk that propagates
+the CAMs (random_walk.py). This module holds the four pieces: the local window, the head, the
+affinity labels and the affinity loss.
+
+The authors' release differs from the paper: the paper's affinity loss averages the positive and
+the negative terms over their pair counts; the release halves both terms and adds 1 to each count
+(so a batch without positive or without negative pairs still gives a finite loss). The paper calls
+the projection of the attention maps an MLP; the release uses one 1×1 convolution with bias.
+This module follows the release.
+"""
+
+import functools
+import math
+import numbers
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=16)
+def _window_mask_cached(h, w, radius, device):
+    # token n sits at row n // w, column n % w of the h × w grid (row-major flattening)
+    index = torch.arange(h * w, device=device)  # (N,)
+    rows, cols = index // w, index % w  # (N,), (N,)
+    row_distance = (rows[:, None] - rows[None, :]).abs()  # (N, N)
+    col_distance = (cols[:, None] - cols[None, :]).abs()  # (N, N)
+    # Chebyshev distance: the pair lies in the (2·radius + 1)² square centred on either pixel
+    return torch.maximum(row_distance, col_distance) <= radius  # (N, N)
+
+
+def window_mask(h, w, radius=8, device=None):
+    """Pairs of grid cells within a square window of the given radius.
+
+    Entry (i, j) is True when tokens i and j of the row-major flattened h × w grid are at
+    Chebyshev distance ≤ radius, i.e. j lies in the (2·radius + 1)² square centred on i. The mask
+    is symmetric with a True diagonal. It is built once per (h, w, radius, device) and cached,
+    since training asks for it at every step; each call returns a fresh copy, so modifying the
+    result in place cannot affect later calls.
+
+    Returns a (N, N) bool tensor, N = h·w, on `device` (CPU when None).
+    """
+    if not all(isinstance(size, numbers.Integral) and size > 0 for size in (h, w)):
+        raise ValueError(f"h and w must be positive ints, got h={h!r}, w={w!r}")
+    if not (isinstance(radius, numbers.Integral) and radius >= 0):
+        raise ValueError(f"radius must be a non-negative int, got {radius!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return _window_mask_cached(int(h), int(w), int(radius), device).clone()
+
+
+class AffinityHead(nn.Module):
+    """Maps stacked attention logits to a symmetric affinity in (0, 1) (paper §3.2; SPEC §1).
+
+    S = A + Aᵀ per attention map makes the input symmetric, a 1×1 convolution with bias mixes the
+    num_maps maps into one, and a sigmoid gives the affinity. Because every input channel is
+    symmetric and the convolution acts on each pair (i, j) alone, a_ij = a_ji by construction
+    (the logits exactly; the sigmoid's vectorised kernel may differ from its scalar tail in the
+    last bit). In AFANet num_maps is twice the heads of the last stage: the last two blocks, all
+    their heads.
+    """
+
+    def __init__(self, num_maps):
+        super().__init__()
+        self.num_maps = num_maps
+        self.proj = nn.Conv2d(num_maps, 1, kernel_size=1, bias=True)
+        # the release's initialisation of this projection (the bias keeps PyTorch's default)
+        nn.init.kaiming_normal_(self.proj.weight, a=math.sqrt(5), mode="fan_out")
+
+    def forward(self, attn_logits):
+        """attn_logits (B, num_maps, N, N), pre-softmax -> affinity (B, N, N) in (0, 1)."""
+        if attn_logits.dim() != 4 or attn_logits.shape[1] != self.num_maps or \
+                attn_logits.shape[2] != attn_logits.shape[3]:
+            raise ValueError(f"attn_logits must have shape (B, {self.num_maps}, N, N), "
+                             f"got {tuple(attn_logits.shape)}")
+        symmetric = attn_logits + attn_logits.transpose(-2, -1)  # S = A + Aᵀ  (B, num_maps, N, N)
+        logits = self.proj(symmetric)  # (B, 1, N, N)
+        return torch.sigmoid(logits).squeeze(1)  # (B, N, N)
+
+
+def affinity_labels(pseudo_label, grid, mask, ignore_index=255):
+    """Pairwise affinity labels from a pseudo label (paper §3.2; SPEC §4).
+
+    The pseudo label is downsampled to the grid by nearest-neighbour interpolation (PyTorch's
+    "nearest": source index floor(dst · in / out)). Pair (i, j) is labelled 1 when both pixels
+    carry the same class (background with background included), 0 when they differ, and
+    ignore_index when either pixel is ignored or the pair lies outside the window.
+
+    pseudo_label: (B, H, W) integer class ids, ignore_index for unknown pixels.
+    grid: (h, w), the token grid of the affinity.
+    mask: (N, N) bool window (see window_mask), or None to keep every pair.
+    Returns (B, N, N) int64 in {0, 1, ignore_index}, symmetric.
+    """
+    if pseudo_label.dim() != 3:
+        raise ValueError(f"pseudo_label must have shape (B, H, W), got {tuple(pseudo_label.shape)}")
+    if len(grid) != 2:
+        raise ValueError(f"grid must be (h, w), got {grid!r}")
+    h, w = int(grid[0]), int(grid[1])
+    B, N = pseudo_label.shape[0], h * w
+    if mask is not None and (mask.shape != (N, N) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be a bool tensor of shape ({N}, {N}) for grid {(h, w)}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+
+    # nearest works on floats; class ids are small integers, so float32 holds them exactly
+    label = pseudo_label[:, None].float()  # (B, 1, H, W)
+    label = F.interpolate(label, size=(h, w), mode="nearest")  # (B, 1, h, w)
+    label = label.view(B, N)  # (B, N)
+    same = label[:, :, None] == label[:, None, :]  # (B, N, N)
+    ignored = label == ignore_index  # (B, N)
+    ignored_pair = ignored[:, :, None] | ignored[:, None, :]  # (B, N, N)
+    if mask is not None:
+        ignored_pair = ignored_pair | ~mask.to(label.device)  # (B, N, N)
+    labels = same.long()  # (B, N, N)
+    return labels.masked_fill(ignored_pair, ignore_index)  # (B, N, N)
+
+
+def affinity_loss(affinity, labels):
+    """Affinity loss (paper §3.2, as in the release):
+
+    L_aff = ½ · Σ_pos (1 − a_ij) / (n_pos + 1) + ½ · Σ_neg a_ij / (n_neg + 1),
+
+    over the positive (label 1) and negative (label 0) pairs of the whole batch; other labels are
+    ignored. The +1 keeps the loss finite (0) when a batch has no pair of one kind.
+
+    affinity: (B, N, N) in (0, 1). labels: (B, N, N) from affinity_labels. Returns a scalar.
+    """
+    if affinity.shape != labels.shape or affinity.dim() != 3:
+        raise ValueError(f"affinity and labels must both have shape (B, N, N), "
+                         f"got {tuple(affinity.shape)} and {tuple(labels.shape)}")
+    positive = labels == 1  # (B, N, N)
+    negative = labels == 0  # (B, N, N)
+    zero = affinity.new_zeros(())
+    positive_loss = torch.where(positive, 1 - affinity, zero).sum() / (positive.sum() + 1)
+    negative_loss = torch.where(negative, affinity, zero).sum() / (negative.sum() + 1)
+    return 0.5 * positive_loss + 0.5 * negative_loss

@@ -1,0 +1,481 @@
+"""The AFA network: a Mix Transformer encoder with three heads (SPEC §1, paper §3.1).
+
+One forward pass of `AFANet` gives everything the training step needs:
+
+- the encoder, SegFormer's hierarchical Mix Transformer (MiT, Xie et al. 2021), returns four
+  feature maps and the attention logits q·kᵀ of its blocks;
+- the classifier (a 1×1 conv on the stage-4 features) gives the image-level logits after global
+  max pooling, and the class activation maps (CAMs) when applied to the un-pooled features (SPEC §2);
+- SegFormer's all-MLP decoder gives the segmentation logits at stride 4;
+- the AFA head turns the attention logits of the last `afa_blocks` blocks into a pairwise
+  affinity (B, N, N) over the stride-16 grid (SPEC §4).
+
+`load_mit_weights` loads SegFormer's ImageNet checkpoints (`mit_b0.pth`, `mit_b1.pth`) as released:
+the module attribute names below reproduce that checkpoint layout key for key.
+
+As in the authors' release, and unlike the stock SegFormer encoder, the last stage keeps stride 16
+(strides (4, 2, 2, 1) instead of (4, 2, 2, 2)), and the classification logits use global max pooling.
+This module differs from the release in two places that leave AFA's numbers unchanged: the
+attention logits of spatial-reduction blocks are returned in full rather than average-pooled (see
+`Attention.forward`; AFA reads only stage-4 logits), and the decoder uses PyTorch's ordinary
+BatchNorm where the release synchronises it across GPUs (the same on one device).
+
+Symbols: B batch, C classes incl. background, H×W input, H_i×W_i and C_i the grid and width of
+stage i, h×w the stage-4 grid, N = h·w tokens, N_q / N_kv query / key tokens, nh heads, d head width.
+"""
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention_affinity import AffinityHead
+
+# SegFormer's MiT family (Xie et al. 2021, Table 6): all share heads (1, 2, 5, 8), MLP ratio 4 and
+# spatial reduction (8, 4, 2, 1); they differ in width and depth.
+MIT_CONFIGS = {
+    "mit_b0": dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
+    "mit_b1": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 2, 2)),
+    "mit_b2": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3)),
+    "mit_b3": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 18, 3)),
+    "mit_b4": dict(embed_dims=(64, 128, 320, 512), depths=(3, 8, 27, 3)),
+    "mit_b5": dict(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3)),
+}
+MIT_SHARED = dict(num_heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4), sr_ratios=(8, 4, 2, 1))
+BLOCK_NORM_EPS = 1e-6  # LayerNorms inside blocks and at the end of each stage
+PATCH_NORM_EPS = 1e-5  # LayerNorms of the patch embeddings and of the spatial reduction (PyTorch default)
+
+
+def init_segformer_weights(module):
+    """SegFormer's initialisation: truncated normal (std 0.02) for Linear, He normal over fan-out for
+    Conv2d, ones/zeros for LayerNorm; biases zero."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: during training, drop the whole residual branch of a sample with
+    probability `drop_prob` and rescale the kept ones by 1 / (1 − drop_prob)."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
+        mask = x.new_empty(mask_shape).bernoulli_(keep_prob)
+        return x * mask / keep_prob
+
+    def extra_repr(self):
+        return f"drop_prob={self.drop_prob}"
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Overlapping patch embedding: a strided conv whose kernel is wider than its stride, then
+    LayerNorm over channels. Returns tokens (B, N_i, C_i) and the grid size (H_i, W_i)."""
+
+    def __init__(self, in_chans, embed_dim, patch_size, stride, norm_eps=PATCH_NORM_EPS):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride,
+                              padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+
+    def forward(self, x):
+        x = self.proj(x)  # (B, C_i, H_i, W_i)
+        _, _, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, N_i, C_i)
+        return self.norm(x), H, W
+
+
+class Attention(nn.Module):
+    """Efficient self-attention (SegFormer §3.1): keys and values come from the tokens after a
+    strided `sr_ratio`×`sr_ratio` conv + LayerNorm, which shrinks the key sequence by sr_ratio²."""
+
+    def __init__(self, dim, num_heads, sr_ratio=1, qkv_bias=True):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5  # 1/√d
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            # the release builds this one with the PyTorch default eps, unlike the block norms
+            self.norm = nn.LayerNorm(dim, eps=PATCH_NORM_EPS)
+
+    def forward(self, x, H, W, return_logits=True):
+        """x (B, N_q, C) on an H×W grid -> (out (B, N_q, C), logits (B, nh, N_q, N_kv) or None).
+
+        With `return_logits` the attention is computed from the materialised logits q·kᵀ, which
+        are returned unscaled and before softmax; without, the fused kernel computes the same
+        output without materialising them and `None` is returned in their place.
+        The release returns, for sr_ratio > 1, the logits average-pooled over the query grid to
+        (B, nh, N_kv, N_kv); here they are returned in full, (B, nh, N_q, N_kv). AFA uses only
+        stage-4 blocks, where sr_ratio = 1 and both agree.
+        """
+        B, N, C = x.shape
+        nh, d = self.num_heads, C // self.num_heads
+        q = self.q(x).view(B, N, nh, d).transpose(1, 2)  # (B, nh, N_q, d)
+        if self.sr_ratio > 1:
+            grid = x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+            x = self.sr(grid).flatten(2).transpose(1, 2)  # (B, N_kv, C), N_kv = ⌊H/sr⌋·⌊W/sr⌋
+            x = self.norm(x)
+        kv = self.kv(x).view(B, -1, 2, nh, d).permute(2, 0, 3, 1, 4)  # (2, B, nh, N_kv, d)
+        k, v = kv.unbind(0)  # each (B, nh, N_kv, d)
+        if return_logits:
+            logits = q @ k.transpose(-2, -1)  # (B, nh, N_q, N_kv), q·kᵀ
+            attn = (logits * self.scale).softmax(dim=-1)  # softmax(q·kᵀ/√d)
+            out = attn @ v  # (B, nh, N_q, d)
+        else:
+            logits = None
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N_q, d), same 1/√d scale
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N_q, C)
+        return self.proj(out), logits
+
+
+class DWConv(nn.Module):
+    """3×3 depthwise conv over the token grid (the positional cue of Mix-FFN)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, groups=dim)
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        return self.dwconv(x).flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+class MixFFN(nn.Module):
+    """Mix-FFN: Linear → 3×3 depthwise conv → GELU → Linear."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = DWConv(hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x, H, W):
+        return self.fc2(self.act(self.dwconv(self.fc1(x), H, W)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attention(LN(x)), then x + MixFFN(LN(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, qkv_bias=True, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
+        self.attn = Attention(dim, num_heads, sr_ratio=sr_ratio, qkv_bias=qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
+        self.mlp = MixFFN(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, H, W, return_logits=True):
+        """x (B, N, C) -> (x (B, N, C), attention logits (B, nh, N, N_kv) or None)."""
+        attn_out, logits = self.attn(self.norm1(x), H, W, return_logits=return_logits)
+        x = x + self.drop_path(attn_out)
+        x = x + self.drop_path(self.mlp(self.norm2(x), H, W))
+        return x, logits
+
+
+class MixTransformer(nn.Module):
+    """SegFormer's Mix Transformer encoder (MiT) as used by AFA (SPEC §1).
+
+    Four stages; stage i is an overlapping patch embedding (7×7 conv, padding 3, for the first
+    stage, 3×3 conv, padding 1, after), `depths[i]` blocks, and a LayerNorm. The patch-embedding
+    strides are `strides`; AFA's (4, 2, 2, 1) keep stage 4 at stride 16.
+    Attribute names follow SegFormer's ImageNet checkpoints (`patch_embed1.proj.weight`,
+    `block1.0.attn.q.weight`, `norm1.weight`, ...).
+    """
+
+    def __init__(self, embed_dims, num_heads, mlp_ratios, depths, sr_ratios, strides=(4, 2, 2, 1),
+                 drop_path_rate=0.1, qkv_bias=True, in_chans=3):
+        super().__init__()
+        num_stages = len(embed_dims)
+        for name, value in dict(num_heads=num_heads, mlp_ratios=mlp_ratios, depths=depths,
+                                sr_ratios=sr_ratios, strides=strides).items():
+            if len(value) != num_stages:
+                raise ValueError(f"{name} must have one entry per stage ({num_stages}), got {value}")
+        self.embed_dims = tuple(embed_dims)
+        self.num_heads = tuple(num_heads)
+        self.depths = tuple(depths)
+        self.sr_ratios = tuple(sr_ratios)
+        self.strides = tuple(strides)
+        self.in_chans = in_chans
+
+        first_patch, later_patch = 7, 3  # SegFormer's overlapping patch sizes
+        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # linear over blocks
+        stage_in = in_chans
+        for i in range(num_stages):
+            stage = i + 1
+            setattr(self, f"patch_embed{stage}", OverlapPatchEmbed(
+                stage_in, embed_dims[i], patch_size=first_patch if i == 0 else later_patch,
+                stride=strides[i]))
+            first_block = sum(depths[:i])
+            setattr(self, f"block{stage}", nn.ModuleList([
+                Block(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], qkv_bias=qkv_bias,
+                      drop_path=drop_path_rates[first_block + j])
+                for j in range(depths[i])]))
+            setattr(self, f"norm{stage}", nn.LayerNorm(embed_dims[i], eps=BLOCK_NORM_EPS))
+            stage_in = embed_dims[i]
+        self.apply(init_segformer_weights)
+
+    def stages(self):
+        """The (patch embedding, blocks, final norm) of each stage, in order."""
+        return [(getattr(self, f"patch_embed{s}"), getattr(self, f"block{s}"), getattr(self, f"norm{s}"))
+                for s in range(1, len(self.embed_dims) + 1)]
+
+    def forward(self, x, num_attn=None):
+        """x (B, in_chans, H, W) -> (features, attn_logits).
+
+        features: 4 maps (B, C_i, H_i, W_i). attn_logits: the pre-softmax, unscaled logits q·kᵀ
+        (B, nh, N_q, N_kv), one per block in order — of all blocks when `num_attn` is None, of the
+        last `num_attn` blocks otherwise (the others then run the fused attention kernel, which
+        gives the same outputs faster; AFA needs only the last two).
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        num_blocks = sum(self.depths)
+        if num_attn is None:
+            num_attn = num_blocks
+        if not 0 <= num_attn <= num_blocks:
+            raise ValueError(f"num_attn must be in [0, {num_blocks}] or None, got {num_attn}")
+        first_logit_block = num_blocks - num_attn
+
+        B = x.shape[0]
+        features, attn_logits = [], []
+        block_index = 0
+        for patch_embed, blocks, norm in self.stages():
+            x, H, W = patch_embed(x)  # (B, N_i, C_i), N_i = H_i·W_i
+            for block in blocks:
+                want_logits = block_index >= first_logit_block
+                x, logits = block(x, H, W, return_logits=want_logits)
+                if want_logits:
+                    attn_logits.append(logits)
+                block_index += 1
+            x = norm(x)
+            x = x.transpose(1, 2).reshape(B, -1, H, W)  # (B, C_i, H_i, W_i)
+            features.append(x)
+        return features, attn_logits
+
+
+def mit(name, strides=(4, 2, 2, 1), **kwargs):
+    """A MixTransformer in one of SegFormer's configurations `MIT_CONFIGS[name]`."""
+    if name not in MIT_CONFIGS:
+        raise ValueError(f"backbone must be one of {sorted(MIT_CONFIGS)}, got {name!r}")
+    return MixTransformer(**MIT_CONFIGS[name], **MIT_SHARED, strides=strides, **kwargs)
+
+
+def mit_b0(strides=(4, 2, 2, 1), **kwargs):
+    """MiT-B0: dims (32, 64, 160, 256), heads (1, 2, 5, 8), depths (2, 2, 2, 2); 3.3 M parameters."""
+    return mit("mit_b0", strides=strides, **kwargs)
+
+
+def mit_b1(strides=(4, 2, 2, 1), **kwargs):
+    """MiT-B1, AFA's encoder: dims (64, 128, 320, 512), heads (1, 2, 5, 8), depths (2, 2, 2, 2)."""
+    return mit("mit_b1", strides=strides, **kwargs)
+
+
+def _describe_mit_state(state):
+    """Name the MiT configuration a state dict was saved from, from its widths and depths."""
+    embed_dims, depths = [], []
+    for stage in range(1, 5):
+        proj = state.get(f"patch_embed{stage}.proj.weight")
+        if proj is None or proj.ndim != 4:
+            return None
+        embed_dims.append(proj.shape[0])  # (C_i, C_{i-1}, k, k)
+        prefix = f"block{stage}."
+        depths.append(len({key.split(".")[1] for key in state if key.startswith(prefix)}))
+    for name, config in MIT_CONFIGS.items():
+        if tuple(config["embed_dims"]) == tuple(embed_dims) and tuple(config["depths"]) == tuple(depths):
+            return name
+    return f"a MiT with embed dims {embed_dims} and depths {depths}"
+
+
+def load_mit_weights(encoder, path):
+    """Load SegFormer's ImageNet MiT checkpoint (`mit_b1.pth`, ...) into `encoder` in place.
+
+    Accepts a raw state dict or one wrapped under "state_dict" / "model". The ImageNet classifier
+    `head.*` is dropped; every other key must match the encoder exactly (names and shapes).
+    Raises FileNotFoundError for a missing file, ValueError for an unreadable or mismatched one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"MiT weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated / foreign files
+        raise ValueError(f"cannot read MiT weights from {path} (truncated, or not a PyTorch "
+                         f"checkpoint of tensors): {error}") from error
+    if isinstance(state, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    state = {key: value for key, value in state.items() if not key.startswith("head.")}
+
+    expected = encoder.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+                  for key in expected if key in state and state[key].shape != expected[key].shape]
+    if missing or unexpected or mismatched:
+        def some(keys, limit=3):
+            return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys ({some(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys ({some(unexpected)})")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches, file vs model ({some(mismatched)})")
+        file_backbone = _describe_mit_state(state)
+        model_backbone = _describe_mit_state(expected)
+        message = f"{path} does not fit this encoder ({model_backbone or 'custom'}): " + "; ".join(problems) + "."
+        if file_backbone is None:
+            message += " It does not look like a SegFormer MiT checkpoint."
+        elif file_backbone != model_backbone:
+            message += f" The file seems to be for {file_backbone}"
+            if file_backbone in MIT_CONFIGS:
+                message += f": build the model with backbone={file_backbone!r} (--backbone {file_backbone})"
+            message += "."
+        raise ValueError(message)
+    encoder.load_state_dict(state, strict=True)
+
+
+class LinearEmbedding(nn.Module):
+    """Per-pixel Linear C_i -> embed_dim of the decoder, on a feature map."""
+
+    def __init__(self, in_dim, embed_dim):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, embed_dim)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        x = self.proj(x.flatten(2).transpose(1, 2))  # (B, H·W, embed_dim)
+        return x.transpose(1, 2).reshape(B, -1, H, W)  # (B, embed_dim, H, W)
+
+
+class SegFormerHead(nn.Module):
+    """SegFormer's all-MLP decoder (SPEC §1): per stage a Linear to `embed_dim`, all upsampled to
+    stride 4, concatenated (c4, c3, c2, c1), fused by 1×1 conv + BatchNorm + ReLU, then Dropout2d
+    and a 1×1 conv to C classes. features: 4 maps (B, C_i, H_i, W_i) -> (B, C, H_1, W_1).
+
+    The release uses synchronised BatchNorm across GPUs; here it is the ordinary BatchNorm2d
+    (convert with nn.SyncBatchNorm.convert_sync_batchnorm for multi-GPU training).
+    """
+
+    def __init__(self, in_channels, num_classes, embed_dim=256, dropout=0.1):
+        super().__init__()
+        self.num_stages = len(in_channels)
+        for stage, in_dim in enumerate(in_channels, start=1):
+            setattr(self, f"linear_c{stage}", LinearEmbedding(in_dim, embed_dim))
+        fuse_conv = nn.Conv2d(self.num_stages * embed_dim, embed_dim, kernel_size=1, bias=False)
+        nn.init.kaiming_normal_(fuse_conv.weight, mode="fan_out", nonlinearity="relu")
+        self.linear_fuse = nn.Sequential()
+        self.linear_fuse.add_module("conv", fuse_conv)
+        self.linear_fuse.add_module("bn", nn.BatchNorm2d(embed_dim))
+        self.linear_fuse.add_module("relu", nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout2d(dropout)
+        self.linear_pred = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
+
+    def forward(self, features):
+        if len(features) != self.num_stages:
+            raise ValueError(f"features must hold {self.num_stages} maps, got {len(features)}")
+        size = features[0].shape[-2:]  # (H_1, W_1), stride 4
+        embedded = []
+        for stage in reversed(range(1, self.num_stages + 1)):  # order c4, c3, c2, c1
+            x = getattr(self, f"linear_c{stage}")(features[stage - 1])  # (B, embed_dim, H_i, W_i)
+            if x.shape[-2:] != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, embed_dim, H_1, W_1)
+            embedded.append(x)
+        x = self.linear_fuse(torch.cat(embedded, dim=1))  # (B, 4·embed_dim, H_1, W_1) -> (B, embed_dim, H_1, W_1)
+        return self.linear_pred(self.dropout(x))  # (B, C, H_1, W_1)
+
+
+class AFAOutput(NamedTuple):
+    cls_logits: torch.Tensor  # (B, C−1) image-level logits, global max pooling then classifier
+    seg_logits: torch.Tensor  # (B, C, H/4, W/4) decoder output
+    affinity: torch.Tensor  # (B, N, N) learned affinity in (0, 1), symmetric
+    cams: torch.Tensor  # (B, C−1, h, w) classifier on the un-pooled stage-4 features, before ReLU
+
+
+class AFANet(nn.Module):
+    """The AFA network (SPEC §1, paper §3): MiT encoder, classifier, SegFormer decoder, AFA head.
+
+    num_classes C counts the background; the classifier predicts the C−1 foreground classes.
+    `pretrained` is an optional path to SegFormer's ImageNet weights for `backbone`.
+    `afa_blocks` last blocks of the encoder (all in stage 4, where sr_ratio = 1) give their
+    attention logits, afa_blocks × nh maps of N × N, to the AFA head.
+    """
+
+    def __init__(self, num_classes, backbone="mit_b1", pretrained=None, strides=(4, 2, 2, 1),
+                 afa_blocks=2, decoder_dim=256, drop_path_rate=0.1):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.encoder = mit(backbone, strides=strides, drop_path_rate=drop_path_rate)
+        if not 1 <= afa_blocks <= self.encoder.depths[-1] or self.encoder.sr_ratios[-1] != 1:
+            raise ValueError(f"afa_blocks must be in [1, {self.encoder.depths[-1]}] (the stage-4 blocks, "
+                             f"whose attention is N × N), got {afa_blocks}")
+        self.afa_blocks = afa_blocks
+        embed_dims = self.encoder.embed_dims
+        self.classifier = nn.Conv2d(embed_dims[-1], num_classes - 1, kernel_size=1, bias=False)
+        self.decoder = SegFormerHead(embed_dims, num_classes, embed_dim=decoder_dim)
+        self.affinity_head = AffinityHead(afa_blocks * self.encoder.num_heads[-1])
+        if pretrained is not None:
+            load_mit_weights(self.encoder, pretrained)
+
+    def _affinity(self, attn_logits):
+        maps = torch.cat(attn_logits[-self.afa_blocks:], dim=1)  # (B, afa_blocks·nh, N, N)
+        return self.affinity_head(maps)  # (B, N, N)
+
+    def forward(self, x):
+        """x (B, 3, H, W) -> AFAOutput(cls_logits, seg_logits, affinity, cams)."""
+        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks)
+        top = features[-1]  # (B, C_4, h, w)
+        pooled = F.adaptive_max_pool2d(top, 1)  # (B, C_4, 1, 1), global max pooling
+        cls_logits = self.classifier(pooled).flatten(1)  # (B, C−1)
+        return AFAOutput(cls_logits=cls_logits, seg_logits=self.decoder(features),
+                         affinity=self._affinity(attn_logits), cams=self.classifier(top))
+
+    def cam(self, x):
+        """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, affinity (B, N, N)); no decoder.
+        Gradients flow as the caller's grad mode allows (multi-scale CAM runs it under no_grad)."""
+        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks)
+        cams = self.classifier(features[-1])  # (B, C−1, h, w)
+        return cams, self._affinity(attn_logits)
+
+    def param_groups(self):
+        """Parameters by learning-rate group (SPEC §6): "encoder" (weights), "encoder_norm" (every
+        encoder parameter whose name contains "norm": LayerNorms, frozen in the paper's schedule),
+        "heads" (classifier and AFA head) and "decoder". Each parameter appears exactly once."""
+        encoder = [p for name, p in self.encoder.named_parameters() if "norm" not in name]
+        encoder_norm = [p for name, p in self.encoder.named_parameters() if "norm" in name]
+        heads = list(self.classifier.parameters()) + list(self.affinity_head.parameters())
+        return {"encoder": encoder, "encoder_norm": encoder_norm, "heads": heads,
+                "decoder": list(self.decoder.parameters())}
