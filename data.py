@@ -1,0 +1,653 @@
+"""Data: PASCAL VOC 2012, COCO 2014 in VOC style, and a built-in synthetic set — one reader.
+
+Every data set is a folder in VOC layout (SPEC §8): images, index masks (PNG whose values are
+class ids, 0 background, 255 ignore) and split lists of image names. `SegmentationDataset` reads
+any of them; a `Layout` says where the files are. It feeds `train.py` with random crops, their
+image-level labels (the weak supervision: the classes present in the mask) and the crop's valid
+box, and `evaluate.py` with full images and their masks. The training augmentation is SPEC §6:
+random rescale, random horizontal flip, random crop with black padding, ImageNet normalisation.
+
+Details the paper leaves open follow the authors' release: the image is padded with black
+*before* normalisation, it sits at a random offset inside the padded canvas, and the crop window is
+drawn once, uniformly (the release's classification loader passes no mask, so its "at most 75% one
+class" re-draw never runs). The valid box's ends are in crop coordinates; the release's are in
+canvas coordinates when the crop starts inside a larger image (they slice the same pixels). The
+release ships its split lists and image-level labels as files; here they are read from the data
+set and derived once into a cache.
+
+`make_synthetic` writes a small procedurally generated set in the same layout, designed to be
+learnable from scratch on a CPU in minutes (no pretrained weights): each class has its own shape,
+texture and colour family, objects cover 15–35% of the image, backgrounds are cluttered but
+low-saturated.
+
+Validation images keep their own size, so batch them one at a time (`batch_size=1`) unless, as
+in the synthetic set, all images have the same size. Training crops all have the crop size.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, on the 0–255 scale (SPEC §6)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+IGNORE_INDEX = 255
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+COCO_CLASSES = (
+    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
+    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)
+SYNTHETIC_CLASSES = ("background", "disc", "square", "triangle", "cross", "ring")
+
+
+class DatasetError(Exception):
+    """A data set on disk that cannot be read as expected; the message names the file and the fix."""
+
+
+def voc_palette(n: int = 256) -> list[int]:
+    """The VOC colour map as a flat [r0, g0, b0, r1, ...] list of 3·n ints (PIL's `putpalette`).
+
+    Colour of id i: the bits of i, taken three at a time (red, green, blue), fill each channel
+    from its most significant bit down — 1 → (128, 0, 0), 2 → (0, 128, 0), 255 → (224, 224, 192).
+    """
+    palette = []
+    for index in range(n):
+        red = green = blue = 0
+        bits = index
+        for shift in range(7, -1, -1):
+            red |= (bits & 1) << shift
+            green |= ((bits >> 1) & 1) << shift
+            blue |= ((bits >> 2) & 1) << shift
+            bits >>= 3
+        palette += [red, green, blue]
+    return palette
+
+
+# =============================================================================================
+# Layouts: where a data set keeps its files
+# =============================================================================================
+@dataclass(frozen=True)
+class Layout:
+    """Where a data set's files are: patterns relative to its root, formatted with split, name."""
+
+    name: str
+    image: str  # e.g. "JPEGImages/{name}.jpg"; its first folder marks a data set root
+    mask: str  # index PNG of the same size as the image
+    split_list: str = "ImageSets/Segmentation/{split}.txt"  # one image name per line
+    root_candidates: tuple[str, ...] = ("",)  # sub-folders of the given root tried in order
+    # (split, excluded splits): when the split's list is absent it is every mask in the split's
+    # mask folder minus the names in the excluded splits' lists.
+    derivable_splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    how_to_get: str = ""
+
+
+VOC_LAYOUT = Layout(
+    name="voc",
+    image="JPEGImages/{name}.jpg",
+    mask="SegmentationClassAug/{name}.png",
+    root_candidates=("", "VOC2012", os.path.join("VOCdevkit", "VOC2012")),
+    derivable_splits=(("train_aug", ("val",)),),  # SPEC §8: the 10,582 SBD masks not in val
+    how_to_get="VOC 2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar, "
+    "plus SegmentationClassAug (the SBD-augmented masks, see the SBD page or the release's "
+    "README) unpacked into VOCdevkit/VOC2012",
+)
+COCO_LAYOUT = Layout(
+    name="coco",
+    image="JPEGImages/{split}/{name}.jpg",
+    mask="SegmentationClass/{split}/{name}.png",
+    derivable_splits=(("train", ()), ("val", ())),  # one mask folder per split
+    how_to_get="COCO 2014: train2014.zip and val2014.zip from http://images.cocodataset.org/zips/ "
+    "unpacked into JPEGImages/{train,val}, with VOC-style masks (81 ids) in "
+    "SegmentationClass/{train,val} (e.g. generated with github.com/alicranck/coco2voc)",
+)
+DATASETS = {  # name → (layout, class names); the synthetic set is written in VOC layout
+    "voc": (VOC_LAYOUT, VOC_CLASSES),
+    "coco": (COCO_LAYOUT, COCO_CLASSES),
+    "synthetic": (VOC_LAYOUT, SYNTHETIC_CLASSES),
+}
+_ALIASES = {"voc2012": "voc", "coco2014": "coco"}
+
+
+def _resolve_root(root: str, layout: Layout) -> str:
+    """The folder under `root` (itself, or one of the layout's candidates) that holds the images."""
+    marker = layout.image.split("/")[0]
+    for candidate in layout.root_candidates:
+        folder = os.path.join(root, candidate)
+        if os.path.isdir(os.path.join(folder, marker)):
+            return os.path.normpath(folder)
+    looked = ", ".join(os.path.join(root, c, marker) for c in layout.root_candidates)
+    state = "does not exist" if not os.path.exists(root) else f"has no {marker} folder"
+    raise DatasetError(
+        f"dataset root {root} {state} (looked for {looked}). Expected layout: "
+        f"root/{layout.image}, root/{layout.mask}, root/{layout.split_list}. "
+        f"Get {layout.how_to_get}; or generate the built-in synthetic set with make_synthetic(root)."
+    )
+
+
+# =============================================================================================
+# Reading images and masks
+# =============================================================================================
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L")  # 16-bit (or 32-bit) grayscale
+_INDEX_MASK_MODES = ("P", "L") + _WIDE_GRAY_MODES
+_SIXTEEN_BIT_MAX = 65535
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image of any mode (L, RGBA, CMYK, P, 16-bit, ...) to RGB: (H, W, 3) uint8."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in _WIDE_GRAY_MODES:
+                # PIL's own conversion clips 16-bit values at 255; rescale the range instead.
+                gray = np.asarray(image, dtype=np.float64) * (255 / _SIXTEEN_BIT_MAX)
+                gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)  # (H, W)
+                return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
+            return np.asarray(image.convert("RGB"))
+    except _DECODE_ERRORS as error:
+        raise DatasetError(f"cannot decode image {path}: {error}") from error
+
+
+def read_mask(path: str) -> np.ndarray:
+    """Decode an index mask (palette or grayscale PNG; the values are class ids): (H, W) ints."""
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+            mode = mask.mode
+            if mode in _INDEX_MASK_MODES:
+                return np.asarray(mask)  # for "P" the palette indices are the ids
+    except _DECODE_ERRORS as error:
+        raise DatasetError(f"cannot decode mask {path}: {error}") from error
+    raise DatasetError(
+        f"mask {path} has mode {mode}: masks must be index masks — a palette ('P') or grayscale "
+        f"('L') PNG whose values are class ids (0 background, {IGNORE_INDEX} ignore). A colour-coded "
+        f"mask must be converted to ids first (match its colours against data.voc_palette())."
+    )
+
+
+def present_classes(mask: np.ndarray, num_classes: int, ignore_index: int, path: str) -> np.ndarray:
+    """Foreground ids in `mask` (0 and ignore excluded); a DatasetError naming `path` on bad ids."""
+    ids = np.unique(mask)
+    bad = ids[(ids >= num_classes) & (ids != ignore_index)]
+    if bad.size:
+        raise DatasetError(
+            f"mask {path} has class ids {bad.tolist()} outside 0..{num_classes - 1} "
+            f"(and {ignore_index} for ignore); is num_classes={num_classes} right for this data set?"
+        )
+    return ids[(ids > 0) & (ids != ignore_index)]
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`,
+    so that a reader (another process) never sees half a file."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
+        write(tmp)
+    os.replace(tmp.name, path)
+
+
+# =============================================================================================
+# The reader
+# =============================================================================================
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Images of one split with their masks and image-level labels, from a folder in VOC layout.
+
+    Each item is a dict:
+      name        str
+      image       (3, H, W) float32, normalised with `mean` and `std`
+      label       (H, W) int64, the ground-truth mask (augmented with the image; 255 on padding)
+      cls_labels  (C−1,) float32, multi-hot over the foreground classes present in the mask
+      valid_box   (4,) int64, (top, bottom, left, right), ends exclusive: the image's real pixels
+
+    With `train=True`: random rescale by a factor in `rescale_range` (bilinear image, nearest
+    mask), random horizontal flip, random crop_size × crop_size crop, black padding where the
+    image is smaller; images without any foreground class are skipped. With `train=False`: the
+    full image, unaugmented, every image of the split (batch size 1 when sizes differ).
+
+    The random numbers come from torch's generator, so `torch.manual_seed` and the DataLoader's
+    per-worker seeding make the augmentation reproducible. Image-level labels are derived from
+    the masks once and cached in `cache_dir` (nothing is ever written into the data set folder);
+    with `cache_dir=None` they are kept in memory only.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        split: str,
+        num_classes: int,
+        train: bool,
+        layout: Layout = VOC_LAYOUT,
+        crop_size: int = 512,
+        rescale_range: tuple[float, float] = (0.5, 2.0),
+        flip: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+        cache_dir: str | None = None,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        if num_classes < 2:
+            raise ValueError(
+                f"num_classes must count background and at least one class, got {num_classes}")
+        if crop_size < 1:
+            raise ValueError(f"crop_size must be a positive number of pixels, got {crop_size}")
+        if not 0 < rescale_range[0] <= rescale_range[1]:
+            raise ValueError(
+                f"rescale_range must be (low, high) with 0 < low <= high, got {rescale_range}")
+        self.root = _resolve_root(root, layout)
+        self.split, self.num_classes, self.layout, self.train = split, num_classes, layout, train
+        self.crop_size, self.rescale_range, self.flip = crop_size, tuple(rescale_range), flip
+        self.ignore_index, self.cache_dir = ignore_index, cache_dir
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+
+        names, fingerprint = self._split_names()
+        self._check_files_exist(names)
+        labels = self._image_level_labels(names, fingerprint)  # (n, C−1) uint8
+        if train:
+            has_foreground = labels.any(axis=1)
+            if not has_foreground.all():
+                log.warning(
+                    "%d of %d images of split %r in %s have no foreground class in their mask; "
+                    "skipped for training", (~has_foreground).sum(), len(names), split, self.root)
+            names = [n for n, keep in zip(names, has_foreground) if keep]
+            labels = labels[has_foreground]
+            if not names:
+                raise DatasetError(f"no image of split {split!r} in {self.root} has a foreground class")
+        self.names = names
+        self.cls_labels = labels.astype(np.float32)  # (n, C−1)
+
+    # --- construction: split list, file checks, image-level labels ---------------------------
+    def _path(self, pattern: str, name: str = "", split: str | None = None) -> str:
+        return os.path.join(self.root, pattern.format(split=split or self.split, name=name))
+
+    def _read_list(self, path: str) -> list[str]:
+        with open(path) as f:
+            names = [line.split()[0] for line in f if line.strip()]
+        if not names:
+            raise DatasetError(f"split list {path} is empty")
+        return names
+
+    def _split_names(self) -> tuple[list[str], list]:
+        """The split's image names and a cheap fingerprint of where they came from."""
+        list_path = self._path(self.layout.split_list)
+        if os.path.isfile(list_path):
+            names = self._read_list(list_path)
+            return names, [list_path, len(names), os.stat(list_path).st_mtime_ns]
+        derivable = dict(self.layout.derivable_splits)
+        mask_folder = os.path.dirname(self._path(self.layout.mask, "x"))
+        if self.split not in derivable or not os.path.isdir(mask_folder):
+            hint = ""
+            if self.split in derivable:
+                hint = f" (it is derived from {mask_folder} when that folder exists)"
+            folder = os.path.dirname(list_path)
+            listed = os.listdir(folder) if os.path.isdir(folder) else []
+            available = sorted(f[: -len(".txt")] for f in listed if f.endswith(".txt"))
+            raise DatasetError(
+                f"split list {list_path} not found{hint}; splits available: {available or 'none'}")
+        return self._derive_split(mask_folder, derivable[self.split])
+
+    def _derive_split(self, mask_folder: str, excluded_splits: tuple[str, ...]):
+        """Every mask in `mask_folder` minus the names of `excluded_splits` (VOC's train_aug)."""
+        fingerprint = [mask_folder, os.stat(mask_folder).st_mtime_ns]
+        excluded = set()
+        for other in excluded_splits:
+            other_path = self._path(self.layout.split_list, split=other)
+            if not os.path.isfile(other_path):
+                raise DatasetError(
+                    f"split list {self._path(self.layout.split_list)} not found, and it cannot be "
+                    f"derived without {other_path} (its names are excluded)")
+            excluded.update(self._read_list(other_path))
+            fingerprint += [other_path, os.stat(other_path).st_mtime_ns]
+        cached = self._cache_path(fingerprint, "txt")
+        if cached and os.path.isfile(cached):
+            return self._read_list(cached), fingerprint
+        suffix = os.path.splitext(self.layout.mask)[1]
+        names = sorted(
+            f[: -len(suffix)] for f in os.listdir(mask_folder)
+            if f.endswith(suffix) and f[: -len(suffix)] not in excluded)
+        if not names:
+            raise DatasetError(f"cannot derive split {self.split!r}: no mask left in {mask_folder}")
+        if cached:
+            _atomic_write(cached, lambda f: f.write("".join(n + "\n" for n in names).encode()))
+        return names, fingerprint
+
+    def _check_files_exist(self, names: list[str]) -> None:
+        for pattern, kind in ((self.layout.image, "image"), (self.layout.mask, "mask")):
+            missing = [p for p in (self._path(pattern, n) for n in names) if not os.path.isfile(p)]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise DatasetError(
+                    f"{kind} {missing[0]}{more} listed in split {self.split!r} is missing")
+
+    def _cache_path(self, fingerprint: list, extension: str) -> str | None:
+        if self.cache_dir is None:
+            return None
+        key = [os.path.realpath(self.root), self.layout, self.split, self.num_classes,
+               self.ignore_index, fingerprint]
+        digest = hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
+        return os.path.join(self.cache_dir, f"{self.layout.name}-{self.split}-{digest}.{extension}")
+
+    def _image_level_labels(self, names: list[str], fingerprint: list) -> np.ndarray:
+        """(n, C−1) uint8 multi-hot: the classes present in each mask, read once, then cached."""
+        cached = self._cache_path([len(names), fingerprint], "npz")
+        if cached and os.path.isfile(cached):
+            with np.load(cached) as stored:
+                if stored["names"].tolist() == names:
+                    return stored["labels"]
+
+        def classes_of(name):
+            path = self._path(self.layout.mask, name)
+            return present_classes(read_mask(path), self.num_classes, self.ignore_index, path)
+
+        labels = np.zeros((len(names), self.num_classes - 1), dtype=np.uint8)
+        # PNG decoding releases the GIL, so threads read several masks at once.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            ids_per_mask = pool.map(classes_of, names)
+            progress = tqdm(ids_per_mask, total=len(names), unit="mask",
+                            desc=f"image-level labels of {self.layout.name} {self.split}")
+            for row, ids in enumerate(progress):
+                labels[row, ids - 1] = 1  # id k ↔ column k−1 (background has no column)
+        if cached:
+            _atomic_write(cached, lambda f: np.savez(f, names=np.asarray(names), labels=labels))
+        return labels
+
+    # --- items --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        name = self.names[index]
+        image_path = self._path(self.layout.image, name)
+        mask_path = self._path(self.layout.mask, name)
+        image = read_image(image_path)  # (H, W, 3) uint8
+        mask = read_mask(mask_path)  # (H, W)
+        if mask.shape != image.shape[:2]:
+            raise DatasetError(
+                f"mask {mask_path} is {mask.shape[1]}×{mask.shape[0]} (W×H) but its image "
+                f"{image_path} is {image.shape[1]}×{image.shape[0]}")
+        # The cached labels were checked when derived; the mask may have changed since.
+        present_classes(mask, self.num_classes, self.ignore_index, mask_path)
+        mask = mask.astype(np.int32)  # PIL resizes it as mode "I", whatever the PNG held
+        height, width = mask.shape
+        if self.train:
+            image, mask, valid_box = self._augment(image, mask)
+        else:
+            valid_box = (0, height, 0, width)
+        image = (image.astype(np.float32) - self.mean) / self.std  # padding 0 → −mean/std
+        return {
+            "name": name,
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),  # (3, H, W)
+            "label": torch.from_numpy(mask.astype(np.int64)),  # (H, W)
+            "cls_labels": torch.from_numpy(self.cls_labels[index].copy()),  # (C−1,)
+            "valid_box": torch.tensor(valid_box, dtype=torch.int64),  # (4,)
+        }
+
+    def _augment(self, image: np.ndarray, mask: np.ndarray):
+        """Rescale, flip, pad-and-crop (SPEC §6): (crop, crop, 3) uint8, (crop, crop) ids, box."""
+        low, high = self.rescale_range
+        scale = low + (high - low) * torch.rand(()).item()
+        height, width = mask.shape
+        # PIL's (W, H), truncated by int() as in the release
+        size = (max(1, int(scale * width)), max(1, int(scale * height)))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+        if self.flip and torch.rand(()).item() > 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+
+        crop = self.crop_size
+        height, width = mask.shape
+        canvas_height, canvas_width = max(crop, height), max(crop, width)
+        # The image sits at a random offset inside a black canvas at least crop × crop ...
+        top = int(torch.randint(canvas_height - height + 1, ()))
+        left = int(torch.randint(canvas_width - width + 1, ()))
+        # ... and the crop window is drawn uniformly inside the canvas.
+        crop_top = int(torch.randint(canvas_height - crop + 1, ()))
+        crop_left = int(torch.randint(canvas_width - crop + 1, ()))
+        image_canvas = np.zeros((canvas_height, canvas_width, 3), dtype=np.uint8)
+        image_canvas[top : top + height, left : left + width] = image
+        mask_canvas = np.full((canvas_height, canvas_width), self.ignore_index, dtype=mask.dtype)
+        mask_canvas[top : top + height, left : left + width] = mask
+        window = (slice(crop_top, crop_top + crop), slice(crop_left, crop_left + crop))
+        valid_box = (  # the image's rectangle in crop coordinates, ends exclusive
+            max(top - crop_top, 0), min(top + height, crop_top + crop) - crop_top,
+            max(left - crop_left, 0), min(left + width, crop_left + crop) - crop_left,
+        )
+        return image_canvas[window], mask_canvas[window], valid_box
+
+
+def build_dataset(name: str, root: str, split: str, **kwargs) -> SegmentationDataset:
+    """`SegmentationDataset` for "voc" (alias "VOC2012"), "coco" ("COCO", "coco2014") or
+    "synthetic": the layout and `num_classes` come from the name; `kwargs` go to the reader.
+    The synthetic set must exist first: `make_synthetic(root)`."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in DATASETS:
+        names = sorted(DATASETS) + sorted(_ALIASES)
+        raise ValueError(f"name must be one of {names} (any case), got {name!r}")
+    layout, class_names = DATASETS[key]
+    kwargs.setdefault("num_classes", len(class_names))
+    return SegmentationDataset(root=root, split=split, layout=layout, **kwargs)
+
+
+# =============================================================================================
+# The built-in synthetic data set
+# =============================================================================================
+SYNTHETIC_VERSION = 1  # bump whenever the generator's output changes: existing sets regenerate
+SYNTHETIC_FOREGROUND_FRACTION = (0.15, 0.35)  # share of labelled object pixels per image
+_SYNTHETIC_MARKER = "synthetic.json"
+# Per foreground class (SYNTHETIC_CLASSES[1:]): its hue range in degrees — the colour family.
+# Shape and texture are in `_shape` and `_texture`; backgrounds stay low-saturated.
+_HUES = ((-15, 12), (200, 235), (95, 140), (42, 62), (275, 310))
+_TRIANGLE_AREA = 3 * math.sqrt(3) / 4  # equilateral, circumradius 1
+_CROSS_THICKNESS = 0.33  # arm half-width / arm half-length
+_RING_HOLE = 0.5  # inner radius / outer radius
+# Area of each shape at scale r, in units of r² (aspect ratios keep it).
+_SHAPE_AREA = (math.pi, 4.0, _TRIANGLE_AREA,
+               8 * _CROSS_THICKNESS - 4 * _CROSS_THICKNESS**2, math.pi * (1 - _RING_HOLE**2))
+_MAX_OVERLAP = 0.15  # share of a new object's area that may overlap the objects before it
+_VOID_INSIDE, _VOID_OUTSIDE = 1, 1  # the 255 band around each object, pixels inside / outside
+_RING_SECTORS = 10
+_MAX_LAYOUTS = 100  # layouts drawn per image before giving up (a handful suffice from 64 pixels up)
+
+
+def _shape(kind: int, u: np.ndarray, v: np.ndarray, r: float, aspect: float) -> np.ndarray:
+    """Inside of shape `kind` (1..5) of scale r in object coordinates (u, v): (S, S) bool."""
+    if kind == 1:  # disc: an ellipse of area π r²
+        return (u / (r * aspect)) ** 2 + (v * aspect / r) ** 2 <= 1
+    if kind == 2:  # square: a rectangle of area 4 r²
+        return (np.abs(u) <= r * aspect) & (np.abs(v) <= r / aspect)
+    if kind == 3:  # triangle: equilateral, circumradius r, so each edge lies r/2 from the centre
+        normals = (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)  # outward, one per edge
+        edges = [u * math.cos(a) + v * math.sin(a) <= r / 2 for a in normals]
+        return edges[0] & edges[1] & edges[2]
+    if kind == 4:  # cross: two bars of half-length r, half-width t
+        t = _CROSS_THICKNESS * r
+        return ((np.abs(u) <= r) & (np.abs(v) <= t)) | ((np.abs(u) <= t) & (np.abs(v) <= r))
+    rho = np.hypot(u, v)  # ring: an annulus
+    return (rho <= r) & (rho >= _RING_HOLE * r)
+
+
+def _texture(kind: int, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarray:
+    """Two-tone texture of class `kind` in object coordinates: (S, S) bool."""
+    if kind == 1:  # dots
+        du, dv = u % period - period / 2, v % period - period / 2
+        return du**2 + dv**2 <= (0.3 * period) ** 2
+    if kind == 2:  # checkerboard
+        return (np.floor(u / period) + np.floor(v / period)) % 2 == 0
+    if kind == 3:  # stripes, half a period wide
+        return np.floor(2 * u / period) % 2 == 0
+    if kind == 4:  # grid of thin lines
+        return (u % period < 0.3 * period) | (v % period < 0.3 * period)
+    return np.floor(np.arctan2(v, u) / (2 * math.pi / _RING_SECTORS)) % 2 == 0  # ring: sectors
+
+
+def _grow(mask: np.ndarray, steps: int) -> np.ndarray:
+    """Binary dilation by a 3×3 square, `steps` times (pixels beyond the border count as empty)."""
+    height, width = mask.shape
+    for _ in range(steps):
+        padded = np.pad(mask, 1)
+        mask = np.zeros_like(mask)
+        for dy in range(3):
+            for dx in range(3):
+                mask |= padded[dy : dy + height, dx : dx + width]
+    return mask
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Unit-scale noise varying over about size/cells pixels: a random grid, upsampled bicubic."""
+    grid = rng.standard_normal((cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC))  # (S, S)
+
+
+def _hsv(hue_degrees: float, saturation: float, value: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb((hue_degrees / 360) % 1, saturation, value)) * 255
+
+
+def _synthetic_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Low-saturated smooth noise with a few flat low-contrast lines and blobs: (S, S, 3) float."""
+    base = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.2), rng.uniform(0.35, 0.75))
+    luminance = 25 * _smooth_noise(rng, size, 4) + 12 * _smooth_noise(rng, size, 10)
+    tint = np.stack([6 * _smooth_noise(rng, size, 5) for _ in range(3)], axis=2)
+    background = np.clip(base + luminance[:, :, None] + tint, 0, 255).astype(np.uint8)  # (S, S, 3)
+    background = Image.fromarray(background)
+    draw = ImageDraw.Draw(background)
+
+    def clutter_colour():
+        shade = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), 1) / 255 * rng.uniform(-45, 45)
+        return tuple(int(c) for c in np.clip(base + shade + rng.uniform(-45, 45), 0, 255))
+
+    for _ in range(rng.integers(3, 7)):
+        x0, y0, x1, y1 = rng.uniform(0, size, 4)
+        draw.line((x0, y0, x1, y1), fill=clutter_colour(), width=int(rng.integers(1, 4)))
+    for _ in range(rng.integers(2, 5)):
+        cx, cy = rng.uniform(0, size, 2)
+        rx, ry = rng.uniform(0.04, 0.15, 2) * size
+        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=clutter_colour())
+    return np.asarray(background, dtype=np.float32)
+
+
+def _synthetic_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image (S, S, 3) uint8 with 1–3 objects and its mask (S, S) uint8 (ids, 255 void)."""
+    image = _synthetic_background(rng, size)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # pixel centres, (S, S) each
+    low, high = SYNTHETIC_FOREGROUND_FRACTION
+    for _ in range(_MAX_LAYOUTS):  # redraw the layout until the labelled share is in range
+        num_objects = int(rng.integers(1, 4))
+        kinds = rng.choice(len(_HUES), num_objects, replace=False) + 1
+        # Aim a little high: the void band takes the objects' outermost pixels.
+        shares = rng.uniform(0.6, 1.4, num_objects)
+        areas = rng.uniform(low + 0.03, high + 0.03) * size**2 * shares / shares.sum()
+        objects, union = [], np.zeros((size, size), dtype=bool)
+        for kind, area in zip(kinds, areas):
+            r = math.sqrt(area / _SHAPE_AREA[kind - 1])
+            for _ in range(30):  # placements tried before the object is dropped
+                margin = min(r, size / 2)  # a large triangle's corners may leave the image
+                cy, cx = rng.uniform(margin, size - margin, 2)
+                theta, aspect = rng.uniform(0, 2 * math.pi), rng.uniform(0.8, 1.25)
+                u = math.cos(theta) * (x - cx) + math.sin(theta) * (y - cy)  # object frame
+                v = -math.sin(theta) * (x - cx) + math.cos(theta) * (y - cy)
+                inside = _shape(kind, u, v, r, aspect)
+                if (inside & union).sum() <= _MAX_OVERLAP * inside.sum():
+                    objects.append((kind, u, v, r, inside))
+                    union |= inside
+                    break
+        label = np.zeros((size, size), dtype=np.uint8)
+        for kind, _, _, _, inside in objects:  # later objects lie on top
+            core = ~_grow(~inside, _VOID_INSIDE)
+            label[_grow(inside, _VOID_OUTSIDE) & ~core] = IGNORE_INDEX
+            label[core] = kind
+        foreground = ((label > 0) & (label != IGNORE_INDEX)).mean()
+        if low <= foreground <= high:
+            break
+    else:
+        raise ValueError(
+            f"size {size} is too small for objects covering {low:.0%}–{high:.0%} of the image")
+
+    for kind, u, v, r, inside in objects:
+        hue = rng.uniform(*_HUES[kind - 1])
+        primary = _hsv(hue, rng.uniform(0.55, 0.95), rng.uniform(0.55, 0.95))
+        secondary = primary * rng.uniform(0.35, 0.6)  # the darker tone of the texture
+        period = rng.uniform(0.06, 0.1) * size
+        phase = rng.uniform(0, period, 2)
+        pattern = _texture(kind, u + phase[0], v + phase[1], period)
+        # Brightness falls off across the object, so its interior is not one uniform colour.
+        direction, strength = rng.uniform(0, 2 * math.pi), rng.uniform(0.2, 0.45)
+        gain = 1 + strength * (u * math.cos(direction) + v * math.sin(direction)) / r  # (S, S)
+        colour = np.where(pattern[:, :, None], primary, secondary) * gain[:, :, None]
+        image[inside] = colour[inside]
+    image += rng.normal(0, 3, image.shape)  # sensor-like noise, so no region is perfectly flat
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+
+
+def make_synthetic(root: str, num_train: int = 800, num_val: int = 100, size: int = 128,
+                   seed: int = 0) -> str:
+    """Write the synthetic set into `root` in VOC layout (a few seconds); return `root`.
+
+    Images `JPEGImages/syn_000123.jpg` (square, `size` pixels, JPEG quality 95), palette masks in
+    `SegmentationClassAug`, lists train / val / train_aug (= train) in `ImageSets/Segmentation`.
+    Image i is drawn from its own generator seeded with (seed, i): the same arguments give the same
+    bytes. A marker file records the arguments; called again with the same ones it does nothing,
+    with others it regenerates.
+    """
+    parameters = {"version": SYNTHETIC_VERSION, "num_train": num_train, "num_val": num_val,
+                  "size": size, "seed": seed}
+    marker = os.path.join(root, _SYNTHETIC_MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == parameters:
+                return root
+        os.remove(marker)  # a half-finished regeneration must not pass as complete
+
+    image_dir = os.path.join(root, "JPEGImages")
+    mask_dir = os.path.join(root, "SegmentationClassAug")
+    list_dir = os.path.join(root, "ImageSets", "Segmentation")
+    for folder in (image_dir, mask_dir, list_dir):
+        os.makedirs(folder, exist_ok=True)
+    for folder in (image_dir, mask_dir):  # files of an earlier generation with other arguments
+        for file in os.listdir(folder):
+            if file.startswith("syn_"):
+                os.remove(os.path.join(folder, file))
+
+    palette = voc_palette()
+    names = [f"syn_{index:06d}" for index in range(num_train + num_val)]
+    for index, name in enumerate(tqdm(names, desc="synthetic data set", unit="image")):
+        image, label = _synthetic_sample(np.random.default_rng([seed, index]), size)
+        Image.fromarray(image).save(os.path.join(image_dir, name + ".jpg"), quality=95)
+        mask = Image.fromarray(label)
+        mask.putpalette(palette)  # "L" → "P": the stored indices stay the class ids
+        mask.save(os.path.join(mask_dir, name + ".png"))
+    for split, split_names in (("train", names[:num_train]), ("train_aug", names[:num_train]),
+                               ("val", names[num_train:])):
+        with open(os.path.join(list_dir, split + ".txt"), "w") as f:
+            f.write("".join(n + "\n" for n in split_names))
+    with open(marker, "w") as f:  # written last: its presence means the set is complete
+        json.dump(parameters, f)
+    return root

@@ -1,0 +1,450 @@
+"""Tests of data.py on tiny data sets written into tmp_path: readers, labels, caches,
+augmentation alignment, the synthetic generator, and one clear error per kind of bad input."""
+
+import colorsys
+import gc
+import logging
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+MEAN = np.asarray(data.IMAGENET_MEAN, dtype=np.float32)
+STD = np.asarray(data.IMAGENET_STD, dtype=np.float32)
+
+
+# --- helpers that write data sets -------------------------------------------------------------
+def save_mask(path, ids, mode="P"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    mask = Image.fromarray(np.asarray(ids, dtype=np.uint8))  # "L"
+    if mode == "P":
+        mask.putpalette(data.voc_palette())
+    mask.save(path)
+
+
+def save_image(path, image, format="JPEG"):
+    """`format="PNG"` stores lossless content under the .jpg name (PIL reads by content), for
+    tests that need exact pixel values or modes JPEG cannot hold."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image.save(path, format=format)
+
+
+def write_list(root, split, names):
+    folder = os.path.join(root, "ImageSets", "Segmentation")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, split + ".txt"), "w") as f:
+        f.write("".join(n + "\n" for n in names))
+
+
+def voc_item(root, name, image, ids, mask_mode="P", format="JPEG"):
+    save_image(os.path.join(root, "JPEGImages", name + ".jpg"), image, format)
+    save_mask(os.path.join(root, "SegmentationClassAug", name + ".png"), ids, mask_mode)
+
+
+def simple_voc(root, names=("a", "b"), split="val", size=(12, 16), class_id=3):
+    rng = np.random.default_rng(0)
+    for name in names:
+        ids = np.zeros(size, dtype=np.uint8)
+        ids[2:6, 3:9] = class_id
+        voc_item(root, name, rng.integers(0, 256, size + (3,), dtype=np.uint8), ids)
+    write_list(root, split, names)
+
+
+def files_under(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def pixels(item):
+    """The item's image back on the 0–255 scale: (H, W, 3) float."""
+    return item["image"].numpy().transpose(1, 2, 0) * STD + MEAN
+
+
+def dataset(root, split="val", train=False, cache_dir=None, **kw):
+    return data.SegmentationDataset(root=str(root), split=split, num_classes=21, train=train,
+                                    cache_dir=None if cache_dir is None else str(cache_dir), **kw)
+
+
+# --- constants ----------------------------------------------------------------------------
+def test_class_names_and_palette():
+    assert len(data.VOC_CLASSES) == 21 and data.VOC_CLASSES[15] == "person"
+    assert len(data.COCO_CLASSES) == 81 and data.COCO_CLASSES[1] == "person"
+    assert data.COCO_CLASSES[80] == "toothbrush" and len(set(data.COCO_CLASSES)) == 81
+    assert len(data.SYNTHETIC_CLASSES) == 6 and data.SYNTHETIC_CLASSES[0] == "background"
+    palette = np.asarray(data.voc_palette()).reshape(256, 3)
+    # the colours of VOC's own PNGs: background, aeroplane, bicycle, person, void
+    assert palette[[0, 1, 2, 15, 255]].tolist() == [
+        [0, 0, 0], [128, 0, 0], [0, 128, 0], [192, 128, 128], [224, 224, 192]]
+    assert len({tuple(c) for c in palette}) == 256
+
+
+# --- the VOC reader -------------------------------------------------------------------------
+def test_voc_reader_image_modes_masks_and_odd_sizes(tmp_path):
+    root, rng = tmp_path / "VOC2012", np.random.default_rng(1)
+    h, w = 37, 53
+    masks = {}
+
+    def ids(*classes):
+        mask = np.zeros((h, w), dtype=np.uint8)
+        for k, c in enumerate(classes):
+            mask[3 + 8 * k : 10 + 8 * k, 5:40] = c
+        mask[0, :] = 255
+        return mask
+
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    sixteen = rng.integers(0, 65536, (h, w), dtype=np.uint16)
+    items = {  # name: (image, mask ids, mask mode, image file format)
+        "rgb_palette": (rgb, ids(3, 20), "P", "JPEG"),
+        "gray_gray": (Image.fromarray(rgb[:, :, 0]), ids(7), "L", "JPEG"),
+        "cmyk": (Image.fromarray(rgb).convert("CMYK"), ids(1), "P", "JPEG"),
+        "rgba": (Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])), ids(2), "L", "PNG"),
+        "sixteen": (Image.fromarray(sixteen), ids(15, 4), "P", "PNG"),
+    }
+    for name, (image, mask, mode, fmt) in items.items():
+        voc_item(root, name, image, mask, mode, fmt)
+        masks[name] = mask
+    write_list(root, "val", list(items))
+    assert Image.open(root / "JPEGImages" / "sixteen.jpg").mode == "I;16"
+    assert Image.open(root / "JPEGImages" / "cmyk.jpg").mode == "CMYK"
+
+    ds = dataset(root, cache_dir=tmp_path / "cache")
+    assert len(ds) == len(items)
+    for index, name in enumerate(ds.names):
+        item = ds[index]
+        assert item["name"] == name
+        assert item["image"].shape == (3, h, w) and item["image"].dtype == torch.float32
+        assert item["label"].dtype == torch.int64
+        assert np.array_equal(item["label"].numpy(), masks[name])  # val: the mask, untouched
+        assert item["valid_box"].tolist() == [0, h, 0, w] and item["valid_box"].dtype == torch.int64
+        expected = np.zeros(20, dtype=np.float32)
+        expected[[c - 1 for c in np.unique(masks[name]) if 0 < c < 255]] = 1
+        assert item["cls_labels"].dtype == torch.float32
+        assert np.array_equal(item["cls_labels"].numpy(), expected)
+        rgb_back = pixels(item)
+        path = root / "JPEGImages" / (name + ".jpg")
+        if name == "sixteen":  # 16-bit range scaled to 8 bits, not clipped at 255
+            expected_rgb = np.repeat(np.rint(sixteen / 257.0)[:, :, None], 3, axis=2)
+        elif name == "rgba":
+            expected_rgb = rgb  # alpha dropped
+        else:
+            expected_rgb = np.asarray(Image.open(path).convert("RGB"))
+        np.testing.assert_allclose(rgb_back, expected_rgb, atol=1e-3)
+    gray = pixels(ds[ds.names.index("gray_gray")])
+    assert np.allclose(gray[:, :, 0], gray[:, :, 1], atol=1e-3)
+
+
+def test_voc_root_resolution(tmp_path):
+    voc = tmp_path / "data" / "VOCdevkit" / "VOC2012"
+    simple_voc(voc)
+    for given in (tmp_path / "data", tmp_path / "data" / "VOCdevkit", voc):
+        assert dataset(given).root == str(voc)
+
+
+def test_train_aug_is_derived_from_the_masks_minus_val(tmp_path):
+    root, cache = tmp_path / "voc", tmp_path / "cache"
+    simple_voc(root, names=("d", "b", "a", "c", "e"), split="train")
+    write_list(root, "val", ["b", "e"])
+    before = files_under(root)
+    ds = dataset(root, split="train_aug", train=True, cache_dir=cache, crop_size=8)
+    assert ds.names == ["a", "c", "d"]
+    derived = [f for f in os.listdir(cache) if f.endswith(".txt")]
+    assert len(derived) == 1 and "train_aug" in derived[0]
+    assert (cache / derived[0]).read_text().split() == ["a", "c", "d"]
+    assert files_under(root) == before  # nothing written into the data set
+    # Without a cache it is derived in memory, still nothing written into the data set.
+    assert dataset(root, split="train_aug").names == ["a", "c", "d"]
+    assert files_under(root) == before
+
+
+def test_image_level_labels_are_cached_outside_the_dataset(tmp_path, monkeypatch):
+    root, cache = tmp_path / "voc", tmp_path / "cache"
+    simple_voc(root, names=("a", "b", "c"), class_id=9)
+    before = files_under(root)
+    first = dataset(root, cache_dir=cache)
+    assert first.cls_labels.shape == (3, 20) and first.cls_labels[:, 8].all()
+    assert first.cls_labels.sum() == 3
+    assert files_under(root) == before and any(f.endswith(".npz") for f in os.listdir(cache))
+
+    def no_reading(path):
+        raise AssertionError(f"mask {path} read again")
+
+    monkeypatch.setattr(data, "read_mask", no_reading)
+    second = dataset(root, cache_dir=cache)  # instant: the masks are not read again
+    assert np.array_equal(second.cls_labels, first.cls_labels) and second.names == first.names
+    # A changed split list is a new key: the labels are derived again (and here fail).
+    write_list(root, "val", ["a", "b"])
+    os.utime(root / "ImageSets" / "Segmentation" / "val.txt", ns=(1, 1))
+    with pytest.raises(AssertionError, match="read again"):
+        dataset(root, cache_dir=cache)
+
+
+def test_coco_layout_with_81_classes(tmp_path):
+    root, rng = tmp_path / "coco", np.random.default_rng(2)
+    for split, names, classes in (("train", ["t1", "t2"], (80, 1)), ("val", ["v1"], (45, 46))):
+        for name, c in zip(names, classes):
+            ids = np.zeros((20, 30), dtype=np.uint8)
+            ids[5:15, 5:15] = c
+            save_image(root / "JPEGImages" / split / (name + ".jpg"), rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+            save_mask(str(root / "SegmentationClass" / split / (name + ".png")), ids)
+        write_list(root, split, names)
+    train = data.build_dataset("COCO", str(root), "train", train=True, crop_size=16,
+                               cache_dir=str(tmp_path / "cache"))
+    assert train.num_classes == 81 and train.cls_labels.shape == (2, 80)
+    assert train.cls_labels[train.names.index("t1"), 79] == 1
+    item = train[0]
+    assert item["image"].shape == (3, 16, 16) and item["cls_labels"].shape == (80,)
+    # Without a list, a COCO split is every mask of its folder.
+    os.remove(root / "ImageSets" / "Segmentation" / "val.txt")
+    val = data.build_dataset("coco2014", str(root), "val", train=False)
+    assert val.names == ["v1"] and np.flatnonzero(val.cls_labels[0]).tolist() == [44]
+    assert val[0]["image"].shape == (3, 20, 30)
+
+
+def test_build_dataset_names(tmp_path):
+    simple_voc(tmp_path / "voc")
+    assert data.build_dataset("VOC2012", str(tmp_path / "voc"), "val", train=False).num_classes == 21
+    assert data.build_dataset("synthetic", str(tmp_path / "voc"), "val", train=False).num_classes == 6
+    with pytest.raises(ValueError, match="name"):
+        data.build_dataset("imagenet", str(tmp_path / "voc"), "val", train=False)
+
+
+# --- augmentation -----------------------------------------------------------------------------
+def colour_of(ids):
+    """A distinct colour per class id, so the image itself says which label lies under it."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.stack([ids * 12, 255 - ids * 12, (ids * 53) % 256], axis=-1).astype(np.float64)
+
+
+def id_of(rgb):
+    """Nearest class id (1..20) of each pixel's colour."""
+    table = colour_of(np.arange(1, 21))  # (20, 3)
+    distance = ((rgb[:, :, None, :] - table[None, None]) ** 2).sum(-1)  # (H, W, 20)
+    return distance.argmin(-1) + 1
+
+
+def test_augmentation_keeps_image_label_and_valid_box_aligned(tmp_path):
+    root, rng, block = tmp_path / "voc", np.random.default_rng(3), 10
+    blocks = rng.integers(1, 21, (4, 6))
+    ids = np.kron(blocks, np.ones((block, block), dtype=np.int64)).astype(np.uint8)  # (40, 60)
+    voc_item(root, "pattern", colour_of(ids).astype(np.uint8), ids, format="PNG")
+    write_list(root, "train", ["pattern"])
+    crop = 64
+    ds = dataset(root, split="train", train=True, crop_size=crop)
+    black = (-MEAN / STD)[:, None]  # a padded pixel: 0 before normalisation, (3, 1)
+    tops, lefts, flipped_seen, checked = set(), set(), False, 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        item = ds[0]
+        image, label = item["image"].numpy(), item["label"].numpy()
+        top, bottom, left, right = item["valid_box"].tolist()
+        assert image.shape == (3, crop, crop) and label.shape == (crop, crop)
+        assert 0 <= top < bottom <= crop and 0 <= left < right <= crop  # crop coordinates
+        inside = np.zeros((crop, crop), dtype=bool)
+        inside[top:bottom, left:right] = True
+        assert (label[~inside] == 255).all() and (label[inside] != 255).all()
+        assert np.allclose(image[:, ~inside], black, atol=1e-5)
+        # Away from block edges (bilinear blends there) each pixel's colour names its label.
+        window = np.lib.stride_tricks.sliding_window_view(np.pad(label, 2, constant_values=-1), (5, 5))
+        uniform = (window == label[:, :, None, None]).all(axis=(2, 3)) & inside
+        rgb = image.transpose(1, 2, 0) * STD + MEAN
+        assert (id_of(rgb)[uniform] == label[uniform]).all()
+        checked += uniform.sum()
+        tops.add(top)
+        lefts.add(left)
+        # Left-right order of the block columns tells a flip apart.
+        row = label[(top + bottom) // 2, left:right]
+        columns = [c for i, c in enumerate(row) if i == 0 or c != row[i - 1]]
+        flipped_seen |= columns[0] not in blocks[:, 0] and columns[-1] in blocks[:, 0]
+    assert checked > 40 * 200
+    # The release places a smaller image at a random offset inside the padded canvas.
+    assert len(tops) > 3 and len(lefts) > 3
+    assert flipped_seen
+
+
+def test_augmentation_known_answer_and_reproducibility(tmp_path):
+    root, rng = tmp_path / "voc", np.random.default_rng(4)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    ids = rng.integers(0, 21, (37, 53)).astype(np.uint8)
+    voc_item(root, "x", image, ids, format="PNG")
+    write_list(root, "train", ["x"])
+    scale, crop = 1.5, 100
+    fixed = dataset(root, split="train", train=True, crop_size=crop, rescale_range=(scale, scale), flip=False)
+    item = fixed[0]
+    top, bottom, left, right = item["valid_box"].tolist()
+    size = (int(scale * 53), int(scale * 37))  # (W, H), truncated as the release
+    assert (bottom - top, right - left) == (size[1], size[0])
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    np.testing.assert_allclose(pixels(item)[top:bottom, left:right], resized, atol=1e-3)
+    nearest = np.asarray(Image.fromarray(ids).resize(size, Image.NEAREST))
+    assert np.array_equal(item["label"].numpy()[top:bottom, left:right], nearest)
+
+    ds = dataset(root, split="train", train=True, crop_size=32)
+    torch.manual_seed(7)
+    first = ds[0]
+    torch.manual_seed(7)
+    again = ds[0]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["valid_box"], again["valid_box"])
+    different = [ds[0]["valid_box"].tolist() for _ in range(5)] + [first["valid_box"].tolist()]
+    assert len(set(map(tuple, different))) > 1
+
+
+# --- the synthetic data set -------------------------------------------------------------------
+def hue_degrees(rgb):
+    return np.array([colorsys.rgb_to_hsv(*(c / 255))[0] * 360 for c in rgb])
+
+
+def test_synthetic_reproducible_idempotent_and_as_designed(tmp_path, monkeypatch):
+    first, second = tmp_path / "one", tmp_path / "two"
+    data.make_synthetic(str(first), num_train=16, num_val=4, seed=5)
+    data.make_synthetic(str(second), num_train=16, num_val=4, seed=5)
+    assert files_under(first) == files_under(second)
+    for f in files_under(first):  # same seed → the same bytes
+        assert (first / f).read_bytes() == (second / f).read_bytes(), f
+    lists = first / "ImageSets" / "Segmentation"
+    train, val = (lists / "train.txt").read_text().split(), (lists / "val.txt").read_text().split()
+    assert len(train) == 16 and len(val) == 4 and not set(train) & set(val)
+    assert (lists / "train_aug.txt").read_text().split() == train
+    assert train[0] == "syn_000000"
+
+    low, high = data.SYNTHETIC_FOREGROUND_FRACTION
+    hues = {k: [] for k in range(1, 6)}
+    for name in train + val:
+        image = Image.open(first / "JPEGImages" / (name + ".jpg"))
+        mask = Image.open(first / "SegmentationClassAug" / (name + ".png"))
+        assert image.size == (128, 128) and image.mode == "RGB" and mask.mode == "P"
+        ids = np.asarray(mask)
+        present = set(np.unique(ids).tolist())
+        assert present <= {0, 1, 2, 3, 4, 5, 255} and 255 in present and len(present - {0, 255}) >= 1
+        assert low <= ((ids > 0) & (ids < 255)).mean() <= high
+        rgb = np.asarray(image, dtype=np.float64)
+        for k in present - {0, 255}:
+            hues[k].append(np.median(hue_degrees(rgb[ids == k][::7])))
+    # Each class keeps to its colour family (hue ranges of the generator, JPEG-tolerant).
+    for k, (lo, hi) in enumerate(data._HUES, start=1):
+        assert hues[k], f"class {k} never drawn"
+        centred = (np.asarray(hues[k]) - lo + 180) % 360 - 180  # degrees past the range's start
+        assert (centred > -10).all() and (centred < hi - lo + 10).all(), (k, hues[k])
+
+    # Idempotent: the same call again does nothing ...
+    def no_drawing(rng, size):
+        raise AssertionError("regenerated")
+
+    stamp = os.stat(first / "JPEGImages" / "syn_000000.jpg").st_mtime_ns
+    monkeypatch.setattr(data, "_synthetic_sample", no_drawing)
+    data.make_synthetic(str(first), num_train=16, num_val=4, seed=5)
+    assert os.stat(first / "JPEGImages" / "syn_000000.jpg").st_mtime_ns == stamp
+    # ... other arguments regenerate, without stale files of the earlier set.
+    monkeypatch.undo()
+    data.make_synthetic(str(first), num_train=5, num_val=2, size=96, seed=6)
+    assert len(os.listdir(first / "JPEGImages")) == 7 and len(os.listdir(first / "SegmentationClassAug")) == 7
+    assert Image.open(first / "JPEGImages" / "syn_000006.jpg").size == (96, 96)
+
+    ds = data.build_dataset("synthetic", str(first), "train", train=True, crop_size=64,
+                            rescale_range=(0.75, 1.5), cache_dir=str(tmp_path / "cache"))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
+    assert batch["image"].shape == (5, 3, 64, 64) and batch["cls_labels"].shape == (5, 5)
+    assert batch["valid_box"].shape == (5, 4) and (batch["cls_labels"].sum(1) >= 1).all()
+
+
+# --- errors: each names the file ----------------------------------------------------------------
+def test_error_root_missing(tmp_path):
+    with pytest.raises(data.DatasetError, match="nowhere.*JPEGImages"):
+        dataset(tmp_path / "nowhere")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(data.DatasetError, match="empty.*has no JPEGImages"):
+        dataset(tmp_path / "empty")
+
+
+def test_error_split_list_missing(tmp_path):
+    simple_voc(tmp_path, split="train")
+    with pytest.raises(data.DatasetError, match=r"val\.txt not found.*available: \['train'\]"):
+        dataset(tmp_path, split="val")
+
+
+def test_error_split_list_empty(tmp_path):
+    simple_voc(tmp_path)
+    write_list(tmp_path, "val", [])
+    with pytest.raises(data.DatasetError, match=r"val\.txt is empty"):
+        dataset(tmp_path)
+
+
+def test_error_image_missing(tmp_path):
+    simple_voc(tmp_path)
+    os.remove(tmp_path / "JPEGImages" / "b.jpg")
+    with pytest.raises(data.DatasetError, match=r"image .*JPEGImages/b\.jpg listed .* missing"):
+        dataset(tmp_path)
+
+
+def test_error_mask_missing(tmp_path):
+    simple_voc(tmp_path)
+    os.remove(tmp_path / "SegmentationClassAug" / "a.png")
+    with pytest.raises(data.DatasetError, match=r"mask .*SegmentationClassAug/a\.png listed .* missing"):
+        dataset(tmp_path)
+
+
+def test_error_corrupt_or_truncated_jpeg(tmp_path):
+    simple_voc(tmp_path, size=(64, 64))
+    path = tmp_path / "JPEGImages" / "a.jpg"
+    path.write_bytes(path.read_bytes()[:300])  # truncated
+    (tmp_path / "JPEGImages" / "b.jpg").write_bytes(b"not a jpeg at all")
+    ds = dataset(tmp_path)
+    with pytest.raises(data.DatasetError, match=r"cannot decode image .*a\.jpg"):
+        ds[0]
+    with pytest.raises(data.DatasetError, match=r"cannot decode image .*b\.jpg"):
+        ds[1]
+    # In a DataLoader worker the error reaches the main process with the file's name. (Shutting
+    # down a worker that raised takes torch's 5 s join timeout; it is spent here, not in a later
+    # test, because no traceback keeps the iterator alive.)
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1))
+    try:
+        next(batches)
+        message = "no error"
+    except data.DatasetError as error:
+        message = str(error)
+    del batches
+    gc.collect()
+    assert re.search(r"cannot decode image .*a\.jpg", message), message
+
+
+def test_error_mask_size_mismatch(tmp_path):
+    simple_voc(tmp_path)
+    save_mask(str(tmp_path / "SegmentationClassAug" / "b.png"), np.zeros((12, 15), dtype=np.uint8) + 3)
+    ds = dataset(tmp_path)
+    with pytest.raises(data.DatasetError, match=r"mask .*b\.png is 15×12 .* image .*b\.jpg is 16×12"):
+        ds[1]
+
+
+def test_error_bad_mask_ids(tmp_path):
+    simple_voc(tmp_path)
+    ids = np.zeros((12, 16), dtype=np.uint8)
+    ids[0, 0], ids[1, 1], ids[2, 2] = 21, 40, 255
+    save_mask(str(tmp_path / "SegmentationClassAug" / "b.png"), ids, mode="L")
+    with pytest.raises(data.DatasetError, match=r"b\.png has class ids \[21, 40\] outside 0\.\.20"):
+        dataset(tmp_path)
+
+
+def test_error_rgb_mask(tmp_path):
+    simple_voc(tmp_path)
+    Image.fromarray(np.zeros((12, 16, 3), dtype=np.uint8)).save(tmp_path / "SegmentationClassAug" / "a.png")
+    with pytest.raises(data.DatasetError, match=r"a\.png has mode RGB: masks must be index masks"):
+        dataset(tmp_path)
+
+
+def test_images_without_foreground_are_skipped_for_training(tmp_path, caplog):
+    simple_voc(tmp_path, names=("a", "b", "c", "d"), split="train")
+    for name in ("b", "d"):
+        ids = np.zeros((12, 16), dtype=np.uint8)
+        ids[0] = 255
+        save_mask(str(tmp_path / "SegmentationClassAug" / (name + ".png")), ids)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = dataset(tmp_path, split="train", train=True, crop_size=8)
+    assert ds.names == ["a", "c"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 of 4 images" in warnings[0].getMessage()
+    assert len(dataset(tmp_path, split="train", train=False)) == 4  # evaluation keeps them all
