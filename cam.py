@@ -1,0 +1,262 @@
+"""Class activation maps and the pseudo labels made from them.
+
+The first stage of every training step (paper §3, with PAR in §3.3; SPEC §2, §3 and §5): multi-scale CAMs
+from the classifier, their three-band labels (background / ignore / class), and the two PAR-refined
+labels that supervise the segmentation branch — the refined CAM label (SPEC §3, "Refining CAM
+labels with PAR") and the refined label of the random-walk-propagated CAMs (the AFA pseudo label,
+SPEC §5). The refiner (a `PAR` module or anything with its `forward(images, masks)`) is passed in.
+
+As in the authors' release, the background is a constant score channel (t = 0.35 or t = 0.55), and
+each refined label combines a high- and a low-threshold result (high says background -> ignore;
+both say background -> background). The release loops over images for the CAM label; here it is
+batched, with identical results.
+"""
+import torch
+import torch.nn.functional as F
+
+# Added to each (image, class) CAM maximum before dividing, so an all-zero CAM stays 0, not NaN.
+CAM_NORM_EPS = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and small shared pieces
+# ---------------------------------------------------------------------------------------------
+
+def _check_4d(name, x, expected):
+    if not torch.is_tensor(x) or x.dim() != 4:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name} must be a {expected} tensor, got {shape}")
+
+
+def _check_cls_labels(cls_labels, B, num_foreground):
+    if not torch.is_tensor(cls_labels) or tuple(cls_labels.shape) != (B, num_foreground):
+        shape = tuple(cls_labels.shape) if torch.is_tensor(cls_labels) else type(cls_labels).__name__
+        raise ValueError(f"cls_labels must be (B, C-1) = ({B}, {num_foreground}), got {shape}")
+
+
+def _box_mask(valid_box, B, H, W, device):
+    """Pixels inside each image's valid box: valid_box (B, 4) (top, bottom, left, right) -> (B, H, W).
+
+    None means the whole crop.
+    """
+    if valid_box is None:
+        return torch.ones(B, H, W, dtype=torch.bool, device=device)
+    box = torch.as_tensor(valid_box, device=device)
+    if tuple(box.shape) != (B, 4) or box.is_floating_point():
+        raise ValueError(
+            f"valid_box must be an integer (B, 4) = ({B}, 4) tensor of (top, bottom, left, right), "
+            f"got {tuple(box.shape)} {box.dtype}"
+        )
+    top, bottom, left, right = box.unbind(dim=1)  # (B,) each
+    if not bool(((0 <= top) & (top < bottom) & (bottom <= H) & (0 <= left) & (left < right) & (right <= W)).all()):
+        raise ValueError(
+            f"valid_box rows must satisfy 0 <= top < bottom <= {H} and 0 <= left < right <= {W}, got {box.tolist()}"
+        )
+    rows = torch.arange(H, device=device)  # (H,)
+    cols = torch.arange(W, device=device)  # (W,)
+    inside_rows = (rows >= top[:, None]) & (rows < bottom[:, None])  # (B, H)
+    inside_cols = (cols >= left[:, None]) & (cols < right[:, None])  # (B, W)
+    return inside_rows[:, :, None] & inside_cols[:, None, :]  # (B, H, W)
+
+
+def _with_background(cls_labels):
+    """Present classes incl. background, which is always present: (B, C-1) -> (B, C) bool."""
+    background = torch.ones_like(cls_labels[:, :1], dtype=torch.bool)  # (B, 1)
+    return torch.cat([background, cls_labels != 0], dim=1)  # (B, C)
+
+
+def _combine_high_low(label_high, label_low, inside_box, ignore_index):
+    """SPEC §3: the high-threshold label; where it says background -> ignore; where the low one
+    agrees -> background; outside the valid box -> ignore. All (B, H, W)."""
+    label = torch.where(label_high == 0, ignore_index, label_high)
+    label = torch.where((label_high == 0) & (label_low == 0), 0, label)
+    return torch.where(inside_box, label, ignore_index)
+
+
+def _check_down_scale(down_scale, H, W):
+    if not isinstance(down_scale, int) or down_scale < 1 or H < down_scale or W < down_scale:
+        raise ValueError(f"down_scale must be an int in [1, min(H, W)] = [1, {min(H, W)}], got {down_scale}")
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-scale CAM (SPEC §2)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5)):
+    """Multi-scale, flip-augmented CAMs normalised to [0, 1], and the affinity at the largest scale.
+
+    images (B, 3, H, W); `model.cam(x)` must return (cams (2B, C-1, h, w) before ReLU, affinity
+    (2B, N, N)) for a batch x of 2B images. Returns cams (B, C-1, H, W) in [0, 1] and affinity
+    (B, N, N) of the un-flipped images at the largest scale. The model runs in whatever mode
+    (train / eval) it is in.
+
+    The authors' release always evaluates scale 1.0, even when it is not among `scales`; here the
+    given scales are used as they are (identical for the default scales).
+    """
+    _check_4d("images", images, "(B, 3, H, W)")
+    scales = tuple(scales)
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
+    B, _, H, W = images.shape
+    largest = max(scales)
+    cams, affinity = None, None
+    for s in scales:
+        scaled = images
+        if s != 1.0:
+            size = (int(s * H), int(s * W))
+            if min(size) < 1:
+                raise ValueError(f"scale {s} shrinks the {H}x{W} images to nothing")
+            scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)  # (B, 3, sH, sW)
+        both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and their mirrors
+        scale_cams, scale_affinity = model.cam(both)  # (2B, C-1, h, w), (2B, N, N)
+        if scale_cams.dim() != 4 or scale_cams.shape[0] != 2 * B:
+            raise ValueError(
+                f"model.cam must return cams (2B, C-1, h, w) with 2B = {2 * B}, got {tuple(scale_cams.shape)}"
+            )
+        scale_cams = F.interpolate(scale_cams, size=(H, W), mode="bilinear", align_corners=False)  # (2B, C-1, H, W)
+        # max(CAM, un-flipped CAM of the mirrored image), then ReLU
+        scale_cams = torch.maximum(scale_cams[:B], scale_cams[B:].flip(-1)).relu()  # (B, C-1, H, W)
+        cams = scale_cams if cams is None else cams + scale_cams
+        if s == largest and affinity is None:
+            affinity = scale_affinity[:B]  # (B, N, N), the un-flipped images
+    cams = cams - cams.amin(dim=(2, 3), keepdim=True)  # per image and class: subtract the min ...
+    cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + CAM_NORM_EPS)  # ... divide by the max (+ eps)
+    return cams, affinity
+
+
+# ---------------------------------------------------------------------------------------------
+# CAM -> label (SPEC §2)
+# ---------------------------------------------------------------------------------------------
+
+def cam_to_label(cams, cls_labels, bkg_score=0.45, low=None, high=None, valid_box=None, ignore_index=255):
+    """Pseudo label (B, H, W) int64 from CAMs (B, C-1, H, W) in [0, 1] and cls_labels (B, C-1).
+
+    v, k = max / arg-max over the label-masked CAMs; the label is k + 1, or background 0 where
+    v <= bkg_score. With low and high given (training): v <= low -> 0, low < v <= high -> ignore,
+    else k + 1. Pixels outside valid_box (B, 4) (top, bottom, left, right) -> ignore.
+    """
+    _check_4d("cams", cams, "(B, C-1, H, W)")
+    B, num_foreground, H, W = cams.shape
+    _check_cls_labels(cls_labels, B, num_foreground)
+    if (low is None) != (high is None):
+        raise ValueError(f"give both low and high, or neither; got low={low}, high={high}")
+    score, cls_index = (cams * cls_labels[:, :, None, None]).max(dim=1)  # (B, H, W) each
+    label = torch.where(score <= bkg_score, 0, cls_index + 1)  # class ids are 1-based
+    if low is not None:
+        label = torch.where(score <= high, ignore_index, label)
+        label = torch.where(score <= low, 0, label)
+    inside_box = _box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
+    return torch.where(inside_box, label, ignore_index).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# refining the CAM label with PAR (SPEC §3)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def refine_cams_with_par(par, images, cams, cls_labels, low=0.35, high=0.55, valid_box=None,
+                         down_scale=2, ignore_index=255):
+    """PAR-refined CAM label (B, H, W) int64 from images (B, 3, H, W) and cams (B, C-1, H, W).
+
+    For t in (high, low): prepend a background channel of value t; downsample it and the image by
+    `down_scale`; softmax over background + present classes; PAR; upsample to H × W; arg-max. The
+    two results combine as in SPEC §3; pixels outside valid_box (B, 4) -> ignore.
+
+    Batched over images: each image keeps K = 1 + max_b(#present classes) channels, the present
+    ones in class order and padding slots set to probability 0 (PAR is linear per channel, so they
+    stay 0 and never win the arg-max). Both thresholds go through one PAR call, stacked along the
+    channels, so the image kernel is computed once.
+    """
+    _check_4d("images", images, "(B, 3, H, W)")
+    _check_4d("cams", cams, "(B, C-1, H, W)")
+    B, _, H, W = images.shape
+    if cams.shape[0] != B or cams.shape[-2:] != (H, W):
+        raise ValueError(f"cams must be (B, C-1, H, W) = ({B}, C-1, {H}, {W}), got {tuple(cams.shape)}")
+    num_foreground = cams.shape[1]
+    _check_cls_labels(cls_labels, B, num_foreground)
+    _check_down_scale(down_scale, H, W)
+    inside_box = _box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
+    h, w = H // down_scale, W // down_scale
+
+    small_images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)  # (B, 3, h, w)
+    small_cams = F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)  # (B, C-1, h, w)
+    # The constant background planes are resized too (not just set to t) so that they carry the
+    # same rounding as the release's, which resizes them together with the CAMs.
+    background = cams.new_tensor([high, low]).view(1, 2, 1, 1).expand(1, 2, H, W)  # (1, 2, H, W)
+    small_background = F.interpolate(background, size=(h, w), mode="bilinear", align_corners=False)  # (1, 2, h, w)
+
+    # Pack background + present classes into K slots: stable sort puts present classes first, in order.
+    present = _with_background(cls_labels)  # (B, C)
+    K = int(present.sum(dim=1).max())
+    order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices  # (B, C)
+    class_index = order[:, :K]  # (B, K) class id of each slot; slot 0 is background
+    slot_used = present.gather(1, class_index)  # (B, K)
+    foreground_index = (class_index[:, 1:] - 1).clamp(min=0)  # (B, K-1) channel in cams
+    foreground = small_cams.gather(1, foreground_index[:, :, None, None].expand(B, K - 1, h, w))  # (B, K-1, h, w)
+    logits = torch.stack([
+        torch.cat([small_background[:, i:i + 1].expand(B, 1, h, w), foreground], dim=1)  # (B, K, h, w)
+        for i in range(2)  # 0: high, 1: low
+    ], dim=1)  # (B, 2, K, h, w)
+    logits = logits.masked_fill(~slot_used[:, None, :, None, None], float("-inf"))
+    probs = logits.softmax(dim=2).view(B, 2 * K, h, w)  # (B, 2K, h, w); padding slots exactly 0
+
+    refined = par(small_images, probs)  # (B, 2K, h, w)
+    refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)  # (B, 2K, H, W)
+    slot = refined.view(B, 2, K, H, W).argmax(dim=2)  # (B, 2, H, W)
+    label = class_index.gather(1, slot.view(B, 2 * H * W)).view(B, 2, H, W)  # (B, 2, H, W) class ids
+    label_high, label_low = label.unbind(dim=1)  # (B, H, W) each
+    return _combine_high_low(label_high, label_low, inside_box, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# refining the propagated CAMs with PAR: the AFA pseudo label (SPEC §5)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def refine_propagated_with_par(par, images, cams_low, cams_high, cls_labels, valid_box, down_scale=2,
+                               ignore_index=255):
+    """AFA pseudo label (B, H, W) int64 from the random-walk outputs at t = low and t = high.
+
+    images (B, 3, H, W); cams_low, cams_high (B, C, H, W) with background first and absent classes 0
+    (already upsampled to the crop); cls_labels (B, C-1); valid_box (B, 4) (top, bottom, left, right)
+    or None for the whole crop. Per image: crop image and maps to the box, downsample the image by
+    `down_scale`, PAR on background + present channels (PAR resizes the maps to the image itself),
+    upsample to the box, arg-max. The two labels combine as in SPEC §3; outside the box -> ignore.
+    """
+    _check_4d("images", images, "(B, 3, H, W)")
+    _check_4d("cams_low", cams_low, "(B, C, H, W)")
+    _check_4d("cams_high", cams_high, "(B, C, H, W)")
+    B, _, H, W = images.shape
+    if cams_low.shape != cams_high.shape or cams_low.shape[0] != B or cams_low.shape[-2:] != (H, W):
+        raise ValueError(
+            f"cams_low and cams_high must both be (B, C, H, W) = ({B}, C, {H}, {W}), "
+            f"got {tuple(cams_low.shape)} and {tuple(cams_high.shape)}"
+        )
+    _check_cls_labels(cls_labels, B, cams_low.shape[1] - 1)
+    inside_box = _box_mask(valid_box, B, H, W, images.device)  # (B, H, W)
+    boxes = [(0, H, 0, W)] * B if valid_box is None else torch.as_tensor(valid_box).tolist()
+    for top, bottom, left, right in boxes:
+        _check_down_scale(down_scale, bottom - top, right - left)
+    present = _with_background(cls_labels)  # (B, C)
+
+    label_high = torch.zeros(B, H, W, dtype=torch.long, device=images.device)
+    label_low = torch.zeros_like(label_high)
+    # A loop over images: each is cropped to its own box, so image sizes and PAR kernels differ.
+    for b, (top, bottom, left, right) in enumerate(boxes):
+        keys = present[b].nonzero()[:, 0]  # (k,) background + present class ids
+        k = keys.numel()
+        box_image = images[b:b + 1, :, top:bottom, left:right]  # (1, 3, hb, wb)
+        hb, wb = box_image.shape[-2:]
+        small_image = F.interpolate(box_image, size=(hb // down_scale, wb // down_scale),
+                                    mode="bilinear", align_corners=False)  # (1, 3, hb/s, wb/s)
+        maps = torch.cat([cams_high[b, keys, top:bottom, left:right],
+                          cams_low[b, keys, top:bottom, left:right]], dim=0)  # (2k, hb, wb)
+        refined = par(small_image, maps[None])  # (1, 2k, hb/s, wb/s): one kernel for both
+        refined = F.interpolate(refined, size=(hb, wb), mode="bilinear", align_corners=False)  # (1, 2k, hb, wb)
+        # Arg-max over the present channels only: absent ones are 0 and background comes first, so
+        # this equals the arg-max over all C channels.
+        box_label = keys[refined.view(2, k, hb, wb).argmax(dim=1)]  # (2, hb, wb) class ids
+        label_high[b, top:bottom, left:right] = box_label[0]
+        label_low[b, top:bottom, left:right] = box_label[1]
+    return _combine_high_low(label_high, label_low, inside_box, ignore_index)

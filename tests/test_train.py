@@ -1,0 +1,185 @@
+"""train.py: the balanced seg loss, the schedule, the configuration, the data stream, checkpoints."""
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from train import Config, ConfigError, lr_factor, parse_config, seg_loss
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+# --- L_seg ----------------------------------------------------------------------------------------
+def test_seg_loss_matches_release():
+    g = np.load(GOLDEN / "seg_loss.npz")
+    loss = seg_loss(torch.from_numpy(g["seg_logits"]), torch.from_numpy(g["label"]))
+    assert loss.item() == pytest.approx(float(g["loss"]), rel=1e-5)
+
+
+def test_seg_loss_is_half_background_half_foreground():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8)
+    label = torch.randint(0, 4, (2, 8, 8))
+    label[0, :2] = 255
+    bg = label.clone()
+    bg[label != 0] = 255
+    fg = label.clone()
+    fg[label == 0] = 255
+    expected = 0.5 * (F.cross_entropy(logits, bg, ignore_index=255)
+                      + F.cross_entropy(logits, fg, ignore_index=255))
+    assert seg_loss(logits, label).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("fill", [0, 3, 255])
+def test_seg_loss_finite_when_a_half_is_empty(fill):
+    """All background, all foreground or all ignored: the empty half contributes 0, never NaN."""
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    label = torch.full((2, 8, 8), fill)
+    loss = seg_loss(logits, label)
+    assert math.isfinite(loss.item())
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    if fill == 255:
+        assert loss.item() == 0.0
+    else:
+        full = F.cross_entropy(logits, label, ignore_index=255)
+        assert loss.item() == pytest.approx(0.5 * full.item(), rel=1e-6)
+
+
+# --- schedule -------------------------------------------------------------------------------------
+def test_lr_schedule_matches_spec():
+    # warm-up: lr·(1 − (1 − t/1500)(1 − 1e-6)); then lr·(1 − t/20000)^1
+    assert lr_factor(0, 1500, 20000) == pytest.approx(1e-6)
+    assert lr_factor(750, 1500, 20000) == pytest.approx(1 - 0.5 * (1 - 1e-6))
+    assert lr_factor(1500, 1500, 20000) == pytest.approx(1 - 1500 / 20000)
+    assert lr_factor(10000, 1500, 20000) == pytest.approx(0.5)
+    assert lr_factor(20000, 1500, 20000) == 0.0
+    assert lr_factor(10000, 1500, 20000, power=0.9) == pytest.approx(0.5 ** 0.9)
+
+
+def test_optimizer_groups_follow_release():
+    cfg = Config(backbone="mit_b0", num_classes=5)
+    model = train.AFANet(cfg.num_classes, backbone=cfg.backbone)
+    opt = train.build_optimizer(model, cfg)
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs == [pytest.approx(6e-5), 0.0, pytest.approx(6e-4), pytest.approx(6e-4)]
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    assert all(not p.requires_grad for p in opt.param_groups[1]["params"])
+    n_params = sum(1 for _ in model.parameters())
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_params
+    train.set_lr(opt, 750, cfg)
+    assert opt.param_groups[0]["lr"] == pytest.approx(6e-5 * lr_factor(750, 1500, 20000))
+
+
+# --- configuration --------------------------------------------------------------------------------
+def test_defaults_are_the_papers_and_presets_apply():
+    voc = parse_config(["--data", "VOC2012"])
+    assert (voc.backbone, voc.crop, voc.batch_size, voc.iters) == ("mit_b1", 512, 4, 20000)
+    assert (voc.cam_iters, voc.switch_iters, voc.lr, voc.warmup_iters) == (2000, 6000, 6e-5, 1500)
+    assert voc.cam_scales == (1.0, 0.5, 1.5) and voc.freeze_norm
+    coco = parse_config(["--data", "COCO"])
+    assert (coco.num_classes, coco.iters, coco.par_iters, coco.switch_iters) == (81, 80000, 15, 15000)
+    assert coco.aff_from_afa
+    syn = parse_config([])
+    assert syn.data == "synthetic" and syn.backbone == "mit_b0"
+
+
+def test_flags_override_presets():
+    cfg = parse_config(["--data", "VOC2012", "--crop", "320", "--no-freeze-norm", "--amp",
+                        "--rescale", "0.75", "1.5", "--lr", "1e-4"])
+    assert cfg.crop == 320 and not cfg.freeze_norm and cfg.amp
+    assert cfg.rescale == (0.75, 1.5) and cfg.lr == 1e-4
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--crop", "100"], "multiple of 16"),
+    (["--backbone", "resnet50"], "mit_b0 or mit_b1"),
+    (["--cam-iters", "700", "--switch-iters", "600"], "--cam-iters"),
+    (["--low", "0.6", "--high", "0.5"], "low <= high"),
+    (["--rescale", "2", "1"], "--rescale"),
+])
+def test_contradictory_flags_are_refused(argv, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_config(argv)
+
+
+def test_bad_flag_value_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--iters", "many"])
+    assert e.value.code == 2
+    assert "--iters" in capsys.readouterr().err
+
+
+# --- data stream ----------------------------------------------------------------------------------
+class _Noise(torch.utils.data.Dataset):
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        return {"index": i, "noise": torch.rand(3)}
+
+
+def test_stream_is_a_pure_function_of_seed_and_position():
+    a, b = train.TrainStream(_Noise(), seed=1), train.TrainStream(_Noise(), seed=1)
+    first = [a[k] for k in range(12)]
+    torch.rand(10)  # global RNG state must not matter
+    again = [b[k] for k in reversed(range(12))][::-1]
+    for x, y in zip(first, again):
+        assert x["index"] == y["index"] and torch.equal(x["noise"], y["noise"])
+    epoch0 = sorted(x["index"] for x in first[:5])
+    assert epoch0 == list(range(5))                      # every item once per epoch
+    assert sorted(x["index"] for x in first[5:10]) == list(range(5))
+    other = train.TrainStream(_Noise(), seed=2)
+    assert any(not torch.equal(other[k]["noise"], first[k]["noise"]) for k in range(5))
+
+
+def test_step_sampler_shards_each_batch():
+    world, batch = 2, 4
+    shards = [list(train.StepSampler(3, 5, batch, rank, world)) for rank in range(world)]
+    assert shards[0] == [12, 13, 16, 17] and shards[1] == [14, 15, 18, 19]
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+def test_checkpoint_round_trip_and_rng(tmp_path):
+    path = tmp_path / "c.pth"
+    torch.manual_seed(3)
+    np.random.seed(3)
+    state = {"model": {"w": torch.arange(3.0)}, "config": {"backbone": "mit_b0", "num_classes": 6},
+             "rng": train.rng_state(), "step": 7}
+    expected = (torch.rand(2), np.random.rand(2))
+    train.save_checkpoint(str(path), state)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]       # no temporary left behind
+    loaded = train.load_checkpoint(str(path))                     # weights_only=True load
+    train.set_rng_state(loaded["rng"])
+    assert torch.equal(torch.rand(2), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+    assert loaded["step"] == 7
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        train.load_checkpoint(str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="bad.pth.*corrupt"):
+        train.load_checkpoint(str(bad))
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"patch_embed1.proj.weight": torch.zeros(1)}, foreign)
+    with pytest.raises(ConfigError, match="not written by train.py"):
+        train.load_checkpoint(str(foreign))
+    with pytest.raises(ConfigError, match="num_classes=81.*--num-classes 81"):
+        train.check_compatible({"config": {"backbone": "mit_b0", "num_classes": 81}},
+                               Config(backbone="mit_b0", num_classes=6), "x.pth")
+
+
+def test_token_grid_matches_encoder():
+    model = train.AFANet(3, backbone="mit_b0").eval()
+    for size in (48, 50, 64, 72):
+        with torch.no_grad():
+            cams, affinity = model.cam(torch.zeros(1, 3, size, size + 16))
+        assert cams.shape[-2:] == (train.token_grid(size), train.token_grid(size + 16))
+        assert affinity.shape[-1] == cams.shape[-1] * cams.shape[-2]
