@@ -1,0 +1,115 @@
+"""End-to-end: train.py through every stage of the step on a tiny synthetic set, and under torchrun."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    data.make_synthetic(str(root), num_train=16, num_val=4, size=64)
+    return root
+
+
+def tiny_flags(root, work_dir, **overrides):
+    flags = dict(data="synthetic", data_root=root, work_dir=work_dir, crop=64, batch_size=2,
+                 iters=6, cam_iters=1, switch_iters=3, eval_every=3, warmup_iters=1, workers=0,
+                 val_batch_size=4, num_figures=2, log_every=1)
+    flags.update(overrides)
+    return [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+
+
+def test_every_stage_runs_and_writes_its_outputs(tiny_synthetic, tmp_path):
+    work_dir = tmp_path / "run"
+    assert train.main(tiny_flags(tiny_synthetic, work_dir)) == 0
+
+    log = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    # steps 0..cam_iters: L_cls only; afterwards all three terms, all finite
+    assert set(log[0]) >= {"cls"} and "seg" not in log[0]
+    for r in log[2:]:
+        assert {"cls", "seg", "aff"} <= set(r)
+        assert all(math.isfinite(r[k]) for k in ("cls", "seg", "aff"))
+
+    metrics = json.loads((work_dir / "metrics.json").read_text())
+    assert metrics["step"] == 6 and [m["step"] for m in metrics["history"]] == [3, 6]
+    for key in ("cls_f1", "cam_miou", "afa_miou", "seg_miou"):
+        assert 0.0 <= metrics[key] <= 1.0
+
+    ckpt = train.load_checkpoint(str(work_dir / "checkpoints" / "iter_6.pth"))
+    assert ckpt["step"] == 6 and ckpt["config"]["crop"] == 64
+    assert json.loads((work_dir / "config.json").read_text())["iters"] == 6
+
+    figure = Image.open(work_dir / "figures" / "val_iter_6.png")
+    assert figure.width > 6 * 64 and figure.height > 2 * 64   # 2 rows of 6 panels
+
+
+def test_post_switch_step_uses_the_afa_label(tiny_synthetic, monkeypatch):
+    """After switch_iters the seg target is the AFA label; before, the PAR label."""
+    cfg = train.parse_config(tiny_flags(tiny_synthetic, "unused"))
+    dataset = data.build_dataset("synthetic", str(tiny_synthetic), "train", train=True,
+                                 num_classes=cfg.num_classes, crop_size=64,
+                                 rescale_range=cfg.rescale)
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    model, par = train.AFANet(cfg.num_classes, backbone=cfg.backbone), train.PAR()
+    seen = {}
+    real_seg_loss = train.seg_loss
+
+    def spy(logits, target, *a, **k):
+        seen["target"] = target
+        return real_seg_loss(logits, target, *a, **k)
+
+    monkeypatch.setattr(train, "seg_loss", spy)
+    import contextlib
+    for step, kind in ((cfg.switch_iters, "par"), (cfg.switch_iters + 1, "afa")):
+        out = train.compute_losses(model, model, par, batch, step, cfg, contextlib.nullcontext)
+        assert getattr(out.labels, kind) is not None
+        assert torch.equal(seen["target"], getattr(out.labels, kind))
+        out.loss.backward()
+    assert out.labels.afa.shape == (2, 64, 64)
+    assert set(out.labels.afa.unique().tolist()) <= set(range(cfg.num_classes)) | {255}
+
+
+# Parameters, not buffers: on CPU BatchNorm is not synchronised (SyncBatchNorm needs GPUs), so
+# each rank's running statistics follow its own last batch; DDP broadcasts rank 0's at every
+# forward, and rank 0's are the ones saved.
+DDP_SCRIPT = """
+import os, sys, torch, train
+cfg = train.parse_config(sys.argv[1:])
+result = train.train(cfg)
+torch.save({k: v.detach().clone() for k, v in result.model.named_parameters()},
+           f"{cfg.work_dir}/rank{os.environ['RANK']}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_agree(tiny_synthetic, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo): both ranks end with the same weights."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    work_dir = tmp_path / "ddp"
+    flags = tiny_flags(tiny_synthetic, work_dir, iters=4, eval_every=4, num_figures=0,
+                       batch_size=4)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(script), *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = [torch.load(work_dir / f"rank{r}.pt") for r in (0, 1)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    metrics = json.loads((work_dir / "metrics.json").read_text())
+    assert metrics["step"] == 4
