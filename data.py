@@ -158,6 +158,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 _WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L")  # 16-bit (or 32-bit) grayscale
 _INDEX_MASK_MODES = ("P", "L") + _WIDE_GRAY_MODES
 _SIXTEEN_BIT_MAX = 65535
+_REPAIR = ("The file is corrupt or truncated: extract it again from the data set's archive, or "
+           "remove its name from the split list.")
 
 
 def read_image(path: str) -> np.ndarray:
@@ -172,7 +174,7 @@ def read_image(path: str) -> np.ndarray:
                 return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
             return np.asarray(image.convert("RGB"))
     except _DECODE_ERRORS as error:
-        raise DatasetError(f"cannot decode image {path}: {error}") from error
+        raise DatasetError(f"cannot decode image {path}: {str(error).rstrip('.')}. {_REPAIR}") from error
 
 
 def read_mask(path: str) -> np.ndarray:
@@ -184,7 +186,7 @@ def read_mask(path: str) -> np.ndarray:
             if mode in _INDEX_MASK_MODES:
                 return np.asarray(mask)  # for "P" the palette indices are the ids
     except _DECODE_ERRORS as error:
-        raise DatasetError(f"cannot decode mask {path}: {error}") from error
+        raise DatasetError(f"cannot decode mask {path}: {str(error).rstrip('.')}. {_REPAIR}") from error
     raise DatasetError(
         f"mask {path} has mode {mode}: masks must be index masks — a palette ('P') or grayscale "
         f"('L') PNG whose values are class ids (0 background, {IGNORE_INDEX} ignore). A colour-coded "
@@ -281,7 +283,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
             names = [n for n, keep in zip(names, has_foreground) if keep]
             labels = labels[has_foreground]
             if not names:
-                raise DatasetError(f"no image of split {split!r} in {self.root} has a foreground class")
+                raise DatasetError(
+                    f"no image of split {split!r} in {self.root} has a foreground class: every "
+                    f"mask holds only 0 and {ignore_index}; are these the segmentation masks?")
         self.names = names
         self.cls_labels = labels.astype(np.float32)  # (n, C−1)
 
@@ -293,7 +297,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         with open(path) as f:
             names = [line.split()[0] for line in f if line.strip()]
         if not names:
-            raise DatasetError(f"split list {path} is empty")
+            raise DatasetError(f"split list {path} is empty: it must hold one image name per line")
         return names
 
     def _split_names(self) -> tuple[list[str], list]:
@@ -346,7 +350,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise DatasetError(
-                    f"{kind} {missing[0]}{more} listed in split {self.split!r} is missing")
+                    f"{kind} {missing[0]}{more} listed in split {self.split!r} is missing: extract "
+                    "the data set again, or remove the name from the split list")
 
     def _cache_path(self, fingerprint: list, extension: str) -> str | None:
         if self.cache_dir is None:
@@ -393,7 +398,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if mask.shape != image.shape[:2]:
             raise DatasetError(
                 f"mask {mask_path} is {mask.shape[1]}×{mask.shape[0]} (W×H) but its image "
-                f"{image_path} is {image.shape[1]}×{image.shape[0]}")
+                f"{image_path} is {image.shape[1]}×{image.shape[0]}: a mask must label its "
+                "image pixel for pixel (is it another image's mask, or was the image resized?)")
         # The cached labels were checked when derived; the mask may have changed since.
         present_classes(mask, self.num_classes, self.ignore_index, mask_path)
         mask = mask.astype(np.int32)  # PIL resizes it as mode "I", whatever the PNG held

@@ -121,12 +121,12 @@ PRESETS = {
                  par_iters=15, eval_every=5000, work_dir="work_dirs/coco"),
     # Built-in data, trained from scratch on a CPU in minutes. What from-scratch training needs
     # differs from the paper (README, "The synthetic preset"): a larger learning rate, trainable
-    # norms, milder rescaling, short phases, a small encoder and crop.
+    # norms, milder rescaling, short phases, a stronger L_aff, a small encoder and crop.
     "synthetic": dict(data_root="data/synthetic", train_split="train", num_classes=6,
                       backbone="mit_b0", crop=128, rescale=(0.75, 1.5), batch_size=8,
                       iters=900, lr=1e-3, head_lr_mult=1.0, freeze_norm=False, warmup_iters=50,
-                      cam_iters=300, switch_iters=600, eval_every=300, log_every=10,
-                      workers=2, val_batch_size=16, work_dir="work_dirs/synthetic"),
+                      cam_iters=300, switch_iters=600, aff_weight=1.0, eval_every=300,
+                      log_every=10, workers=2, val_batch_size=16, work_dir="work_dirs/synthetic"),
 }
 
 
@@ -641,56 +641,67 @@ def train(cfg: Config) -> TrainResult:
                desc="train")
     running, t_start = {}, time.time()
     metrics = history[-1] if history else {}
+    previous_sigint = signal.getsignal(signal.SIGINT)
     stop = install_interrupt_handler()
-    for step, batch in zip(range(start_step, cfg.iters), loader):
-        batch = to_device(batch, device)
-        set_lr(optimizer, step, cfg)
-        out = compute_losses(net, model, par, batch, step, cfg, autocast)
-        # One host sync per step: the loss values, for the log and the finiteness check.
-        values = dict(zip(out.terms, torch.stack(list(out.terms.values())).tolist()))
-        if not all(math.isfinite(v) for v in values.values()):
-            path = save(step, name=f"nonfinite_iter_{step}.pth")
-            raise FloatingPointError(
-                f"non-finite loss at iteration {step}: {values}. The weights before this step "
-                f"are saved in {path}; lower --lr or try without --amp, then --resume it.")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(out.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            out.loss.backward()
-            optimizer.step()
+    try:
+        for step, batch in zip(range(start_step, cfg.iters), loader):
+            batch = to_device(batch, device)
+            set_lr(optimizer, step, cfg)
+            # The forward updates the norms' running statistics; keep them (a few hundred
+            # numbers) so that a non-finite step can be undone before its checkpoint is saved.
+            buffers = [b.clone() for b in model.buffers()]
+            out = compute_losses(net, model, par, batch, step, cfg, autocast)
+            # One host sync per step: the loss values, for the log and the finiteness check.
+            values = dict(zip(out.terms, torch.stack(list(out.terms.values())).tolist()))
+            if not all(math.isfinite(v) for v in values.values()):
+                with torch.no_grad():
+                    for b, kept in zip(model.buffers(), buffers):
+                        b.copy_(kept)
+                path = save(step, name=f"nonfinite_iter_{step}.pth")
+                raise FloatingPointError(
+                    f"non-finite loss at iteration {step}: {values}. The weights before this step "
+                    f"are saved in {path}; lower --lr or try without --amp, then --resume it.")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(out.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                out.loss.backward()
+                optimizer.step()
 
-        for k, v in values.items():
-            running[k] = running.get(k, 0.0) + v
-        running["n"] = running.get("n", 0) + 1
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.iters:
-            means = {k: v / running["n"] for k, v in running.items() if k != "n"}
-            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
-            if is_main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": done, "lr": optimizer.param_groups[0]["lr"],
-                                        **means, "time": time.time() - t_start}) + "\n")
-            running = {}
-        bar.update(1)
+            for k, v in values.items():
+                running[k] = running.get(k, 0.0) + v
+            running["n"] = running.get("n", 0) + 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.iters:
+                means = {k: v / running["n"] for k, v in running.items() if k != "n"}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+                if is_main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": done, "lr": optimizer.param_groups[0]["lr"],
+                                            **means, "time": time.time() - t_start}) + "\n")
+                running = {}
+            bar.update(1)
 
-        if done % cfg.eval_every == 0 or done == cfg.iters:
-            metrics = run_validation(model, par, val_loader, val_set, cfg, done, device, world)
-            history.append(metrics)
-            if is_main:
-                write_metrics(cfg.work_dir, history)
-                tqdm.write(format_metrics(metrics))
-            save(done)
-            model.train()
-        if stop.is_set():
-            path = save(done, name=f"interrupted_iter_{done}.pth")
-            bar.close()
-            log(f"\ninterrupted after iteration {done}; saved {path}; continue with "
-                f"--resume {path}")
-            raise SystemExit(130)
-    bar.close()
+            if done % cfg.eval_every == 0 or done == cfg.iters:
+                metrics = run_validation(model, par, val_loader, val_set, cfg, done, device, world)
+                history.append(metrics)
+                if is_main:
+                    write_metrics(cfg.work_dir, history)
+                    tqdm.write(format_metrics(metrics))
+                save(done)
+                model.train()
+            if stop.is_set():
+                path = save(done, name=f"interrupted_iter_{done}.pth")
+                bar.close()
+                log(f"\ninterrupted after iteration {done}; saved {path}; continue with "
+                    f"--resume {path}")
+                raise SystemExit(130)
+    finally:  # also on an error: the bar ends before the message, Ctrl-C is the caller's again
+        bar.close()
+        if previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_sigint)
     if is_main and history:
         print(metrics_table(history))
         print(f"done in {time.time() - t_start:.0f} s; checkpoints in {cfg.work_dir}/checkpoints")
