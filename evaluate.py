@@ -1,0 +1,945 @@
+"""Evaluation of AFA (SPEC §7): the test-time protocol, pseudo-label quality, inference, figures.
+
+    python evaluate.py --checkpoint work_dirs/synthetic/checkpoints/iter_900.pth    # seg mIoU, val
+    python evaluate.py --checkpoint ... --crf                # + dense CRF (pip install pydensecrf2)
+    python evaluate.py --checkpoint ... --pseudo             # pseudo-label quality on train
+    python evaluate.py --checkpoint ... --image photos/      # masks and overlays of your images
+    python evaluate.py --checkpoint ... --figures            # CAM / AFA / affinity / attention
+
+Segmentation (the paper's Table 1 protocol, as in the authors' test script): resize the long side
+to 512; at each scale run the image with its horizontal flip and average the two seg logits;
+take the element-wise max of the logits over scales (on the stride-4 grid of scale 1); upsample to
+the image; arg-max — optionally after a dense CRF on the softmax (10 iterations, Gaussian sxy 3 /
+compat 3, bilateral sxy 64 / srgb 5 / compat 4). Pseudo labels (the paper's Tables 2–3): on a
+split with masks, the mIoU of the CAM label, CAM + PAR, the AFA-propagated CAM, AFA + PAR (the
+training label) and the seg branch, made by the training pipeline's own functions.
+
+The metric is the standard one of PASCAL VOC: a C × C confusion matrix accumulated over the whole
+split (pixels labelled 255 are ignored), IoU_c = TP / (TP + FP + FN) per class, and mIoU the mean
+over the classes that occur in the ground truth. `train.py` validates with the same functions.
+Everything reads the run's configuration from the checkpoint that `train.py` wrote.
+
+The authors' release differs from the paper: its test script uses the scales (1.0, 0.5, 0.75),
+while the authors say the reported 66.0 mIoU used scales 0.5–1.5; we default to the script's.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+from cam import cam_to_label, multi_scale_cam, refine_cams_with_par
+from data import voc_palette
+from model import AFANet
+from par import PAR
+from train import (Config, ConfigError, afa_pseudo_label, check_compatible, check_config,
+                   denormalize, load_checkpoint, random_walk_cams, token_grid)
+
+IGNORE_INDEX = 255
+TEST_SCALES = (1.0, 0.5, 0.75)       # the release's test script (SPEC §7)
+TEST_LONG_SIDE = 512
+CLASS_NAMES = {"synthetic": data.SYNTHETIC_CLASSES, "voc2012": data.VOC_CLASSES,
+               "voc": data.VOC_CLASSES, "coco": data.COCO_CLASSES, "coco2014": data.COCO_CLASSES}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+CRF_INSTALL = ("--crf needs the pydensecrf2 package: pip install pydensecrf2 (it builds from "
+               "source in about a minute and needs a C++ compiler), or run without --crf")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Confusion matrix (C, C) int64, rows = ground truth, columns = prediction.
+
+    pred, target: integer tensors of the same shape (any), class ids in [0, C). Pixels whose
+    target is `ignore_index` (or outside [0, C)) are skipped, and so are pixels the prediction
+    marks `ignore_index`: a pseudo label's ignore band is scored on the pixels it does label, as
+    in the release's `pseudo_scores`.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    target = target.reshape(-1).long()
+    pred = pred.reshape(-1).long()
+    keep = (target != ignore_index) & (target >= 0) & (target < num_classes) & (pred != ignore_index)
+    index = target[keep] * num_classes + pred[keep]                 # row-major (gt, pred)
+    counts = torch.bincount(index, minlength=num_classes ** 2)
+    if counts.numel() != num_classes ** 2 or (index.numel() and int(index.min()) < 0):
+        raise ValueError(f"pred has class ids outside [0, {num_classes}) other than {ignore_index}")
+    return counts.reshape(num_classes, num_classes)
+
+
+def segmentation_scores(conf: torch.Tensor) -> dict:
+    """pAcc, mAcc, mIoU and per-class IoU from a confusion matrix (C, C).
+
+    Classes that never occur in the ground truth are left out of the means (their IoU is NaN),
+    as in the authors' release.
+    """
+    conf = conf.double()
+    tp = conf.diag()
+    gt_count = conf.sum(1)                                   # TP + FN
+    pred_count = conf.sum(0)                                 # TP + FP
+    present = gt_count > 0
+    iou = tp / (gt_count + pred_count - tp)                  # NaN where the class is nowhere
+    acc = tp / gt_count
+    total = conf.sum()
+    return {
+        "pAcc": float(tp.sum() / total) if total > 0 else float("nan"),
+        "mAcc": float(acc[present].mean()) if present.any() else float("nan"),
+        "mIoU": float(iou[present].mean()) if present.any() else float("nan"),
+        "IoU": [float(v) if p else float("nan") for v, p in zip(iou.tolist(), present.tolist())],
+    }
+
+
+def multilabel_counts(logits: torch.Tensor, cls_labels: torch.Tensor) -> torch.Tensor:
+    """(tp, fp, fn) counts (3,) int64 of the classifier's decision logit > 0 against the labels."""
+    pred = logits > 0
+    truth = cls_labels > 0.5
+    return torch.stack([(pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()])
+
+
+def f1_from_counts(counts: torch.Tensor) -> float:
+    """Micro-averaged F1 = 2 TP / (2 TP + FP + FN) over all images and classes."""
+    tp, fp, fn = (float(c) for c in counts)
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 1.0
+
+
+def class_names_of(dataset_name: str, num_classes: int) -> tuple:
+    names = CLASS_NAMES.get(dataset_name.lower(), ())
+    return names if len(names) == num_classes else tuple(f"class {k}" for k in range(num_classes))
+
+
+def scores_table(scores: dict, class_names) -> str:
+    """Markdown table of the per-class IoU (in %) and the three means."""
+    lines = ["| class | IoU |", "|---|---|"]
+    lines += [f"| {name} | {'—' if math.isnan(v) else f'{100 * v:.1f}'} |"
+              for name, v in zip(class_names, scores["IoU"])]
+    lines += [f"| **mIoU** | **{100 * scores['mIoU']:.1f}** |",
+              f"\npAcc {100 * scores['pAcc']:.1f}, mAcc {100 * scores['mAcc']:.1f}, "
+              f"mIoU {100 * scores['mIoU']:.1f}"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation during training (SPEC §6): classifier F1, CAM, AFA-propagated CAM and seg mIoU
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(model, loader, num_classes: int, device, world: int = 1,
+             scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
+             radius: int = 8) -> dict:
+    """Scores of the four outputs on a (sharded) split; confusion matrices summed over ranks.
+
+    The CAM label uses the evaluation threshold `bkg_score`; the AFA-propagated label is the
+    arg-max of the random walk with background `low`, as in the release's validation (the walk
+    uses the affinity of the largest CAM scale, like the training label). Ground-truth
+    image-level labels select the classes, as in the release.
+    """
+
+    confs = {k: torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+             for k in ("cam", "afa", "seg")}
+    counts = torch.zeros(3, dtype=torch.int64, device=device)
+    for batch in loader:
+        images = batch["image"].to(device)                                    # (B, 3, H, W)
+        gt = batch["label"].to(device)                                        # (B, H, W)
+        cls_labels = batch["cls_labels"].to(device)                           # (B, C-1)
+        out = model(images)
+        counts += multilabel_counts(out.cls_logits, cls_labels)
+        seg = F.interpolate(out.seg_logits.float(), size=gt.shape[-2:], mode="bilinear",
+                            align_corners=False).argmax(1)                    # (B, H, W)
+        cams, affinity = multi_scale_cam(model, images, scales)              # (B, C-1, H, W)
+        cams, affinity = cams.float(), affinity.float()
+        cam_label = cam_to_label(cams, cls_labels, bkg_score=bkg_score)
+        afa_label = random_walk_cams(cams, affinity, cls_labels, max(scales), low,
+                                     radius).argmax(1)                       # (B, H, W)
+        for key, pred in (("cam", cam_label), ("afa", afa_label), ("seg", seg)):
+            confs[key] += confusion_matrix(pred, gt, num_classes)
+    if world > 1:
+        for t in (*confs.values(), counts):
+            torch.distributed.all_reduce(t)
+    return {"cls_f1": f1_from_counts(counts.cpu()),
+            **{f"{k}_miou": segmentation_scores(c.cpu())["mIoU"] for k, c in confs.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time segmentation (SPEC §7): long side 512, scales with flips, max over scales
+# ---------------------------------------------------------------------------------------------
+def resize_long_side(images: torch.Tensor, long_side: int) -> torch.Tensor:
+    """images (B, 3, H, W) → (B, 3, H', W') with max(H', W') = long_side; sides truncated by int()."""
+    H, W = images.shape[-2:]
+    ratio = long_side / max(H, W)
+    size = (int(H * ratio), int(W * ratio))
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)  # (B, 3, H', W')
+
+
+def seg_logits(model: AFANet, images: torch.Tensor) -> torch.Tensor:
+    """The decoder's logits (B, C, H/4, W/4) alone: no attention maps are materialised."""
+    features, _ = model.encoder(images, num_attn=0)
+    return model.decoder(features)
+
+
+@torch.no_grad()
+def multi_scale_seg_logits(model: AFANet, images: torch.Tensor, scales=TEST_SCALES,
+                           long_side: int = TEST_LONG_SIDE) -> torch.Tensor:
+    """Seg logits (B, C, H, W) of the test-time protocol (SPEC §7) for images (B, 3, H, W).
+
+    In the order of the authors' test script: resize the long side to `long_side` (0 keeps the
+    size); at each scale s (images resized by s) run the images with their mirrors, average each
+    image's logits with the un-flipped logits of its mirror, resize to the stride-4 grid of scale
+    1; take the element-wise max over scales; upsample to H × W. Logits throughout, no softmax.
+    The scales are used as given (the release's script always runs 1.0 besides its list).
+    """
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be positive numbers, got {scales}")
+    B, _, H, W = images.shape
+    resized = resize_long_side(images, long_side) if long_side else images  # (B, 3, H', W')
+    Hr, Wr = resized.shape[-2:]
+    decoder_stride = model.encoder.strides[0]            # the decoder works at stage 1's stride
+    # Stage 1's key/value reduction is a conv with kernel sr_ratio on its stride-4 grid.
+    reduction = model.encoder.sr_ratios[0]
+    if min(token_grid(int(s * side), decoder_stride) for s in scales for side in (Hr, Wr)) < reduction:
+        smallest = decoder_stride * (reduction - 1) + 1
+        raise ValueError(f"scale {min(scales)} of the {Hr}×{Wr} (resized) images is smaller than "
+                         f"the encoder's minimum input side {smallest}; use larger scales or long_side")
+    grid = (token_grid(Hr, decoder_stride), token_grid(Wr, decoder_stride))  # scale-1 logit grid
+    best = None
+    for s in scales:
+        # scale_factor (not a size), as in the release: it also sets the sampling positions
+        scaled = resized if s == 1.0 else F.interpolate(
+            resized, scale_factor=s, mode="bilinear", align_corners=False)  # (B, 3, sH', sW')
+        both = torch.cat([scaled, scaled.flip(-1)], dim=0)              # (2B, 3, sH', sW')
+        logits = seg_logits(model, both).float()                        # (2B, C, sH'/4, sW'/4)
+        if logits.shape[-2:] != grid:
+            logits = F.interpolate(logits, size=grid, mode="bilinear",
+                                   align_corners=False)                 # (2B, C, h4, w4)
+        logits = (logits[:B] + logits[B:].flip(-1)) / 2                 # flip-averaged (B, C, h4, w4)
+        best = logits if best is None else torch.maximum(best, logits)  # max over scales
+    return F.interpolate(best, size=(H, W), mode="bilinear", align_corners=False)  # (B, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense CRF (SPEC §7), in worker processes
+# ---------------------------------------------------------------------------------------------
+def import_densecrf():
+    """The optional pydensecrf2 package (module `pydensecrf`), or a ConfigError saying how to get it."""
+    try:
+        import pydensecrf.densecrf as densecrf
+        import pydensecrf.utils as densecrf_utils
+    except ImportError as e:
+        raise ConfigError(CRF_INSTALL) from e
+    return densecrf, densecrf_utils
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, gaussian_sxy: float = 3,
+              gaussian_compat: float = 3, bilateral_sxy: float = 64, bilateral_srgb: float = 5,
+              bilateral_compat: float = 4) -> np.ndarray:
+    """Mean-field dense CRF: image (H, W, 3) uint8 RGB, probs (C, H, W) softmax → (C, H, W) float32.
+
+    Unary −log p (p clipped at 1e-5); a Gaussian kernel on position and a bilateral kernel on
+    position and colour, Potts compatibilities; the defaults are the release's test script's.
+    """
+    densecrf, densecrf_utils = import_densecrf()
+    if image.ndim != 3 or image.shape[2] != 3 or probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"image must be (H, W, 3) and probs (C, H, W) of the same H, W; got "
+                         f"{image.shape} and {probs.shape}")
+    C, H, W = probs.shape
+    crf = densecrf.DenseCRF2D(W, H, C)
+    crf.setUnaryEnergy(np.ascontiguousarray(densecrf_utils.unary_from_softmax(probs)))  # (C, H·W)
+    crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
+    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb,
+                             rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=bilateral_compat)
+    return np.asarray(crf.inference(iterations), dtype=np.float32).reshape(C, H, W)
+
+
+def crf_label(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Arg-max of the dense CRF: (H, W) uint8. A top-level function, so worker processes can run it."""
+    return dense_crf(image, probs).argmax(0).astype(np.uint8)
+
+
+def crf_job(name: str, image: np.ndarray, probs: np.ndarray) -> tuple:
+    """(name, crf_label(image, probs)): the unit of work of the CRF processes."""
+    return name, crf_label(image, probs)
+
+
+def map_in_processes(fn, items, workers: int):
+    """fn(*item) for each item, in order; in `workers` processes (here when 0), 2·workers queued.
+
+    The bounded queue keeps memory flat: `items` is produced lazily (the network runs in this
+    process meanwhile) and only a few softmax maps wait at any time.
+    """
+    if workers <= 0:
+        for item in items:
+            yield fn(*item)
+        return
+    # spawn: a fresh interpreter, never a fork of a process whose torch threads are running
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, *item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation evaluation of a split
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_segmentation(model: AFANet, loader, num_classes: int, device, scales=TEST_SCALES,
+                          long_side: int = TEST_LONG_SIDE, crf: bool = False, workers: int = 0,
+                          save_dir: str | None = None) -> dict:
+    """Scores (`segmentation_scores`) of the test-time prediction over a split with masks.
+
+    With `crf`, the prediction is the arg-max of the dense CRF on its softmax, computed in
+    `workers` processes; with `save_dir`, each prediction is written as `save_dir/<name>.png`
+    (palette PNG, VOC colours) with an overlay in `save_dir/overlay/<name>.png`.
+    """
+    if crf:
+        import_densecrf()                   # fail before the first forward, not in a worker
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def predictions():
+        # Per image from here: CRF and files are per image. Yields (name, gt, rgb, pred or probs).
+        for batch in loader:
+            logits = multi_scale_seg_logits(model, batch["image"].to(device), scales,
+                                            long_side)                # (B, C, H, W)
+            for b, name in enumerate(batch["name"]):
+                rgb = image_to_rgb(batch["image"][b])                   # (H, W, 3) uint8
+                out = logits[b].softmax(0).cpu().numpy() if crf else logits[b].argmax(0).cpu()
+                yield name, batch["label"][b], rgb, out
+
+    stream = predictions()
+    if crf:
+        pending = {}                             # name → (gt, rgb) while its CRF runs
+
+        def jobs(source):
+            for name, gt, rgb, probs in source:
+                pending[name] = (gt, rgb)
+                yield name, rgb, probs
+        stream = ((name, *pending.pop(name), torch.from_numpy(label).long())
+                  for name, label in map_in_processes(crf_job, jobs(stream), workers))
+    for name, gt, rgb, pred in tqdm(stream, total=len(loader.dataset), desc="segment",
+                                    unit="image", dynamic_ncols=True):
+        conf += confusion_matrix(pred, gt, num_classes)
+        if save_dir:
+            save_prediction(pred, rgb, save_dir, name)
+    return segmentation_scores(conf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pseudo-label quality (paper Tables 2–3): every label of the training pipeline against the masks
+# ---------------------------------------------------------------------------------------------
+PSEUDO_LABELS = (("cam", "CAM"), ("cam_par", "CAM + PAR"), ("afa", "AFA (random walk)"),
+                 ("afa_par", "AFA + PAR (training label)"), ("seg", "seg branch"))
+
+
+@torch.no_grad()
+def pseudo_label_quality(model: AFANet, par: PAR, loader, num_classes: int, device,
+                         cam_scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
+                         high: float = 0.55, radius: int = 8) -> dict:
+    """mIoU of each pseudo label of SPEC §2–5 over a split with masks, at each image's own size.
+
+    The labels are made by the training step's functions, with ground-truth image-level labels
+    and the whole image as valid box: "cam" the CAM label at `bkg_score`; "cam_par" the PAR label
+    (SPEC §3); "afa" the arg-max of the random walk with background `low` (as in validation);
+    "afa_par" the AFA pseudo label (SPEC §5), the segmentation target after the switch; "seg"
+    the seg branch at one scale. Pixels a label leaves ignored (255) are not scored, as in the
+    release's `pseudo_scores`; "labelled" gives the share of ground-truth pixels each label scores.
+    Returns {"<key>_miou": float, ..., "labelled": {key: float}, "IoU": {key: [per class]}}.
+    """
+    keys = [k for k, _ in PSEUDO_LABELS]
+    confs = {k: torch.zeros(num_classes, num_classes, dtype=torch.int64) for k in keys}
+    valid_pixels = 0
+    largest = max(cam_scales)
+    for batch in tqdm(loader, desc="pseudo labels", unit="batch", dynamic_ncols=True):
+        images = batch["image"].to(device)                                    # (B, 3, H, W)
+        cls_labels = batch["cls_labels"].to(device)                           # (B, C-1)
+        gt = batch["label"]                                                   # (B, H, W)
+        B, _, H, W = images.shape
+        whole = torch.tensor([[0, H, 0, W]], device=device).expand(B, 4)      # (B, 4) valid box
+        cams, affinity = multi_scale_cam(model, images, cam_scales)          # (B, C-1, H, W), (B, N, N)
+        cams, affinity = cams.float(), affinity.float()
+        pixels = denormalize(images.float())                                  # (B, 3, H, W) in [0, 1]
+        labels = {
+            "cam": cam_to_label(cams, cls_labels, bkg_score=bkg_score),
+            "cam_par": refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
+                                            valid_box=whole),
+            "afa": random_walk_cams(cams, affinity, cls_labels, largest, low, radius).argmax(1),
+            "afa_par": afa_pseudo_label(par, pixels, cams, affinity, cls_labels, whole, largest,
+                                        low, high, radius),
+            "seg": F.interpolate(seg_logits(model, images).float(), size=(H, W), mode="bilinear",
+                                 align_corners=False).argmax(1),
+        }
+        for k in keys:
+            confs[k] += confusion_matrix(labels[k].cpu(), gt, num_classes)
+        valid_pixels += int(((gt != IGNORE_INDEX) & (gt >= 0) & (gt < num_classes)).sum())
+    scores = {k: segmentation_scores(confs[k]) for k in keys}
+    return {**{f"{k}_miou": scores[k]["mIoU"] for k in keys},
+            "labelled": {k: int(confs[k].sum()) / max(valid_pixels, 1) for k in keys},
+            "IoU": {k: scores[k]["IoU"] for k in keys}}
+
+
+def pseudo_table(result: dict) -> str:
+    lines = ["| pseudo label | mIoU | pixels labelled |", "|---|---|---|"]
+    lines += [f"| {name} | {100 * result[f'{k}_miou']:.1f} | {100 * result['labelled'][k]:.1f}% |"
+              for k, name in PSEUDO_LABELS]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference on your own images
+# ---------------------------------------------------------------------------------------------
+def list_images(path: str) -> list:
+    """The image files at `path`: the file itself, or the images in the folder (sorted)."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.lower().endswith(IMAGE_SUFFIXES))
+        if files:
+            return files
+        raise ConfigError(f"--image {path}: the folder holds no image "
+                          f"({', '.join(IMAGE_SUFFIXES)}); pass a file or a folder of images")
+    raise ConfigError(f"--image {path} does not exist; pass an image file or a folder of images")
+
+
+def load_image(path: str) -> torch.Tensor:
+    """An image file as the network's input (3, H, W), normalised like the data sets."""
+    rgb = data.read_image(path).astype(np.float32)                            # (H, W, 3)
+    rgb = (rgb - np.asarray(data.IMAGENET_MEAN, np.float32)) / np.asarray(data.IMAGENET_STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))     # (3, H, W)
+
+
+@torch.no_grad()
+def predict_images(model: AFANet, paths: list, out_dir: str, device, scales=TEST_SCALES,
+                   long_side: int = TEST_LONG_SIDE, crf: bool = False) -> list:
+    """Predict each image (one at a time: sizes differ); write its mask and overlay; return them."""
+    if crf:
+        import_densecrf()
+    written = []
+    for path in tqdm(paths, desc="predict", unit="image", dynamic_ncols=True):
+        image = load_image(path)
+        try:
+            logits = multi_scale_seg_logits(model, image[None].to(device), scales,
+                                            long_side)[0]               # (C, H, W)
+        except ValueError as e:  # an image too small (or too narrow) for the encoder
+            raise ConfigError(f"image {path}: {e}") from e
+        rgb = image_to_rgb(image)
+        if crf:
+            pred = torch.from_numpy(crf_label(rgb, logits.softmax(0).cpu().numpy())).long()
+        else:
+            pred = logits.argmax(0).cpu()                                     # (H, W)
+        name = os.path.splitext(os.path.basename(path))[0]
+        written.append(save_prediction(pred, rgb, out_dir, name))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures in the spirit of the paper's Fig. 3 and 4: CAM, AFA-refined CAM, affinity, attention
+# ---------------------------------------------------------------------------------------------
+def connected_components(label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """4-connected regions of one foreground class: (H, W) labels → (H, W) int64 ids, 0 elsewhere.
+
+    Each pixel starts with its own id and repeatedly takes the largest id among its same-class
+    neighbours until nothing changes (at most as many sweeps as the longest path in a region).
+    """
+    H, W = label.shape
+    foreground = (label != 0) & (label != ignore_index)
+    ids = torch.arange(1, H * W + 1, device=label.device).view(H, W) * foreground  # (H, W)
+    padded_label = F.pad(label[None, None].float(), (1, 1, 1, 1), value=-1)[0, 0]  # (H+2, W+2)
+    shifts = ((0, 1), (2, 1), (1, 0), (1, 2))                 # up, down, left, right
+    same = [padded_label[dy:dy + H, dx:dx + W] == label for dy, dx in shifts]     # 4 × (H, W)
+    while True:
+        padded = F.pad(ids[None, None], (1, 1, 1, 1))[0, 0]                        # (H+2, W+2)
+        grown = ids
+        # Background and ignored pixels start at 0 and only see each other: they stay 0.
+        for (dy, dx), keep in zip(shifts, same):
+            grown = torch.maximum(grown, padded[dy:dy + H, dx:dx + W] * keep)
+        if torch.equal(grown, ids):
+            return ids
+        ids = grown
+
+
+def largest_object_centre(label: torch.Tensor) -> tuple:
+    """(y, x) of the pixel of the largest predicted object nearest to the object's centroid
+    (on the object even when it is a ring); the image centre when nothing is predicted."""
+    H, W = label.shape
+    ids = connected_components(label)
+    if not bool((ids > 0).any()):
+        return H // 2, W // 2
+    counts = torch.bincount(ids.flatten())                    # (H·W + 1,)
+    counts[0] = 0
+    inside = ids == counts.argmax()
+    ys, xs = inside.nonzero(as_tuple=True)
+    cy, cx = ys.float().mean(), xs.float().mean()
+    nearest = ((ys - cy) ** 2 + (xs - cx) ** 2).argmin()
+    return int(ys[nearest]), int(xs[nearest])
+
+
+def heat_map(values: torch.Tensor) -> np.ndarray:
+    """(H, W) values in [0, 1] → RGB uint8 (H, W, 3) in the jet colour map (blue 0 … red 1)."""
+    v = values.clamp(0, 1).cpu().numpy()[..., None]
+    rgb = np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1)    # r, g, b ramps
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def blend(rgb: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    return (rgb * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+def mark(rgb: np.ndarray, pixel: tuple, arm: int = 4) -> np.ndarray:
+    """A white cross with a black outline at pixel (y, x)."""
+    out = rgb.copy()
+    y, x = pixel
+    for colour, width in (((0, 0, 0), 1), ((255, 255, 255), 0)):
+        out[max(y - width, 0):y + width + 1, max(x - arm, 0):x + arm + 1] = colour
+        out[max(y - arm, 0):y + arm + 1, max(x - width, 0):x + width + 1] = colour
+    return out
+
+
+def min_max(values: torch.Tensor) -> torch.Tensor:
+    """values − min, divided by the range: the walked class scores span a narrow band of (0, 1)."""
+    low = values.min()
+    return (values - low) / (values.max() - low).clamp(min=1e-12)
+
+
+def token_row_map(matrix_row: torch.Tensor, grid: tuple, size: tuple) -> torch.Tensor:
+    """One row (N,) of an N × N token matrix as a map (H, W), scaled to its maximum."""
+    h, w = grid
+    values = matrix_row.float().view(1, 1, h, w)                              # (1, 1, h, w)
+    values = F.interpolate(values, size=size, mode="bilinear", align_corners=False)[0, 0]  # (H, W)
+    return values / values.max().clamp(min=1e-12)
+
+
+@torch.no_grad()
+def attention_figure(model: AFANet, image: torch.Tensor, path: str, class_names,
+                     cls_labels: torch.Tensor | None = None, truth: torch.Tensor | None = None,
+                     pixel: tuple | None = None, cam_scales=(1.0, 0.5, 1.5),
+                     bkg_score: float = 0.35, radius: int = 8, display_size: int = 256) -> tuple:
+    """One PNG for one image (3, H, W): image | truth | prediction; per present class its CAM and
+    its AFA-propagated CAM; the learned affinity and the raw attention of one pixel.
+
+    The classes are `cls_labels` (C-1,) — the image-level labels — or, when None, those the
+    classifier predicts (logit > 0; the top one if none is). The affinity and the attention are
+    those the random walk uses: at the largest CAM scale, the attention averaged over the AFA
+    head's maps (softmax(q·kᵀ/√d) of the last blocks' heads). `pixel` (y, x) defaults to the centre
+    of the largest object of the seg prediction. Heat maps: the CAMs as they are ([0, 1]), each
+    walked map stretched to [0, 1], the affinity and attention rows scaled to their maximum.
+    Returns the pixel used.
+    """
+    device = next(model.parameters()).device
+    x = image[None].to(device)                                                # (1, 3, H, W)
+    H, W = x.shape[-2:]
+    out = model(x)
+    pred = F.interpolate(out.seg_logits.float(), size=(H, W), mode="bilinear",
+                         align_corners=False).argmax(1)[0]                    # (H, W)
+    if cls_labels is None:
+        cls_labels = (out.cls_logits[0] > 0).float()                          # (C-1,)
+        if not bool(cls_labels.any()):
+            cls_labels[out.cls_logits[0].argmax()] = 1
+    cls_labels = cls_labels.to(device).float()[None]                          # (1, C-1)
+    if pixel is None:
+        pixel = largest_object_centre(pred)
+    y, x_ = pixel
+    if not (0 <= y < H and 0 <= x_ < W):
+        raise ConfigError(f"--pixel {y} {x_} lies outside the {H}×{W} image")
+
+    cams, affinity = multi_scale_cam(model, x, cam_scales)                   # (1, C-1, H, W), (1, N, N)
+    walked = random_walk_cams(cams.float(), affinity.float(), cls_labels, max(cam_scales),
+                              bkg_score, radius)                              # (1, C, H, W)
+    # Attention of the AFA blocks at the largest scale, on the grid of the affinity.
+    largest = max(cam_scales)
+    scaled = x if largest == 1.0 else F.interpolate(
+        x, size=(int(largest * H), int(largest * W)), mode="bilinear", align_corners=False)
+    _, attn_logits = model.encoder(scaled, num_attn=model.afa_blocks)         # each (1, nh, N, N)
+    head_dim = model.encoder.embed_dims[-1] // model.encoder.num_heads[-1]
+    attention = torch.cat(attn_logits, dim=1).float().mul(head_dim ** -0.5).softmax(-1).mean(1)  # (1, N, N)
+    grid = (token_grid(scaled.shape[-2]), token_grid(scaled.shape[-1]))
+    query = (y * grid[0] // H) * grid[1] + (x_ * grid[1] // W)               # the pixel's token
+
+    rgb = image_to_rgb(image)
+    display = _display_resizer((H, W), display_size)
+    shown = display(mark(rgb, pixel), Image.BILINEAR)
+    rows = [[("image", shown)]]
+    if truth is not None:
+        rows[0].append(("truth", display(colorize(truth), Image.NEAREST)))
+    rows[0].append(("prediction", display(mark(blend(rgb, colorize(pred)), pixel), Image.NEAREST)))
+    for k in cls_labels[0].nonzero()[:, 0].tolist():
+        name = class_names[k + 1]
+        rows.append([(f"CAM: {name}", display(blend(rgb, heat_map(cams[0, k])), Image.BILINEAR)),
+                     (f"AFA: {name}", display(blend(rgb, heat_map(min_max(walked[0, k + 1]))),
+                                               Image.BILINEAR))])
+    rows.append([(f"affinity of ({y}, {x_})",
+                  display(mark(blend(rgb, heat_map(token_row_map(affinity[0, query], grid, (H, W)))),
+                               pixel), Image.BILINEAR)),
+                 (f"attention of ({y}, {x_})",
+                  display(mark(blend(rgb, heat_map(token_row_map(attention[0, query], grid, (H, W)))),
+                               pixel), Image.BILINEAR))])
+    save_panels(rows, path)
+    return pixel
+
+
+def _display_resizer(size: tuple, display_size: int):
+    """Enlarge small images so that the long side is `display_size` (captions need the room)."""
+    H, W = size
+    factor = max(1.0, display_size / max(H, W))
+    target = (round(W * factor), round(H * factor))
+
+    def resize(rgb: np.ndarray, resample) -> np.ndarray:
+        if factor == 1.0:
+            return rgb
+        return np.asarray(Image.fromarray(rgb).resize(target, resample))
+    return resize
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures and files
+# ---------------------------------------------------------------------------------------------
+def colorize(label: torch.Tensor):
+    """Label map (H, W) → RGB uint8 array (H, W, 3) in the VOC colours; 255 is drawn white."""
+    palette = np.array(voc_palette(256), dtype=np.uint8).reshape(-1, 3)
+    palette[255] = 255
+    return palette[label.cpu().numpy().astype(np.int64)]
+
+
+def image_to_rgb(image: torch.Tensor):
+    """Normalised image (3, H, W) → RGB uint8 array (H, W, 3)."""
+    rgb = denormalize(image[None].float())[0].clamp(0, 1)                     # (3, H, W)
+    return (rgb.permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+
+
+def overlay(rgb: np.ndarray, label: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
+    """The image with the predicted classes' colours blended in; background left as it is."""
+    colours = blend(rgb, colorize(label), alpha)
+    foreground = (label.cpu().numpy() != 0)[..., None]
+    return np.where(foreground, colours, rgb)
+
+
+def save_prediction(pred: torch.Tensor, rgb: np.ndarray, folder: str, name: str) -> str:
+    """`folder/<name>.png`: the mask as a palette PNG (pixel values = class ids, VOC colours);
+    `folder/overlay/<name>.png`: the overlay. Returns the mask's path."""
+    os.makedirs(os.path.join(folder, "overlay"), exist_ok=True)
+    mask = Image.fromarray(pred.cpu().numpy().astype(np.uint8))
+    mask.putpalette(voc_palette())                           # "L" → "P"; the values stay the ids
+    path = os.path.join(folder, name + ".png")
+    mask.save(path)
+    Image.fromarray(overlay(rgb, pred)).save(os.path.join(folder, "overlay", name + ".png"))
+    return path
+
+
+def save_grid(rows: list, path: str, titles=None, pad: int = 2) -> None:
+    """Tile rows of equally tall RGB arrays into one PNG (white gaps between the tiles)."""
+    row_images = []
+    for row in rows:
+        h = max(a.shape[0] for a in row)
+        tiles = []
+        for a in row:
+            tile = np.full((h, a.shape[1] + pad, 3), 255, np.uint8)
+            tile[: a.shape[0], : a.shape[1]] = a
+            tiles.append(tile)
+        row_images.append(np.concatenate(tiles, axis=1))
+    width = max(r.shape[1] for r in row_images)
+    head = 14 if titles else 0
+    canvas = np.full((head + sum(r.shape[0] + pad for r in row_images), width, 3), 255, np.uint8)
+    y = head
+    for r in row_images:
+        canvas[y: y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0] + pad
+    picture = Image.fromarray(canvas)
+    if titles:
+        draw = ImageDraw.Draw(picture)
+        x = 0
+        for title, a in zip(titles, rows[0]):
+            draw.text((x + 2, 1), title, fill=(0, 0, 0))
+            x += a.shape[1] + pad
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    picture.save(path)
+
+
+def save_panels(rows: list, path: str, pad: int = 4, caption: int = 14) -> None:
+    """Rows of (caption, RGB array) tiles into one PNG, each tile under its own caption."""
+    tile_h = max(a.shape[0] for row in rows for _, a in row)
+    tile_w = max(a.shape[1] for row in rows for _, a in row)
+    width = max(len(row) for row in rows) * (tile_w + pad) + pad
+    height = len(rows) * (tile_h + caption + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        top = pad + r * (tile_h + caption + pad)
+        for c, (title, a) in enumerate(row):
+            left = pad + c * (tile_w + pad)
+            draw.text((left + 1, top), title, fill=(0, 0, 0))
+            canvas.paste(Image.fromarray(a), (left, top + caption))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+@torch.no_grad()
+def training_figure(model, par, dataset, indices, path: str, device, scales=(1.0, 0.5, 1.5),
+                    bkg_score: float = 0.45, low: float = 0.35, high: float = 0.55,
+                    radius: int = 8) -> None:
+    """One row per image: image | ground truth | CAM label | PAR label | AFA label | prediction."""
+    rows = []
+    for i in indices:
+        sample = dataset[i]
+        image = sample["image"][None].to(device)                              # (1, 3, H, W)
+        cls_labels = sample["cls_labels"][None].to(device)                    # (1, C-1)
+        H, W = image.shape[-2:]
+        box = torch.tensor([[0, H, 0, W]], device=device)                     # (1, 4)
+        cams, affinity = multi_scale_cam(model, image, scales)
+        cams, affinity = cams.float(), affinity.float()
+        pixels = denormalize(image)
+        cam_label = cam_to_label(cams, cls_labels, bkg_score=bkg_score)
+        par_label = refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
+                                         valid_box=box)
+        afa_label = afa_pseudo_label(par, pixels, cams, affinity, cls_labels, box, max(scales),
+                                     low, high, radius)
+        seg = F.interpolate(model(image).seg_logits.float(), size=(H, W), mode="bilinear",
+                            align_corners=False).argmax(1)
+        rows.append([image_to_rgb(sample["image"]), colorize(sample["label"]),
+                     *(colorize(x[0]) for x in (cam_label, par_label, afa_label, seg))])
+    save_grid(rows, path, titles=["image", "truth", "CAM", "CAM+PAR", "AFA+PAR", "seg"])
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+# Run settings that may differ from the checkpoint's without changing the network.
+CONFIG_OVERRIDES = ("data_root", "cam_scales", "bkg_score", "low", "high", "radius", "par_iters",
+                    "num_figures")
+# Flags that must match the checkpoint: a different value is an error, not a conversion.
+CONFIG_CHECKS = ("backbone", "num_classes")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
+    parser.add_argument("--split", help="split to evaluate (default: the checkpoint's val split; "
+                                        "'train' with --pseudo, as in the paper)")
+    parser.add_argument("--scales", type=float, nargs="+", default=TEST_SCALES,
+                        help=f"test scales, each with its flip (default: {TEST_SCALES})")
+    parser.add_argument("--long-side", type=int, default=TEST_LONG_SIDE, help="resize the long "
+                        f"side to this first; 0 keeps the size (default: {TEST_LONG_SIDE})")
+    parser.add_argument("--crf", action="store_true", help="dense CRF on the prediction "
+                                                           "(needs pip install pydensecrf2)")
+    parser.add_argument("--save-masks", metavar="DIR", help="write the predicted masks (palette "
+                        "PNGs) and overlays there")
+    parser.add_argument("--pseudo", action="store_true", help="pseudo-label quality table")
+    parser.add_argument("--image", metavar="PATH", help="predict an image file or a folder of them")
+    parser.add_argument("--figures", nargs="*", metavar="NAME", help="CAM / AFA / affinity / "
+                        "attention figures of these images of the split (default: the first "
+                        "--num-figures), or of the --image images")
+    parser.add_argument("--pixel", type=int, nargs=2, metavar=("Y", "X"), help="the pixel whose "
+                        "affinity and attention the figures show (default: the centre of the "
+                        "largest predicted object)")
+    parser.add_argument("--out", help="output folder (default: <checkpoint without .pth>_eval)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading and CRF processes")
+    parser.add_argument("--batch-size", type=int, help="images per forward (default: 1 for the "
+                        "segmentation table, whose images are enlarged to --long-side; the "
+                        "checkpoint's val batch size for --pseudo)")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name in CONFIG_OVERRIDES + CONFIG_CHECKS:
+        f = fields[name]
+        kind = {"int": int, "float": float, "str": str, "tuple": float}[f.type]
+        what = ("must match the checkpoint" if name in CONFIG_CHECKS
+                else "default: the checkpoint's")
+        parser.add_argument("--" + name.replace("_", "-"), type=kind,
+                            nargs="+" if f.type == "tuple" else None,
+                            help=f"{f.metadata['help']} ({what})")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return parser.parse_args(argv)
+
+
+def config_from_checkpoint(ckpt: dict, args: argparse.Namespace) -> Config:
+    """The run's Config as saved in the checkpoint, with the flags given on top."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()
+             if k in known}
+    given = {k: getattr(args, k) for k in CONFIG_OVERRIDES + CONFIG_CHECKS
+             if getattr(args, k) is not None}
+    cfg = Config(**{**saved, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}})
+    check_config(cfg)
+    return cfg
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device here; use --device cpu")
+    return device
+
+
+def load_model(path: str, args: argparse.Namespace, device) -> tuple:
+    """(AFANet in eval mode on `device`, its Config) from a checkpoint of train.py."""
+    ckpt = load_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt, args)
+    check_compatible(ckpt, cfg, path)
+    model = AFANet(cfg.num_classes, backbone=cfg.backbone)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).strip().split("\n")[0]
+        raise ConfigError(f"checkpoint {path}: its weights do not fit AFANet(num_classes="
+                          f"{cfg.num_classes}, backbone={cfg.backbone}) as its config says "
+                          f"({first}); use a checkpoint written by train.py") from e
+    return model.to(device).eval(), cfg
+
+
+def load_split(cfg: Config, split: str, cache_dir: str):
+    """A split with its masks, unaugmented, at the images' own size."""
+    if cfg.data == "synthetic" and not os.path.isdir(cfg.data_root):
+        data.make_synthetic(cfg.data_root)  # as train.py does: the same seeded set, seconds
+    return data.build_dataset(cfg.data, cfg.data_root, split, train=False,
+                              num_classes=cfg.num_classes, cache_dir=cache_dir)
+
+
+def write_metrics(out_dir: str, entries: dict) -> str:
+    """Merge `entries` into out_dir/metrics.json (separate runs into one folder add up)."""
+    path = os.path.join(out_dir, "metrics.json")
+    metrics = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            metrics = json.load(f)
+    metrics.update(entries)
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def figures_of_split(model, cfg: Config, dataset, chosen: list, out_dir: str, names,
+                     pixel=None) -> None:
+    """--figures on images of a split: the named ones, or the first cfg.num_figures."""
+    for name in chosen or dataset.names[:cfg.num_figures]:
+        if name not in dataset.names:
+            raise ConfigError(f"--figures {name}: no such image in split {dataset.split!r} "
+                              f"(e.g. {', '.join(dataset.names[:3])})")
+        sample = dataset[dataset.names.index(name)]
+        path = os.path.join(out_dir, "figures", name + ".png")
+        attention_figure(model, sample["image"], path, names, cls_labels=sample["cls_labels"],
+                         truth=sample["label"], pixel=pixel, cam_scales=cfg.cam_scales,
+                         bkg_score=cfg.low, radius=cfg.radius)
+        print(f"figure: {path}")
+
+
+def figures_of_files(model, cfg: Config, paths: list, out_dir: str, names, pixel=None) -> None:
+    """--figures with --image: the classes are those the classifier finds."""
+    for image_path in paths:
+        stem = os.path.splitext(os.path.basename(image_path))[0]
+        path = os.path.join(out_dir, "figures", stem + ".png")
+        attention_figure(model, load_image(image_path), path, names, pixel=pixel,
+                         cam_scales=cfg.cam_scales, bkg_score=cfg.low, radius=cfg.radius)
+        print(f"figure: {path}")
+
+
+def pseudo_label_report(model, cfg: Config, loader, device, names) -> dict:
+    """--pseudo: the table on screen, the entries of metrics.json returned."""
+    par = PAR(num_iter=cfg.par_iters).to(device)
+    result = pseudo_label_quality(model, par, loader, cfg.num_classes, device,
+                                  cam_scales=cfg.cam_scales, bkg_score=cfg.bkg_score,
+                                  low=cfg.low, high=cfg.high, radius=cfg.radius)
+    split = loader.dataset.split
+    print(f"\npseudo labels on {split} ({len(loader.dataset)} images):\n{pseudo_table(result)}")
+    return {"pseudo_split": split, **{f"{k}_miou": result[f"{k}_miou"] for k, _ in PSEUDO_LABELS},
+            "pseudo_labelled": result["labelled"],
+            "pseudo_IoU": {k: dict(zip(names, v)) for k, v in result["IoU"].items()}}
+
+
+def segmentation_report(model, cfg: Config, loader, device, names, scales, long_side, crf,
+                        workers, save_dir) -> dict:
+    """The segmentation table on screen, the entries of metrics.json returned."""
+    scores = evaluate_segmentation(model, loader, cfg.num_classes, device, scales, long_side,
+                                   crf=crf, workers=workers, save_dir=save_dir)
+    split = loader.dataset.split
+    print(f"\nsegmentation on {split} ({len(loader.dataset)} images), scales {scales} with "
+          f"flips, long side {long_side or 'kept'}, {'with' if crf else 'no'} CRF:\n"
+          f"{scores_table(scores, names)}")
+    if save_dir:
+        print(f"masks in {save_dir} (overlays in {save_dir}/overlay)")
+    return {"split": split, "scales": list(scales), "long_side": long_side, "crf": crf,
+            "pAcc": scores["pAcc"], "mAcc": scores["mAcc"], "mIoU": scores["mIoU"],
+            "IoU": dict(zip(names, scores["IoU"]))}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Everything the flags ask for; returns the metrics written to <out>/metrics.json."""
+    scales = tuple(args.scales)
+    if min(scales) <= 0:
+        raise ConfigError(f"--scales {' '.join(map(str, scales))}: give positive scales")
+    if args.long_side < 0:
+        raise ConfigError(f"--long-side {args.long_side}: give a positive size, or 0 to keep it")
+    if args.pixel is not None and args.figures is None:
+        raise ConfigError("--pixel is for --figures; add --figures")
+    device = pick_device(args.device)
+    model, cfg = load_model(args.checkpoint, args, device)
+    out_dir = args.out or os.path.splitext(args.checkpoint)[0] + "_eval"
+    os.makedirs(out_dir, exist_ok=True)
+    names = class_names_of(cfg.data, cfg.num_classes)
+    cache_dir = os.path.join(out_dir, "cache")
+
+    def loader(split, batch_size):
+        dataset = load_split(cfg, split, cache_dir)
+        return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size or batch_size,
+                                           shuffle=False, num_workers=args.workers)
+
+    metrics = {}
+    if args.image:
+        paths = list_images(args.image)
+        folder = os.path.join(out_dir, "predictions")
+        predict_images(model, paths, folder, device, scales, args.long_side, crf=args.crf)
+        print(f"{len(paths)} prediction(s) in {folder} (masks; overlays in {folder}/overlay)")
+        if args.figures is not None:
+            figures_of_files(model, cfg, paths, out_dir, names, args.pixel)
+    elif args.figures is not None:
+        dataset = load_split(cfg, args.split or cfg.val_split, cache_dir)
+        figures_of_split(model, cfg, dataset, args.figures, out_dir, names, args.pixel)
+    if args.pseudo:
+        # On train by default, as the paper's tables.
+        pseudo_loader = loader(args.split or "train", cfg.val_batch_size)
+        metrics.update(pseudo_label_report(model, cfg, pseudo_loader, device, names))
+    # The segmentation table is the default task; --save-masks and --crf (without --image) ask for it.
+    if (not (args.pseudo or args.image or args.figures is not None) or args.save_masks
+            or (args.crf and not args.image)):
+        metrics.update(segmentation_report(model, cfg, loader(args.split or cfg.val_split, 1),
+                                           device, names, scales, args.long_side, args.crf,
+                                           args.workers, args.save_masks))
+    if metrics:
+        metrics["checkpoint"] = args.checkpoint
+        print(f"metrics: {write_metrics(out_dir, metrics)}")
+    return metrics
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, data.DatasetError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
