@@ -55,6 +55,10 @@ def window_mask(h, w, radius=8, device=None):
     return _window_mask_cached(int(h), int(w), int(radius), device).clone()
 
 
+# Without gradient the head forms S = A + Aᵀ in blocks of rows of about this many elements (64 MB).
+ROW_BLOCK_ELEMENTS = 2 ** 24
+
+
 class AffinityHead(nn.Module):
     """Maps stacked attention logits to a symmetric affinity in (0, 1) (paper §3.2; SPEC §1).
 
@@ -74,15 +78,71 @@ class AffinityHead(nn.Module):
         nn.init.kaiming_normal_(self.proj.weight, a=math.sqrt(5), mode="fan_out")
 
     def forward(self, attn_logits):
-        """attn_logits (B, num_maps, N, N), pre-softmax -> affinity (B, N, N) in (0, 1)."""
-        if attn_logits.dim() != 4 or attn_logits.shape[1] != self.num_maps or \
-                attn_logits.shape[2] != attn_logits.shape[3]:
-            raise ValueError(f"attn_logits must have shape (B, {self.num_maps}, N, N), "
-                             f"got {tuple(attn_logits.shape)}")
-        symmetric = attn_logits + attn_logits.transpose(-2, -1)  # S = A + Aᵀ  (B, num_maps, N, N)
-        logits = self.proj(symmetric)  # (B, 1, N, N)
-        return torch.sigmoid(logits).squeeze(1)  # (B, N, N)
+        """attn_logits (B, num_maps, N, N), pre-softmax -> affinity (B, N, N) in (0, 1).
 
+        The maps may also come as a sequence of (B, m_i, N, N) tensors with Σ m_i = num_maps (the
+        blocks' logits as the encoder returns them), read as their concatenation; without
+        gradient S is then formed a block of rows at a time, so that neither the concatenated maps
+        nor S (each num_maps · N² per image) is held whole — the values are the same. Or the
+        sequence may hold the logits in factored form, pairs (q (B, m_i, N, d), k (B, m_i, N, d))
+        with A = q·kᵀ; see `forward_factored`.
+        """
+        maps = [attn_logits] if torch.is_tensor(attn_logits) else list(attn_logits)
+        if maps and all(isinstance(m, (tuple, list)) for m in maps):
+            return self.forward_factored([q for q, _ in maps], [k for _, k in maps])
+        if not maps or any(not torch.is_tensor(m) or m.dim() != 4 or m.shape[0] != maps[0].shape[0]
+                           or m.shape[2] != m.shape[3] or m.shape[2] != maps[0].shape[2] for m in maps) \
+                or sum(m.shape[1] for m in maps) != self.num_maps:
+            raise ValueError(f"attn_logits must have shape (B, {self.num_maps}, N, N) (or be a sequence "
+                             f"of (B, m_i, N, N) with sum m_i = {self.num_maps}), "
+                             f"got {[tuple(m.shape) if torch.is_tensor(m) else type(m).__name__ for m in maps]}")
+        if torch.is_grad_enabled() and any(m.requires_grad for m in maps):
+            stacked = torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]  # (B, num_maps, N, N)
+            symmetric = stacked + stacked.transpose(-2, -1)  # S = A + Aᵀ  (B, num_maps, N, N)
+            logits = self.proj(symmetric)  # (B, 1, N, N)
+            return torch.sigmoid(logits).squeeze(1)  # (B, N, N)
+        B, _, N, _ = maps[0].shape
+        logits = None  # (B, 1, N, N), in the dtype the projection gives (autocast may lower it)
+        rows = max(1, ROW_BLOCK_ELEMENTS // (B * self.num_maps * N))
+        for start in range(0, N, rows):
+            block = slice(start, start + rows)
+            symmetric = torch.cat([m[:, :, block] + m[:, :, :, block].transpose(-2, -1) for m in maps],
+                                  dim=1)  # S rows = A rows + Aᵀ rows  (B, num_maps, r, N)
+            projected = self.proj(symmetric)  # (B, 1, r, N)
+            if logits is None:
+                logits = projected.new_empty(B, 1, N, N)
+            logits[:, :, block] = projected
+        return torch.sigmoid(logits).squeeze(1)  # (B, N, N), one pass as in the gradient branch
+
+    def forward_factored(self, queries, keys):
+        """The affinity from the logits in factored form, A_m = q_m·k_mᵀ, without forming them.
+
+        queries, keys: sequences of (B, m_i, N, d) tensors, Σ m_i = num_maps (per block: its heads).
+        The 1×1 convolution is linear, so with w its weights and b its bias
+            Σ_m w_m (A_m + A_mᵀ) + b = L + Lᵀ + b,   L = Σ_m w_m q_m k_mᵀ = [w_m q_m]_m · [k_m]_mᵀ,
+        one (N × num_maps·d) · (num_maps·d × N) product per image instead of num_maps N × N maps
+        (16 × less memory in AFANet). The same values as `forward` up to float rounding.
+        """
+        if len(queries) != len(keys) or not queries or \
+                sum(q.shape[1] for q in queries) != self.num_maps or \
+                any(q.dim() != 4 or q.shape != k.shape or q.shape[0] != queries[0].shape[0]
+                    or q.shape[2] != queries[0].shape[2] for q, k in zip(queries, keys)):
+            raise ValueError(f"queries and keys must be matching sequences of (B, m_i, N, d) tensors "
+                             f"with sum m_i = {self.num_maps}, got {[tuple(q.shape) for q in queries]} "
+                             f"and {[tuple(k.shape) for k in keys]}")
+        weight = self.proj.weight.view(self.num_maps)  # (num_maps,)
+        weighted, flat_keys, first = [], [], 0
+        for q, k in zip(queries, keys):
+            B, m, N, d = q.shape
+            w = weight[first:first + m].to(q.dtype).view(1, m, 1, 1)
+            weighted.append((q * w).transpose(1, 2).reshape(B, N, m * d))  # (B, N, m·d): w_m q_m
+            flat_keys.append(k.transpose(1, 2).reshape(B, N, m * d))  # (B, N, m·d)
+            first += m
+        weighted = torch.cat(weighted, dim=-1)  # (B, N, num_maps·d)
+        flat_keys = torch.cat(flat_keys, dim=-1)  # (B, N, num_maps·d)
+        L = weighted @ flat_keys.transpose(1, 2)  # (B, N, N), Σ_m w_m q_m k_mᵀ
+        logits = (L + L.transpose(1, 2)).add_(self.proj.bias.to(L.dtype))  # (B, N, N)
+        return torch.sigmoid(logits)  # (B, N, N)
 
 def affinity_labels(pseudo_label, grid, mask, ignore_index=255):
     """Pairwise affinity labels from a pseudo label (paper §3.2; SPEC §4).

@@ -11,6 +11,8 @@ each refined label combines a high- and a low-threshold result (high says backgr
 both say background -> background). The release loops over images for the CAM label; here it is
 batched, with identical results.
 """
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +75,19 @@ def _combine_high_low(label_high, label_low, inside_box, ignore_index):
     return torch.where(inside_box, label, ignore_index)
 
 
+def _argmax(x, dim):
+    """torch.argmax over a short dimension `dim` (a handful of kept channels), the first maximum
+    winning as in torch.argmax; a running comparison, several times faster on CPUs than argmax
+    over a dimension that is not the last."""
+    best = x.select(dim, 0)
+    index = torch.zeros(best.shape, dtype=torch.long, device=x.device)
+    for k in range(1, x.shape[dim]):
+        value = x.select(dim, k)
+        index.masked_fill_(value > best, k)
+        best = torch.maximum(best, value)
+    return index
+
+
 def _check_down_scale(down_scale, H, W):
     if not isinstance(down_scale, int) or down_scale < 1 or H < down_scale or W < down_scale:
         raise ValueError(f"down_scale must be an int in [1, min(H, W)] = [1, {min(H, W)}], got {down_scale}")
@@ -83,13 +98,21 @@ def _check_down_scale(down_scale, H, W):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5)):
+def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), forward_cams=None):
     """Multi-scale, flip-augmented CAMs normalised to [0, 1], and the affinity at the largest scale.
 
     images (B, 3, H, W); `model.cam(x)` must return (cams (2B, C-1, h, w) before ReLU, affinity
     (2B, N, N)) for a batch x of 2B images. Returns cams (B, C-1, H, W) in [0, 1] and affinity
     (B, N, N) of the un-flipped images at the largest scale. The model runs in whatever mode
-    (train / eval) it is in.
+    (train / eval) it is in. A model whose `cam` also takes `num_affinity` (AFANet does) is asked
+    for the affinity of the first n images only: n = B at the largest scale, 0 elsewhere — the
+    same values up to float rounding, without computing affinities that are thrown away.
+
+    forward_cams: optional (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the
+    caller already has (the training forward's `cams`); the scale-1.0 pass then runs on the
+    mirrored images only (1 of the 7 image-equivalents of the default scales saved). Off by
+    default because it changes the numbers: in training mode the forward drew its own
+    stochastic-depth masks. Not used when scale 1.0 is the largest (its affinity is needed).
 
     The authors' release always evaluates scale 1.0, even when it is not among `scales`; here the
     given scales are used as they are (identical for the default scales).
@@ -99,7 +122,18 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5)):
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
     B, _, H, W = images.shape
+    if forward_cams is not None:
+        _check_4d("forward_cams", forward_cams, "(B, C-1, h, w)")
+        if forward_cams.shape[0] != B:
+            raise ValueError(f"forward_cams must be (B, C-1, h, w) with B = {B}, got {tuple(forward_cams.shape)}")
     largest = max(scales)
+    partial_affinity = "num_affinity" in inspect.signature(model.cam).parameters
+
+    def model_cam(x, num_affinity):
+        if partial_affinity:
+            return model.cam(x, num_affinity=num_affinity)  # (len(x), C-1, h, w), (n, N, N)
+        return model.cam(x)  # (len(x), C-1, h, w), (len(x), N, N)
+
     cams, affinity = None, None
     for s in scales:
         scaled = images
@@ -108,18 +142,28 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5)):
             if min(size) < 1:
                 raise ValueError(f"scale {s} shrinks the {H}x{W} images to nothing")
             scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)  # (B, 3, sH, sW)
-        both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and their mirrors
-        scale_cams, scale_affinity = model.cam(both)  # (2B, C-1, h, w), (2B, N, N)
+        keep_affinity = s == largest and affinity is None
+        if s == 1.0 and forward_cams is not None and not keep_affinity:
+            mirrored_cams, _ = model_cam(scaled.flip(-1), 0)  # (B, C-1, h, w)
+            if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
+                raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
+                                 f"got {tuple(forward_cams.shape)}")
+            scale_cams = torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams])  # (2B, C-1, h, w)
+            scale_affinity = None
+        else:
+            both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and their mirrors
+            scale_cams, scale_affinity = model_cam(both, B if keep_affinity else 0)
         if scale_cams.dim() != 4 or scale_cams.shape[0] != 2 * B:
             raise ValueError(
                 f"model.cam must return cams (2B, C-1, h, w) with 2B = {2 * B}, got {tuple(scale_cams.shape)}"
             )
+        if keep_affinity:
+            affinity = scale_affinity[:B]  # (B, N, N), the un-flipped images
+        del scale_affinity  # at (2B, N, N) it may be large; free it before the next scale
         scale_cams = F.interpolate(scale_cams, size=(H, W), mode="bilinear", align_corners=False)  # (2B, C-1, H, W)
         # max(CAM, un-flipped CAM of the mirrored image), then ReLU
         scale_cams = torch.maximum(scale_cams[:B], scale_cams[B:].flip(-1)).relu()  # (B, C-1, H, W)
         cams = scale_cams if cams is None else cams + scale_cams
-        if s == largest and affinity is None:
-            affinity = scale_affinity[:B]  # (B, N, N), the un-flipped images
     cams = cams - cams.amin(dim=(2, 3), keepdim=True)  # per image and class: subtract the min ...
     cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + CAM_NORM_EPS)  # ... divide by the max (+ eps)
     return cams, affinity
@@ -203,7 +247,7 @@ def refine_cams_with_par(par, images, cams, cls_labels, low=0.35, high=0.55, val
 
     refined = par(small_images, probs)  # (B, 2K, h, w)
     refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)  # (B, 2K, H, W)
-    slot = refined.view(B, 2, K, H, W).argmax(dim=2)  # (B, 2, H, W)
+    slot = _argmax(refined.view(B, 2, K, H, W), dim=2)  # (B, 2, H, W)
     label = class_index.gather(1, slot.view(B, 2 * H * W)).view(B, 2, H, W)  # (B, 2, H, W) class ids
     label_high, label_low = label.unbind(dim=1)  # (B, H, W) each
     return _combine_high_low(label_high, label_low, inside_box, ignore_index)
@@ -256,7 +300,7 @@ def refine_propagated_with_par(par, images, cams_low, cams_high, cls_labels, val
         refined = F.interpolate(refined, size=(hb, wb), mode="bilinear", align_corners=False)  # (1, 2k, hb, wb)
         # Arg-max over the present channels only: absent ones are 0 and background comes first, so
         # this equals the arg-max over all C channels.
-        box_label = keys[refined.view(2, k, hb, wb).argmax(dim=1)]  # (2, hb, wb) class ids
+        box_label = keys[_argmax(refined.view(2, k, hb, wb), dim=1)]  # (2, hb, wb) class ids
         label_high[b, top:bottom, left:right] = box_label[0]
         label_low[b, top:bottom, left:right] = box_label[1]
     return _combine_high_low(label_high, label_low, inside_box, ignore_index)

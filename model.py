@@ -121,12 +121,15 @@ class Attention(nn.Module):
             # the release builds this one with the PyTorch default eps, unlike the block norms
             self.norm = nn.LayerNorm(dim, eps=PATCH_NORM_EPS)
 
-    def forward(self, x, H, W, return_logits=True):
+    def forward(self, x, H, W, return_logits=True, factored_images=None):
         """x (B, N_q, C) on an H×W grid -> (out (B, N_q, C), logits (B, nh, N_q, N_kv) or None).
 
         With `return_logits` the attention is computed from the materialised logits q·kᵀ, which
         are returned unscaled and before softmax; without, the fused kernel computes the same
-        output without materialising them and `None` is returned in their place.
+        output without materialising them and `None` is returned in their place. With
+        `factored_images` = n (and `return_logits`), the output comes from the fused kernel and the
+        logits of the first n images are returned in factored form, the pair (q (n, nh, N_q, d),
+        k (n, nh, N_kv, d)) with logits = q·kᵀ, never formed here.
         The release returns, for sr_ratio > 1, the logits average-pooled over the query grid to
         (B, nh, N_kv, N_kv); here they are returned in full, (B, nh, N_q, N_kv). AFA uses only
         stage-4 blocks, where sr_ratio = 1 and both agree.
@@ -140,13 +143,15 @@ class Attention(nn.Module):
             x = self.norm(x)
         kv = self.kv(x).view(B, -1, 2, nh, d).permute(2, 0, 3, 1, 4)  # (2, B, nh, N_kv, d)
         k, v = kv.unbind(0)  # each (B, nh, N_kv, d)
-        if return_logits:
+        logits = None
+        if return_logits and factored_images is None:
             logits = q @ k.transpose(-2, -1)  # (B, nh, N_q, N_kv), q·kᵀ
             attn = (logits * self.scale).softmax(dim=-1)  # softmax(q·kᵀ/√d)
             out = attn @ v  # (B, nh, N_q, d)
         else:
-            logits = None
             out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N_q, d), same 1/√d scale
+            if return_logits:
+                logits = (q[:factored_images], k[:factored_images])  # logits = q·kᵀ, (n, nh, N_q, N_kv)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N_q, C)
         return self.proj(out), logits
 
@@ -189,9 +194,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.mlp = MixFFN(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, H, W, return_logits=True):
-        """x (B, N, C) -> (x (B, N, C), attention logits (B, nh, N, N_kv) or None)."""
-        attn_out, logits = self.attn(self.norm1(x), H, W, return_logits=return_logits)
+    def forward(self, x, H, W, return_logits=True, factored_images=None):
+        """x (B, N, C) -> (x (B, N, C), attention logits (B, nh, N, N_kv) or None); see Attention."""
+        attn_out, logits = self.attn(self.norm1(x), H, W, return_logits=return_logits,
+                                     factored_images=factored_images)
         x = x + self.drop_path(attn_out)
         x = x + self.drop_path(self.mlp(self.norm2(x), H, W))
         return x, logits
@@ -244,13 +250,17 @@ class MixTransformer(nn.Module):
         return [(getattr(self, f"patch_embed{s}"), getattr(self, f"block{s}"), getattr(self, f"norm{s}"))
                 for s in range(1, len(self.embed_dims) + 1)]
 
-    def forward(self, x, num_attn=None):
+    def forward(self, x, num_attn=None, factored_images=None):
         """x (B, in_chans, H, W) -> (features, attn_logits).
 
         features: 4 maps (B, C_i, H_i, W_i). attn_logits: the pre-softmax, unscaled logits q·kᵀ
         (B, nh, N_q, N_kv), one per block in order — of all blocks when `num_attn` is None, of the
         last `num_attn` blocks otherwise (the others then run the fused attention kernel, which
-        gives the same outputs faster; AFA needs only the last two).
+        gives the same outputs faster; AFA needs only the last two). With `factored_images` = n,
+        every block runs the fused kernel and the entries are the logits of the first n images in
+        factored form, pairs (q (n, nh, N_q, d), k (n, nh, N_kv, d)) with logits = q·kᵀ: the
+        multi-scale CAM needs the affinity of the un-flipped half of its batch only, and the
+        AFA head computes it from the factors without forming the N × N maps.
         """
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
@@ -259,6 +269,8 @@ class MixTransformer(nn.Module):
             num_attn = num_blocks
         if not 0 <= num_attn <= num_blocks:
             raise ValueError(f"num_attn must be in [0, {num_blocks}] or None, got {num_attn}")
+        if factored_images is not None and not 0 <= factored_images <= x.shape[0]:
+            raise ValueError(f"factored_images must be in [0, {x.shape[0]}] or None, got {factored_images}")
         first_logit_block = num_blocks - num_attn
 
         B = x.shape[0]
@@ -268,7 +280,7 @@ class MixTransformer(nn.Module):
             x, H, W = patch_embed(x)  # (B, N_i, C_i), N_i = H_i·W_i
             for block in blocks:
                 want_logits = block_index >= first_logit_block
-                x, logits = block(x, H, W, return_logits=want_logits)
+                x, logits = block(x, H, W, return_logits=want_logits, factored_images=factored_images)
                 if want_logits:
                     attn_logits.append(logits)
                 block_index += 1
@@ -451,8 +463,8 @@ class AFANet(nn.Module):
             load_mit_weights(self.encoder, pretrained)
 
     def _affinity(self, attn_logits):
-        maps = torch.cat(attn_logits[-self.afa_blocks:], dim=1)  # (B, afa_blocks·nh, N, N)
-        return self.affinity_head(maps)  # (B, N, N)
+        # the head takes the blocks' logits as a list: (B, afa_blocks·nh, N, N) once concatenated
+        return self.affinity_head(attn_logits[-self.afa_blocks:])  # (B, N, N)
 
     def forward(self, x):
         """x (B, 3, H, W) -> AFAOutput(cls_logits, seg_logits, affinity, cams)."""
@@ -463,12 +475,27 @@ class AFANet(nn.Module):
         return AFAOutput(cls_logits=cls_logits, seg_logits=self.decoder(features),
                          affinity=self._affinity(attn_logits), cams=self.classifier(top))
 
-    def cam(self, x):
-        """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, affinity (B, N, N)); no decoder.
+    def cam(self, x, num_affinity=None):
+        """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, affinity (n, N, N)); no decoder.
+
+        By default (`num_affinity` None) the affinity of all B images, computed exactly as in
+        `forward`. With `num_affinity` = n, that of the first n images only, the fast way: every
+        block runs the fused attention kernel and the AFA head works on the factors q, k of the
+        logits instead of the n × afa_blocks·nh maps of N × N (the same values up to float
+        rounding, ~1e-6); n = 0 skips the AFA head. The multi-scale CAM needs the affinity at one
+        scale, of the un-flipped half of its batch, only.
         Gradients flow as the caller's grad mode allows (multi-scale CAM runs it under no_grad)."""
-        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks)
+        B = x.shape[0]
+        if num_affinity is not None and not 0 <= num_affinity <= B:
+            raise ValueError(f"num_affinity must be in [0, {B}] or None, got {num_affinity}")
+        if num_affinity == 0:
+            features, _ = self.encoder(x, num_attn=0)
+            top = features[-1]  # (B, C_4, h, w)
+            N = top.shape[-2] * top.shape[-1]
+            return self.classifier(top), top.new_zeros(0, N, N)  # (B, C−1, h, w), (0, N, N)
+        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks, factored_images=num_affinity)
         cams = self.classifier(features[-1])  # (B, C−1, h, w)
-        return cams, self._affinity(attn_logits)
+        return cams, self._affinity(attn_logits)  # (n, N, N)
 
     def param_groups(self):
         """Parameters by learning-rate group (SPEC §6): "encoder" (weights), "encoder_norm" (every
