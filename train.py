@@ -91,6 +91,10 @@ class Config:
     aff_weight: float = opt(0.1, "weight of L_aff")
     # --- pseudo labels (SPEC §2–5) --------------------------------------------------------------
     cam_scales: tuple = opt((1.0, 0.5, 1.5), "scales of the multi-scale CAM")
+    reuse_forward_cam: bool = opt(False, "multi-scale CAM reuses the forward's scale-1.0 CAMs "
+                                         "(faster; changes the numbers: other drop-path draws)")
+    cam_bf16: bool = opt(False, "multi-scale CAM alone under bf16 autocast (faster where bf16 is; "
+                                "changes the numbers)")
     bkg_score: float = opt(0.45, "background threshold of the CAM label at evaluation")
     low: float = opt(0.35, "low background threshold during training")
     high: float = opt(0.55, "high background threshold during training")
@@ -285,11 +289,19 @@ def afa_pseudo_label(par: PAR, pixels: torch.Tensor, cams: torch.Tensor, affinit
 
 
 def make_pseudo_labels(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: torch.Tensor,
-                       valid_box: torch.Tensor, cfg: Config, need_afa: bool) -> PseudoLabels:
-    """Stages 1–3 of the step, without gradient: CAM → PAR label (→ AFA label)."""
+                       valid_box: torch.Tensor, cfg: Config, need_afa: bool,
+                       forward_cams: torch.Tensor | None = None) -> PseudoLabels:
+    """Stages 1–3 of the step, without gradient: CAM → PAR label (→ AFA label).
+
+    forward_cams: the forward's CAMs (B, C-1, h, w), reused at scale 1.0 when given."""
+    # bf16 for the multi-scale CAM alone, when asked: the forward and the losses keep theirs
+    cam_precision = (torch.autocast(images.device.type, dtype=torch.bfloat16) if cfg.cam_bf16
+                     else contextlib.nullcontext())
     with torch.no_grad():
         # --- Stage 1: multi-scale CAM, affinity at the largest scale (SPEC §2) -------------------
-        cams, affinity = multi_scale_cam(model, images, cfg.cam_scales)  # (B, C-1, H, W), (B, N, N)
+        with cam_precision:
+            cams, affinity = multi_scale_cam(model, images, cfg.cam_scales,
+                                             forward_cams=forward_cams)  # (B, C-1, H, W), (B, N, N)
         cams, affinity = cams.float(), affinity.float()
         cam_label = cam_to_label(cams, cls_labels, low=cfg.low, high=cfg.high, valid_box=valid_box)
         # --- Stage 2: refine the CAM label with PAR (SPEC §3) -----------------------------------
@@ -325,9 +337,10 @@ def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Co
         return StepOutput(cls_loss + zero, {"cls": cls_loss.detach()}, None)
 
     switched = step > cfg.switch_iters
+    forward_cams = out.cams.detach() if cfg.reuse_forward_cam else None
     with autocast():
         labels = make_pseudo_labels(model, par, images, cls_labels, valid_box, cfg,
-                                    need_afa=switched)
+                                    need_afa=switched, forward_cams=forward_cams)
     seg_target = labels.afa if switched else labels.par
     aff_source = labels.afa if (switched and cfg.aff_from_afa) else labels.par
     # --- Stage 4: affinity labels from the pseudo label, L_aff (SPEC §4) --------------------------
@@ -604,8 +617,10 @@ def train(cfg: Config) -> TrainResult:
         log(f"nothing to do: the checkpoint is at iteration {start_step} of {cfg.iters}")
 
     if cfg.compile:
-        model.encoder.compile()
-        model.decoder.compile()
+        # One graph per input shape: the multi-scale CAM feeds the encoder 3 more shapes than the
+        # training forward, and with dynamic shapes inductor fails on the encoder (torch 2.13).
+        model.encoder.compile(dynamic=False)
+        model.decoder.compile(dynamic=False)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
