@@ -45,7 +45,7 @@ from cam import cam_to_label, multi_scale_cam, refine_cams_with_par
 from data import voc_palette
 from model import AFANet
 from par import PAR
-from train import (Config, ConfigError, afa_pseudo_label, check_compatible, check_config,
+from train import (one_line, Config, ConfigError, afa_pseudo_label, check_compatible, check_config,
                    denormalize, load_checkpoint, random_walk_cams, token_grid)
 
 IGNORE_INDEX = 255
@@ -936,7 +936,7 @@ def main(argv=None) -> int:
     except (ConfigError, data.DatasetError) as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 
