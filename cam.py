@@ -98,7 +98,7 @@ def _check_down_scale(down_scale, H, W):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), forward_cams=None):
+def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None, forward_cams=None):
     """Multi-scale, flip-augmented CAMs normalised to [0, 1], and the affinity at the largest scale.
 
     images (B, 3, H, W); `model.cam(x)` must return (cams (2B, C-1, h, w) before ReLU, affinity
@@ -107,6 +107,10 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), forward_cams=None):
     (train / eval) it is in. A model whose `cam` also takes `num_affinity` (AFANet does) is asked
     for the affinity of the first n images only: n = B at the largest scale, 0 elsewhere — the
     same values up to float rounding, without computing affinities that are thrown away.
+
+    decoder_stats: None calls `model.cam(x)` as it is; True / False is passed on as
+    `model.cam(x, decoder_stats=...)` (AFANet's: in train mode, whether the decoder's BatchNorm
+    statistics see each CAM pass, as in the release; False is faster).
 
     forward_cams: optional (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the
     caller already has (the training forward's `cams`); the scale-1.0 pass then runs on the
@@ -129,10 +133,12 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), forward_cams=None):
     largest = max(scales)
     partial_affinity = "num_affinity" in inspect.signature(model.cam).parameters
 
+    options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
+
     def model_cam(x, num_affinity):
         if partial_affinity:
-            return model.cam(x, num_affinity=num_affinity)  # (len(x), C-1, h, w), (n, N, N)
-        return model.cam(x)  # (len(x), C-1, h, w), (len(x), N, N)
+            return model.cam(x, num_affinity=num_affinity, **options)  # (len(x), C-1, h, w), (n, N, N)
+        return model.cam(x, **options)  # (len(x), C-1, h, w), (len(x), N, N)
 
     cams, affinity = None, None
     for s in scales:

@@ -414,6 +414,12 @@ class SegFormerHead(nn.Module):
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
 
     def forward(self, features):
+        x = self.linear_fuse(self.embed(features))  # (B, 4·embed_dim, H_1, W_1) -> (B, embed_dim, H_1, W_1)
+        return self.linear_pred(self.dropout(x))  # (B, C, H_1, W_1)
+
+    def embed(self, features):
+        """The per-stage embeddings upsampled to stride 4 and concatenated (c4, c3, c2, c1):
+        features, 4 maps (B, C_i, H_i, W_i) -> (B, 4·embed_dim, H_1, W_1)."""
         if len(features) != self.num_stages:
             raise ValueError(f"features must hold {self.num_stages} maps, got {len(features)}")
         size = features[0].shape[-2:]  # (H_1, W_1), stride 4
@@ -423,8 +429,15 @@ class SegFormerHead(nn.Module):
             if x.shape[-2:] != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, embed_dim, H_1, W_1)
             embedded.append(x)
-        x = self.linear_fuse(torch.cat(embedded, dim=1))  # (B, 4·embed_dim, H_1, W_1) -> (B, embed_dim, H_1, W_1)
-        return self.linear_pred(self.dropout(x))  # (B, C, H_1, W_1)
+        return torch.cat(embedded, dim=1)  # (B, 4·embed_dim, H_1, W_1)
+
+    @torch.no_grad()
+    def update_batchnorm_statistics(self, features):
+        """Run the decoder on features (4 maps (B, C_i, H_i, W_i)) up to and including its
+        BatchNorm, for the side effect alone: in train mode the BatchNorm's running mean and
+        variance take this batch in, exactly as a full `forward` would (what follows the BatchNorm,
+        ReLU, Dropout2d and the last conv, cannot change them). Returns nothing."""
+        self.linear_fuse.bn(self.linear_fuse.conv(self.embed(features)))  # (B, embed_dim, H_1, W_1), discarded
 
 
 class AFAOutput(NamedTuple):
@@ -475,16 +488,25 @@ class AFANet(nn.Module):
         return AFAOutput(cls_logits=cls_logits, seg_logits=self.decoder(features),
                          affinity=self._affinity(attn_logits), cams=self.classifier(top))
 
-    def cam(self, x, num_affinity=None):
-        """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, affinity (n, N, N)); no decoder.
+    def cam(self, x, *, num_affinity=None, decoder_stats=True):
+        """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, affinity (B, N, N)).
 
-        By default (`num_affinity` None) the affinity of all B images, computed exactly as in
-        `forward`. With `num_affinity` = n, that of the first n images only, the fast way: every
-        block runs the fused attention kernel and the AFA head works on the factors q, k of the
-        logits instead of the n × afa_blocks·nh maps of N × N (the same values up to float
-        rounding, ~1e-6); n = 0 skips the AFA head. The multi-scale CAM needs the affinity at one
-        scale, of the un-flipped half of its batch, only.
-        Gradients flow as the caller's grad mode allows (multi-scale CAM runs it under no_grad)."""
+        The classifier on the un-pooled stage-4 features, and the affinity exactly as in `forward`.
+        Gradients flow as the caller's grad mode allows (the multi-scale CAM runs it under no_grad).
+
+        decoder_stats: in train mode, also run the decoder without gradient up to its BatchNorm,
+        so that its running mean and variance see this pass. The release's CAM path runs the
+        whole decoder before returning and its multi-scale CAM runs in train mode, so every CAM
+        pass updates those statistics, and the eval-mode segmentation depends on it; the running
+        statistics after this call equal those after a full decoder pass. False skips it (faster,
+        other statistics). In eval mode nothing is updated either way.
+
+        num_affinity: None for the affinity of all B images; n for that of the first n images only,
+        the fast way: every block runs the fused attention kernel and the AFA head works on the
+        factors q, k of the logits instead of n × afa_blocks·nh maps of N × N (the same values up
+        to float rounding, ~1e-6); n = 0 skips the AFA head. The multi-scale CAM needs the affinity
+        at one scale, of the un-flipped half of its batch, only.
+        """
         B = x.shape[0]
         if num_affinity is not None and not 0 <= num_affinity <= B:
             raise ValueError(f"num_affinity must be in [0, {B}] or None, got {num_affinity}")
@@ -492,10 +514,13 @@ class AFANet(nn.Module):
             features, _ = self.encoder(x, num_attn=0)
             top = features[-1]  # (B, C_4, h, w)
             N = top.shape[-2] * top.shape[-1]
-            return self.classifier(top), top.new_zeros(0, N, N)  # (B, C−1, h, w), (0, N, N)
-        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks, factored_images=num_affinity)
-        cams = self.classifier(features[-1])  # (B, C−1, h, w)
-        return cams, self._affinity(attn_logits)  # (n, N, N)
+            affinity = top.new_zeros(0, N, N)  # (0, N, N)
+        else:
+            features, attn_logits = self.encoder(x, num_attn=self.afa_blocks, factored_images=num_affinity)
+            affinity = self._affinity(attn_logits)  # (B or n, N, N)
+        if decoder_stats and self.training:
+            self.decoder.update_batchnorm_statistics(features)
+        return self.classifier(features[-1]), affinity  # (B, C−1, h, w), (B or n, N, N)
 
     def param_groups(self):
         """Parameters by learning-rate group (SPEC §6): "encoder" (weights), "encoder_norm" (every

@@ -1,5 +1,6 @@
 """Tests for cam.py: multi-scale CAMs, CAM labels and their PAR refinement (SPEC §2, §3, §5)."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par
+from model import AFANet
 from par import PAR
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -176,6 +178,38 @@ def test_multi_scale_cam_is_flip_equivariant():
     # the stand-in itself is not flip-equivariant, so the flip branch is what makes this hold
     single, single_of_flipped = model.cam(images)[0], model.cam(images.flip(-1))[0]  # (2, 4, 4, 4) each
     assert not torch.allclose(single_of_flipped, single.flip(-1), atol=1e-2)
+
+
+def release_multi_scale_batchnorm(model, images, scales):
+    """The release's CAM passes, as far as the decoder's BatchNorm sees them: in train mode, the
+    whole network (decoder included) on each scale's images and their mirrors."""
+    H, W = images.shape[-2:]
+    for s in scales:
+        scaled = F.interpolate(images, size=(int(s * H), int(s * W)), mode="bilinear", align_corners=False)
+        model(torch.cat([scaled, scaled.flip(-1)]))
+
+
+def decoder_batchnorm_state(model):
+    bn = model.decoder.linear_fuse.bn
+    return bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+
+
+def test_multi_scale_cam_in_train_mode_updates_decoder_batchnorm_as_the_release():
+    torch.manual_seed(0)
+    model = AFANet(num_classes=5, backbone="mit_b0", drop_path_rate=0.0).train()
+    release, skipped = copy.deepcopy(model), copy.deepcopy(model)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    before = decoder_batchnorm_state(model)
+    multi_scale_cam(model, images)  # AFANet.cam's default: the statistics see every pass
+    multi_scale_cam(skipped, images, decoder_stats=False)
+    with torch.no_grad():
+        release_multi_scale_batchnorm(release, images, (1.0, 0.5, 1.5))
+    (mean, var, count), expected = decoder_batchnorm_state(model), decoder_batchnorm_state(release)
+    assert count == expected[2] == 3  # one update per scale, images and mirrors together
+    torch.testing.assert_close(mean, expected[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(var, expected[1], rtol=0, atol=1e-6)
+    assert not torch.allclose(mean, before[0], atol=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(decoder_batchnorm_state(skipped), before))
 
 
 # ---------------------------------------------------------------- argument checks

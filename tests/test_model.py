@@ -1,5 +1,6 @@
 """Tests for model.py: the MiT encoder, SegFormer's checkpoint layout, the decoder and AFANet (SPEC §1, §9)."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -332,6 +333,46 @@ def test_cam_equals_forward(afanet):
         cams, affinity = afanet.cam(images)
     assert torch.allclose(cams, out.cams, atol=1e-6, rtol=1e-6)
     assert torch.allclose(affinity, out.affinity, atol=1e-6, rtol=1e-6)
+
+
+def decoder_batchnorm_state(model):
+    bn = model.decoder.linear_fuse.bn
+    return bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+
+
+@pytest.mark.parametrize("num_affinity", [None, 0, 2])
+def test_cam_in_train_mode_updates_decoder_batchnorm_as_a_full_decoder_pass(num_affinity):
+    # The release's CAM path runs the whole decoder, in train mode: its BatchNorm statistics see
+    # every CAM pass. Ours runs it up to the BatchNorm only; the statistics must be the same.
+    torch.manual_seed(0)
+    model = AFANet(num_classes=5, backbone="mit_b0").train()  # DropPath active
+    release = copy.deepcopy(model)
+    images = torch.randn(4, 3, 64, 64)
+    before = decoder_batchnorm_state(model)
+    with torch.no_grad():
+        for seed in (1, 2):  # two passes: the running averages compound
+            torch.manual_seed(seed)
+            model.cam(images, num_affinity=num_affinity)
+            torch.manual_seed(seed)  # the same stochastic-depth draws
+            release(images)  # the release's CAM path: encoder and the whole decoder
+    mean, var, count = decoder_batchnorm_state(model)
+    expected_mean, expected_var, expected_count = decoder_batchnorm_state(release)
+    assert count == expected_count == 2
+    assert (mean - before[0]).abs().max() > 1e-3 and (var - before[1]).abs().max() > 1e-3
+    torch.testing.assert_close(mean, expected_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(var, expected_var, rtol=0, atol=1e-6)
+
+
+def test_cam_leaves_decoder_batchnorm_alone_in_eval_mode_or_when_asked():
+    torch.manual_seed(0)
+    model = AFANet(num_classes=5, backbone="mit_b0")
+    images = torch.randn(2, 3, 64, 64)
+    before = decoder_batchnorm_state(model)
+    with torch.no_grad():
+        cams, affinity = model.train().cam(images, decoder_stats=False)
+        model.eval().cam(images)
+    assert all(torch.equal(a, b) for a, b in zip(decoder_batchnorm_state(model), before))
+    assert cams.shape == (2, 4, 4, 4) and affinity.shape == (2, 16, 16)
 
 
 def test_affinity_from_last_blocks_is_symmetric(afanet):
