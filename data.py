@@ -1,11 +1,17 @@
 """Data: PASCAL VOC 2012, COCO 2014 in VOC style, and a built-in synthetic set — one reader.
 
-Every data set is a folder in VOC layout (SPEC §8): images, index masks (PNG whose values are
-class ids, 0 background, 255 ignore) and split lists of image names. `SegmentationDataset` reads
-any of them; a `Layout` says where the files are. It feeds `train.py` with random crops, their
-image-level labels (the weak supervision: the classes present in the mask) and the crop's valid
-box, and `evaluate.py` with full images and their masks. The training augmentation is SPEC §6:
-random rescale, random horizontal flip, random crop with black padding, ImageNet normalisation.
+Every data set is a folder in VOC layout (paper §4.1, "Datasets"): images, index masks (PNG whose
+values are class ids, 0 background, 255 ignore) and split lists of image names; a `Layout` says
+where its files are. Reading a split takes three steps, each a function of its own:
+
+    read_split          the split's image names: its list file, or every mask of a folder
+    image_level_labels  the classes present in each mask (the weak supervision), read once, cached
+    augment             the training augmentation (paper §4.1, "Implementation details"): random
+                        rescale, random horizontal flip, random crop with black padding and the
+                        crop's valid box; `normalize` then applies ImageNet's mean and std
+
+`SegmentationDataset` puts them together: it feeds `train.py` with random crops, their
+image-level labels and valid boxes, and `evaluate.py` with full images and their masks.
 
 Details the paper leaves open follow the authors' release: the image is padded with black
 *before* normalisation, it sits at a random offset inside the padded canvas, and the crop window is
@@ -43,7 +49,7 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, on the 0–255 scale (SPEC §6)
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, on the 0–255 scale (paper §4.1)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 IGNORE_INDEX = 255
 
@@ -97,7 +103,7 @@ def voc_palette(n: int = 256) -> list[int]:
 class Layout:
     """Where a data set's files are: patterns relative to its root, formatted with split, name."""
 
-    name: str
+    name: str  # the data set's name, in its caches' file names and its progress lines
     image: str  # e.g. "JPEGImages/{name}.jpg"; its first folder marks a data set root
     mask: str  # index PNG of the same size as the image
     split_list: str = "ImageSets/Segmentation/{split}.txt"  # one image name per line
@@ -107,13 +113,17 @@ class Layout:
     derivable_splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
     how_to_get: str = ""
 
+    def path(self, root: str, pattern: str, split: str, name: str = "") -> str:
+        """`pattern` (one of the fields above) for one split and image name, under `root`."""
+        return os.path.join(root, pattern.format(split=split, name=name))
+
 
 VOC_LAYOUT = Layout(
     name="voc",
     image="JPEGImages/{name}.jpg",
     mask="SegmentationClassAug/{name}.png",
     root_candidates=("", "VOC2012", os.path.join("VOCdevkit", "VOC2012")),
-    derivable_splits=(("train_aug", ("val",)),),  # SPEC §8: the 10,582 SBD masks not in val
+    derivable_splits=(("train_aug", ("val",)),),  # paper §4.1: the 10,582 SBD masks not in val
     how_to_get="VOC 2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar, "
     "plus SegmentationClassAug (the SBD-augmented masks, see the SBD page or the release's "
     "README) unpacked into VOCdevkit/VOC2012",
@@ -135,7 +145,7 @@ DATASETS = {  # name → (layout, class names); the synthetic set is written in 
 _ALIASES = {"voc2012": "voc", "coco2014": "coco"}
 
 
-def _resolve_root(root: str, layout: Layout) -> str:
+def resolve_root(root: str, layout: Layout) -> str:
     """The folder under `root` (itself, or one of the layout's candidates) that holds the images."""
     marker = layout.image.split("/")[0]
     for candidate in layout.root_candidates:
@@ -206,6 +216,102 @@ def present_classes(mask: np.ndarray, num_classes: int, ignore_index: int, path:
     return ids[(ids > 0) & (ids != ignore_index)]
 
 
+def read_sample(image_path: str, mask_path: str, num_classes: int,
+                ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its mask, checked to fit each other: (H, W, 3) uint8, (H, W) int32 ids."""
+    image = read_image(image_path)  # (H, W, 3)
+    mask = read_mask(mask_path)  # (H, W)
+    if mask.shape != image.shape[:2]:
+        raise DatasetError(
+            f"mask {mask_path} is {mask.shape[1]}×{mask.shape[0]} (W×H) but its image "
+            f"{image_path} is {image.shape[1]}×{image.shape[0]}: a mask must label its "
+            "image pixel for pixel (is it another image's mask, or was the image resized?)")
+    # The cached image-level labels were checked when derived; the mask may have changed since.
+    present_classes(mask, num_classes, ignore_index, mask_path)
+    return image, mask.astype(np.int32)  # PIL resizes it as mode "I", whatever the PNG held
+
+
+# =============================================================================================
+# Split lists: which images a split holds
+# =============================================================================================
+def read_name_list(path: str) -> list[str]:
+    """The image names of a split list: the first word of each non-empty line."""
+    with open(path) as f:
+        names = [line.split()[0] for line in f if line.strip()]
+    if not names:
+        raise DatasetError(f"split list {path} is empty: it must hold one image name per line")
+    return names
+
+
+def read_split(root: str, layout: Layout, split: str,
+               cache_dir: str | None = None) -> tuple[list[str], list]:
+    """The split's image names and a cheap fingerprint of where they came from (a cache key).
+
+    From the split's list file; without one, a derivable split (VOC's train_aug, COCO's splits)
+    is every mask of its folder minus the names of the excluded splits, cached in `cache_dir`.
+    """
+    list_path = layout.path(root, layout.split_list, split)
+    if os.path.isfile(list_path):
+        names = read_name_list(list_path)
+        return names, [list_path, len(names), os.stat(list_path).st_mtime_ns]
+    derivable = dict(layout.derivable_splits)
+    mask_folder = os.path.dirname(layout.path(root, layout.mask, split, "x"))
+    if split not in derivable or not os.path.isdir(mask_folder):
+        hint = ""
+        if split in derivable:
+            hint = f" (it is derived from {mask_folder} when that folder exists)"
+        folder = os.path.dirname(list_path)
+        listed = os.listdir(folder) if os.path.isdir(folder) else []
+        available = sorted(f[: -len(".txt")] for f in listed if f.endswith(".txt"))
+        raise DatasetError(
+            f"split list {list_path} not found{hint}; splits available: {available or 'none'}")
+
+    fingerprint = [mask_folder, os.stat(mask_folder).st_mtime_ns]
+    excluded = set()
+    for other in derivable[split]:
+        other_path = layout.path(root, layout.split_list, other)
+        if not os.path.isfile(other_path):
+            raise DatasetError(f"split list {list_path} not found, and it cannot be derived "
+                               f"without {other_path} (its names are excluded)")
+        excluded.update(read_name_list(other_path))
+        fingerprint += [other_path, os.stat(other_path).st_mtime_ns]
+    key = [os.path.realpath(root), layout, split, fingerprint]
+    cached = cache_file(cache_dir, f"{layout.name}-{split}", key, "txt")
+    if cached and os.path.isfile(cached):
+        return read_name_list(cached), fingerprint
+    suffix = os.path.splitext(layout.mask)[1]
+    names = sorted(f[: -len(suffix)] for f in os.listdir(mask_folder)
+                   if f.endswith(suffix) and f[: -len(suffix)] not in excluded)
+    if not names:
+        raise DatasetError(f"cannot derive split {split!r}: no mask left in {mask_folder}")
+    if cached:
+        _atomic_write(cached, lambda f: f.write("".join(n + "\n" for n in names).encode()))
+    return names, fingerprint
+
+
+def check_files_exist(root: str, layout: Layout, split: str, names: list[str]) -> None:
+    """A DatasetError naming the first image or mask of the split that is not on disk."""
+    for pattern, kind in ((layout.image, "image"), (layout.mask, "mask")):
+        paths = (layout.path(root, pattern, split, name) for name in names)
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DatasetError(
+                f"{kind} {missing[0]}{more} listed in split {split!r} is missing: extract "
+                "the data set again, or remove the name from the split list")
+
+
+# =============================================================================================
+# Image-level labels: the classes present in each mask, derived once and cached
+# =============================================================================================
+def cache_file(cache_dir: str | None, prefix: str, key: list, extension: str) -> str | None:
+    """`cache_dir/prefix-<hash of key>.extension`, or None without a cache folder."""
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{prefix}-{digest}.{extension}")
+
+
 def _atomic_write(path: str, write) -> None:
     """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`,
     so that a reader (another process) never sees half a file."""
@@ -216,8 +322,118 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp.name, path)
 
 
+def image_level_labels(mask_paths: list[str], num_classes: int, ignore_index: int = IGNORE_INDEX,
+                       cache: str | None = None, description: str = "image-level labels"
+                       ) -> np.ndarray:
+    """(n, C−1) uint8 multi-hot: the foreground classes present in each mask.
+
+    The masks are read once (threads: PNG decoding releases the GIL); with `cache`, a file path,
+    the result is stored there and read back while it holds the same mask paths.
+    """
+    if cache and os.path.isfile(cache):
+        with np.load(cache) as stored:
+            if "paths" in stored and stored["paths"].tolist() == mask_paths:
+                return stored["labels"]
+
+    def classes_of(path):
+        return present_classes(read_mask(path), num_classes, ignore_index, path)
+
+    labels = np.zeros((len(mask_paths), num_classes - 1), dtype=np.uint8)  # (n, C−1)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        ids_per_mask = pool.map(classes_of, mask_paths)
+        progress = tqdm(ids_per_mask, total=len(mask_paths), unit="mask", desc=description)
+        for row, ids in enumerate(progress):
+            labels[row, ids - 1] = 1  # id k ↔ column k−1 (background has no column)
+    if cache:
+        _atomic_write(cache, lambda f: np.savez(f, paths=np.asarray(mask_paths), labels=labels))
+    return labels
+
+
+def drop_unannotated(names: list[str], labels: np.ndarray, split: str, root: str,
+                     purpose: str) -> tuple[list[str], np.ndarray]:
+    """The names and label rows with at least one foreground class; one warning line counts the
+    others. `purpose` ends the line ("training")."""
+    annotated = labels.any(axis=1)  # (n,)
+    if not annotated.all():
+        log.warning("%d of %d images of split %r in %s have no foreground class in their mask; "
+                    "skipped for %s", (~annotated).sum(), len(names), split, root, purpose)
+    if not annotated.any():
+        raise DatasetError(
+            f"no image of split {split!r} in {root} has a foreground class: every mask holds "
+            f"only 0 and {IGNORE_INDEX}; are these the segmentation masks?")
+    return [name for name, keep in zip(names, annotated) if keep], labels[annotated]
+
+
 # =============================================================================================
-# The reader
+# Augmentation for training (paper §4.1, as in the authors' release)
+# =============================================================================================
+def random_rescale(image: np.ndarray, mask: np.ndarray, scale_range: tuple[float, float]):
+    """Resize by a factor drawn uniformly from `scale_range`: bilinear image, nearest mask."""
+    low, high = scale_range
+    scale = low + (high - low) * torch.rand(()).item()
+    height, width = mask.shape
+    # PIL's (W, H), truncated by int() as in the release
+    size = (max(1, int(scale * width)), max(1, int(scale * height)))
+    image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+    return image, mask
+
+
+def random_flip(image: np.ndarray, mask: np.ndarray):
+    """Mirror both left to right with probability ½."""
+    if torch.rand(()).item() > 0.5:
+        return image[:, ::-1], mask[:, ::-1]
+    return image, mask
+
+
+def random_crop(image: np.ndarray, mask: np.ndarray, crop_size: int, ignore_index: int = IGNORE_INDEX):
+    """A crop_size × crop_size window, the image padded with black (its mask with `ignore_index`)
+    where it is smaller: (S, S, 3) uint8, (S, S) ids, and the valid box (top, bottom, left,
+    right), ends exclusive, of the image's real pixels in crop coordinates."""
+    height, width = mask.shape
+    canvas_height, canvas_width = max(crop_size, height), max(crop_size, width)
+    # The image sits at a random offset inside a black canvas at least crop × crop ...
+    top = int(torch.randint(canvas_height - height + 1, ()))
+    left = int(torch.randint(canvas_width - width + 1, ()))
+    # ... and the crop window is drawn uniformly inside the canvas.
+    crop_top = int(torch.randint(canvas_height - crop_size + 1, ()))
+    crop_left = int(torch.randint(canvas_width - crop_size + 1, ()))
+    image_canvas = np.zeros((canvas_height, canvas_width, 3), dtype=np.uint8)
+    image_canvas[top : top + height, left : left + width] = image
+    mask_canvas = np.full((canvas_height, canvas_width), ignore_index, dtype=mask.dtype)
+    mask_canvas[top : top + height, left : left + width] = mask
+    window = (slice(crop_top, crop_top + crop_size), slice(crop_left, crop_left + crop_size))
+    valid_box = (
+        max(top - crop_top, 0), min(top + height, crop_top + crop_size) - crop_top,
+        max(left - crop_left, 0), min(left + width, crop_left + crop_size) - crop_left,
+    )
+    return image_canvas[window], mask_canvas[window], valid_box
+
+
+def augment(image: np.ndarray, mask: np.ndarray, crop_size: int,
+            rescale_range: tuple[float, float] = (0.5, 2.0), flip: bool = True,
+            ignore_index: int = IGNORE_INDEX):
+    """The release's training augmentation: rescale, flip, pad-and-crop.
+
+    image (H, W, 3) uint8 and mask (H, W) ids → (S, S, 3) uint8, (S, S) ids and the valid box.
+    The random numbers come from torch's generator, so `torch.manual_seed` and the DataLoader's
+    per-worker seeding make it reproducible.
+    """
+    image, mask = random_rescale(image, mask, rescale_range)
+    if flip:
+        image, mask = random_flip(image, mask)
+    return random_crop(image, mask, crop_size, ignore_index)
+
+
+def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(H, W, 3) uint8 → (3, H, W) float32, (x − mean) / std per channel (black → −mean/std)."""
+    mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    image = (image.astype(np.float32) - mean) / std  # (H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (3, H, W)
+
+
+# =============================================================================================
+# The data set: the steps above, put together
 # =============================================================================================
 class SegmentationDataset(torch.utils.data.Dataset):
     """Images of one split with their masks and image-level labels, from a folder in VOC layout.
@@ -229,15 +445,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
       cls_labels  (C−1,) float32, multi-hot over the foreground classes present in the mask
       valid_box   (4,) int64, (top, bottom, left, right), ends exclusive: the image's real pixels
 
-    With `train=True`: random rescale by a factor in `rescale_range` (bilinear image, nearest
-    mask), random horizontal flip, random crop_size × crop_size crop, black padding where the
-    image is smaller; images without any foreground class are skipped. With `train=False`: the
-    full image, unaugmented, every image of the split (batch size 1 when sizes differ).
+    With `train=True`: `augment` (random rescale by a factor in `rescale_range`, random
+    horizontal flip, random crop_size × crop_size crop with black padding); images without any
+    foreground class are skipped. With `train=False`: the full image, unaugmented, every image
+    of the split (batch size 1 when sizes differ).
 
-    The random numbers come from torch's generator, so `torch.manual_seed` and the DataLoader's
-    per-worker seeding make the augmentation reproducible. Image-level labels are derived from
-    the masks once and cached in `cache_dir` (nothing is ever written into the data set folder);
-    with `cache_dir=None` they are kept in memory only.
+    Image-level labels are derived from the masks once and cached in `cache_dir` (nothing is
+    ever written into the data set folder); with `cache_dir=None` they are kept in memory only.
     """
 
     def __init__(
@@ -264,190 +478,48 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if not 0 < rescale_range[0] <= rescale_range[1]:
             raise ValueError(
                 f"rescale_range must be (low, high) with 0 < low <= high, got {rescale_range}")
-        self.root = _resolve_root(root, layout)
+        self.root = resolve_root(root, layout)
         self.split, self.num_classes, self.layout, self.train = split, num_classes, layout, train
         self.crop_size, self.rescale_range, self.flip = crop_size, tuple(rescale_range), flip
-        self.ignore_index, self.cache_dir = ignore_index, cache_dir
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = np.asarray(std, dtype=np.float32)
+        self.ignore_index, self.mean, self.std = ignore_index, mean, std
 
-        names, fingerprint = self._split_names()
-        self._check_files_exist(names)
-        labels = self._image_level_labels(names, fingerprint)  # (n, C−1) uint8
+        names, fingerprint = read_split(self.root, layout, split, cache_dir)
+        check_files_exist(self.root, layout, split, names)
+        key = [os.path.realpath(self.root), layout, split, num_classes, ignore_index, fingerprint]
+        labels = image_level_labels(  # (n, C−1)
+            [self.mask_path(name) for name in names], num_classes, ignore_index,
+            cache=cache_file(cache_dir, f"{layout.name}-{split}", key, "npz"),
+            description=f"image-level labels of {layout.name} {split}")
         if train:
-            has_foreground = labels.any(axis=1)
-            if not has_foreground.all():
-                log.warning(
-                    "%d of %d images of split %r in %s have no foreground class in their mask; "
-                    "skipped for training", (~has_foreground).sum(), len(names), split, self.root)
-            names = [n for n, keep in zip(names, has_foreground) if keep]
-            labels = labels[has_foreground]
-            if not names:
-                raise DatasetError(
-                    f"no image of split {split!r} in {self.root} has a foreground class: every "
-                    f"mask holds only 0 and {ignore_index}; are these the segmentation masks?")
+            names, labels = drop_unannotated(names, labels, split, self.root, "training")
         self.names = names
         self.cls_labels = labels.astype(np.float32)  # (n, C−1)
 
-    # --- construction: split list, file checks, image-level labels ---------------------------
-    def _path(self, pattern: str, name: str = "", split: str | None = None) -> str:
-        return os.path.join(self.root, pattern.format(split=split or self.split, name=name))
+    def image_path(self, name: str) -> str:
+        return self.layout.path(self.root, self.layout.image, self.split, name)
 
-    def _read_list(self, path: str) -> list[str]:
-        with open(path) as f:
-            names = [line.split()[0] for line in f if line.strip()]
-        if not names:
-            raise DatasetError(f"split list {path} is empty: it must hold one image name per line")
-        return names
+    def mask_path(self, name: str) -> str:
+        return self.layout.path(self.root, self.layout.mask, self.split, name)
 
-    def _split_names(self) -> tuple[list[str], list]:
-        """The split's image names and a cheap fingerprint of where they came from."""
-        list_path = self._path(self.layout.split_list)
-        if os.path.isfile(list_path):
-            names = self._read_list(list_path)
-            return names, [list_path, len(names), os.stat(list_path).st_mtime_ns]
-        derivable = dict(self.layout.derivable_splits)
-        mask_folder = os.path.dirname(self._path(self.layout.mask, "x"))
-        if self.split not in derivable or not os.path.isdir(mask_folder):
-            hint = ""
-            if self.split in derivable:
-                hint = f" (it is derived from {mask_folder} when that folder exists)"
-            folder = os.path.dirname(list_path)
-            listed = os.listdir(folder) if os.path.isdir(folder) else []
-            available = sorted(f[: -len(".txt")] for f in listed if f.endswith(".txt"))
-            raise DatasetError(
-                f"split list {list_path} not found{hint}; splits available: {available or 'none'}")
-        return self._derive_split(mask_folder, derivable[self.split])
-
-    def _derive_split(self, mask_folder: str, excluded_splits: tuple[str, ...]):
-        """Every mask in `mask_folder` minus the names of `excluded_splits` (VOC's train_aug)."""
-        fingerprint = [mask_folder, os.stat(mask_folder).st_mtime_ns]
-        excluded = set()
-        for other in excluded_splits:
-            other_path = self._path(self.layout.split_list, split=other)
-            if not os.path.isfile(other_path):
-                raise DatasetError(
-                    f"split list {self._path(self.layout.split_list)} not found, and it cannot be "
-                    f"derived without {other_path} (its names are excluded)")
-            excluded.update(self._read_list(other_path))
-            fingerprint += [other_path, os.stat(other_path).st_mtime_ns]
-        cached = self._cache_path(fingerprint, "txt")
-        if cached and os.path.isfile(cached):
-            return self._read_list(cached), fingerprint
-        suffix = os.path.splitext(self.layout.mask)[1]
-        names = sorted(
-            f[: -len(suffix)] for f in os.listdir(mask_folder)
-            if f.endswith(suffix) and f[: -len(suffix)] not in excluded)
-        if not names:
-            raise DatasetError(f"cannot derive split {self.split!r}: no mask left in {mask_folder}")
-        if cached:
-            _atomic_write(cached, lambda f: f.write("".join(n + "\n" for n in names).encode()))
-        return names, fingerprint
-
-    def _check_files_exist(self, names: list[str]) -> None:
-        for pattern, kind in ((self.layout.image, "image"), (self.layout.mask, "mask")):
-            missing = [p for p in (self._path(pattern, n) for n in names) if not os.path.isfile(p)]
-            if missing:
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise DatasetError(
-                    f"{kind} {missing[0]}{more} listed in split {self.split!r} is missing: extract "
-                    "the data set again, or remove the name from the split list")
-
-    def _cache_path(self, fingerprint: list, extension: str) -> str | None:
-        if self.cache_dir is None:
-            return None
-        key = [os.path.realpath(self.root), self.layout, self.split, self.num_classes,
-               self.ignore_index, fingerprint]
-        digest = hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
-        return os.path.join(self.cache_dir, f"{self.layout.name}-{self.split}-{digest}.{extension}")
-
-    def _image_level_labels(self, names: list[str], fingerprint: list) -> np.ndarray:
-        """(n, C−1) uint8 multi-hot: the classes present in each mask, read once, then cached."""
-        cached = self._cache_path([len(names), fingerprint], "npz")
-        if cached and os.path.isfile(cached):
-            with np.load(cached) as stored:
-                if stored["names"].tolist() == names:
-                    return stored["labels"]
-
-        def classes_of(name):
-            path = self._path(self.layout.mask, name)
-            return present_classes(read_mask(path), self.num_classes, self.ignore_index, path)
-
-        labels = np.zeros((len(names), self.num_classes - 1), dtype=np.uint8)
-        # PNG decoding releases the GIL, so threads read several masks at once.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            ids_per_mask = pool.map(classes_of, names)
-            progress = tqdm(ids_per_mask, total=len(names), unit="mask",
-                            desc=f"image-level labels of {self.layout.name} {self.split}")
-            for row, ids in enumerate(progress):
-                labels[row, ids - 1] = 1  # id k ↔ column k−1 (background has no column)
-        if cached:
-            _atomic_write(cached, lambda f: np.savez(f, names=np.asarray(names), labels=labels))
-        return labels
-
-    # --- items --------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
-        image_path = self._path(self.layout.image, name)
-        mask_path = self._path(self.layout.mask, name)
-        image = read_image(image_path)  # (H, W, 3) uint8
-        mask = read_mask(mask_path)  # (H, W)
-        if mask.shape != image.shape[:2]:
-            raise DatasetError(
-                f"mask {mask_path} is {mask.shape[1]}×{mask.shape[0]} (W×H) but its image "
-                f"{image_path} is {image.shape[1]}×{image.shape[0]}: a mask must label its "
-                "image pixel for pixel (is it another image's mask, or was the image resized?)")
-        # The cached labels were checked when derived; the mask may have changed since.
-        present_classes(mask, self.num_classes, self.ignore_index, mask_path)
-        mask = mask.astype(np.int32)  # PIL resizes it as mode "I", whatever the PNG held
-        height, width = mask.shape
+        image, mask = read_sample(self.image_path(name), self.mask_path(name), self.num_classes,
+                                  self.ignore_index)  # (H, W, 3), (H, W)
         if self.train:
-            image, mask, valid_box = self._augment(image, mask)
+            image, mask, valid_box = augment(image, mask, self.crop_size, self.rescale_range,
+                                             self.flip, self.ignore_index)
         else:
-            valid_box = (0, height, 0, width)
-        image = (image.astype(np.float32) - self.mean) / self.std  # padding 0 → −mean/std
+            valid_box = (0, mask.shape[0], 0, mask.shape[1])
         return {
             "name": name,
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),  # (3, H, W)
+            "image": normalize(image, self.mean, self.std),  # (3, H, W)
             "label": torch.from_numpy(mask.astype(np.int64)),  # (H, W)
             "cls_labels": torch.from_numpy(self.cls_labels[index].copy()),  # (C−1,)
             "valid_box": torch.tensor(valid_box, dtype=torch.int64),  # (4,)
         }
-
-    def _augment(self, image: np.ndarray, mask: np.ndarray):
-        """Rescale, flip, pad-and-crop (SPEC §6): (crop, crop, 3) uint8, (crop, crop) ids, box."""
-        low, high = self.rescale_range
-        scale = low + (high - low) * torch.rand(()).item()
-        height, width = mask.shape
-        # PIL's (W, H), truncated by int() as in the release
-        size = (max(1, int(scale * width)), max(1, int(scale * height)))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-        if self.flip and torch.rand(()).item() > 0.5:
-            image, mask = image[:, ::-1], mask[:, ::-1]
-
-        crop = self.crop_size
-        height, width = mask.shape
-        canvas_height, canvas_width = max(crop, height), max(crop, width)
-        # The image sits at a random offset inside a black canvas at least crop × crop ...
-        top = int(torch.randint(canvas_height - height + 1, ()))
-        left = int(torch.randint(canvas_width - width + 1, ()))
-        # ... and the crop window is drawn uniformly inside the canvas.
-        crop_top = int(torch.randint(canvas_height - crop + 1, ()))
-        crop_left = int(torch.randint(canvas_width - crop + 1, ()))
-        image_canvas = np.zeros((canvas_height, canvas_width, 3), dtype=np.uint8)
-        image_canvas[top : top + height, left : left + width] = image
-        mask_canvas = np.full((canvas_height, canvas_width), self.ignore_index, dtype=mask.dtype)
-        mask_canvas[top : top + height, left : left + width] = mask
-        window = (slice(crop_top, crop_top + crop), slice(crop_left, crop_left + crop))
-        valid_box = (  # the image's rectangle in crop coordinates, ends exclusive
-            max(top - crop_top, 0), min(top + height, crop_top + crop) - crop_top,
-            max(left - crop_left, 0), min(left + width, crop_left + crop) - crop_left,
-        )
-        return image_canvas[window], mask_canvas[window], valid_box
 
 
 def build_dataset(name: str, root: str, split: str, **kwargs) -> SegmentationDataset:
