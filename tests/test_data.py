@@ -206,6 +206,38 @@ def test_coco_layout_with_81_classes(tmp_path):
     assert val[0]["image"].shape == (3, 20, 30)
 
 
+def coco_item(root, split, name, ids, rng):
+    height, width = ids.shape
+    save_image(root / "JPEGImages" / split / (name + ".jpg"),
+               rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    save_mask(str(root / "SegmentationClass" / split / (name + ".png")), ids)
+
+
+def test_coco_skips_images_without_annotation_for_val_as_the_release_lists(tmp_path, caplog):
+    """The release's COCO lists hold only images with a labelled object (40,137 of 40,504 val
+    images): a mask of background and ignore only is left out of evaluation too, in one line."""
+    root, rng = tmp_path / "coco", np.random.default_rng(5)
+    annotated = np.zeros((20, 30), dtype=np.uint8)
+    annotated[5:15, 5:15] = 45
+    crowd_only = np.zeros((20, 30), dtype=np.uint8)
+    crowd_only[5:15, 5:15] = 255
+    for split in ("train", "val"):
+        for name, ids in (("a", annotated), ("b", np.zeros((20, 30), np.uint8)),
+                          ("c", crowd_only), ("d", annotated * 0 + 80)):
+            coco_item(root, split, name, ids, rng)
+    for split, train in (("val", False), ("train", True)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="data"):
+            ds = data.build_dataset("coco", str(root), split, train=train, crop_size=16)
+        assert ds.names == ["a", "d"] and len(ds) == 2
+        assert np.flatnonzero(ds.cls_labels[0]).tolist() == [44]
+        assert np.flatnonzero(ds.cls_labels[1]).tolist() == [79]
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and lines[0].startswith(f"2 of 4 images of split '{split}' "), lines
+        assert "no foreground class" in lines[0] and "\n" not in lines[0]
+    assert [item["name"] for item in ds] == ["a", "d"]
+
+
 def test_build_dataset_names(tmp_path):
     simple_voc(tmp_path / "voc")
     assert data.build_dataset("VOC2012", str(tmp_path / "voc"), "val", train=False).num_classes == 21
@@ -447,4 +479,8 @@ def test_images_without_foreground_are_skipped_for_training(tmp_path, caplog):
     assert ds.names == ["a", "c"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "2 of 4 images" in warnings[0].getMessage()
-    assert len(dataset(tmp_path, split="train", train=False)) == 4  # evaluation keeps them all
+    # VOC's val list is the official one: evaluation keeps them all, as the release does.
+    assert len(dataset(tmp_path, split="train", train=False)) == 4
+    write_list(tmp_path, "train", ["b", "d"])
+    with pytest.raises(data.DatasetError, match=r"no image of split 'train' in \S+ has a foreground"):
+        dataset(tmp_path, split="train", train=True, crop_size=8)
