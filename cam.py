@@ -11,8 +11,6 @@ each refined label combines a high- and a low-threshold result (high says backgr
 both say background -> background). The release loops over images for the CAM label; here it is
 batched, with identical results.
 """
-import inspect
-
 import torch
 import torch.nn.functional as F
 
@@ -98,25 +96,30 @@ def _check_down_scale(down_scale, H, W):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None, forward_cams=None):
+def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None,
+                    partial_affinity=False, forward_cams=None):
     """Multi-scale, flip-augmented CAMs normalised to [0, 1], and the affinity at the largest scale.
 
     images (B, 3, H, W); `model.cam(x)` must return (cams (2B, C-1, h, w) before ReLU, affinity
     (2B, N, N)) for a batch x of 2B images. Returns cams (B, C-1, H, W) in [0, 1] and affinity
-    (B, N, N) of the un-flipped images at the largest scale. The model runs in whatever mode
-    (train / eval) it is in. A model whose `cam` also takes `num_affinity` (AFANet does) is asked
-    for the affinity of the first n images only: n = B at the largest scale, 0 elsewhere — the
-    same values up to float rounding, without computing affinities that are thrown away.
+    (B, N, N) of the un-flipped images at the largest scale. At each scale s: resize to
+    (int(s·H), int(s·W)), run the images with their mirrors, upsample the CAMs to H × W, take
+    max(CAM, un-flipped CAM of the mirror), ReLU; sum over scales; per image and class subtract the
+    min and divide by the max (+ 1e-5). The model runs in whatever mode (train / eval) it is in.
 
     decoder_stats: None calls `model.cam(x)` as it is; True / False is passed on as
     `model.cam(x, decoder_stats=...)` (AFANet's: in train mode, whether the decoder's BatchNorm
     statistics see each CAM pass, as in the release; False is faster).
 
-    forward_cams: optional (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the
-    caller already has (the training forward's `cams`); the scale-1.0 pass then runs on the
-    mirrored images only (1 of the 7 image-equivalents of the default scales saved). Off by
-    default because it changes the numbers: in training mode the forward drew its own
-    stochastic-depth masks. Not used when scale 1.0 is the largest (its affinity is needed).
+    Two faster ways to the same result (see `_fast_scale_pass`), off by default:
+    partial_affinity: the model's `cam` takes `num_affinity` (AFANet's does) and is asked for the
+    affinity of the un-flipped images at the largest scale only — the same values up to float
+    rounding (~1e-6), without computing affinities that are thrown away.
+    forward_cams: (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the caller
+    already has (the training forward's `cams`); the scale-1.0 pass then runs on the mirrored images
+    only. Equal in eval mode; in train mode the forward drew its own stochastic-depth masks, and
+    the decoder's BatchNorm sees the mirrors alone at that scale, so the numbers change. Not used
+    when scale 1.0 is the largest (its affinity is needed).
 
     The authors' release always evaluates scale 1.0, even when it is not among `scales`; here the
     given scales are used as they are (identical for the default scales).
@@ -130,35 +133,19 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None
         _check_4d("forward_cams", forward_cams, "(B, C-1, h, w)")
         if forward_cams.shape[0] != B:
             raise ValueError(f"forward_cams must be (B, C-1, h, w) with B = {B}, got {tuple(forward_cams.shape)}")
-    largest = max(scales)
-    partial_affinity = "num_affinity" in inspect.signature(model.cam).parameters
-
     options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
+    largest = max(scales)
 
-    def model_cam(x, num_affinity):
-        if partial_affinity:
-            return model.cam(x, num_affinity=num_affinity, **options)  # (len(x), C-1, h, w), (n, N, N)
-        return model.cam(x, **options)  # (len(x), C-1, h, w), (len(x), N, N)
-
-    cams, affinity = None, None
+    cams, affinity = 0, None
     for s in scales:
-        scaled = images
-        if s != 1.0:
-            size = (int(s * H), int(s * W))
-            if min(size) < 1:
-                raise ValueError(f"scale {s} shrinks the {H}x{W} images to nothing")
-            scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)  # (B, 3, sH, sW)
+        scaled = _resize(images, s)  # (B, 3, sH, sW)
         keep_affinity = s == largest and affinity is None
-        if s == 1.0 and forward_cams is not None and not keep_affinity:
-            mirrored_cams, _ = model_cam(scaled.flip(-1), 0)  # (B, C-1, h, w)
-            if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
-                raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
-                                 f"got {tuple(forward_cams.shape)}")
-            scale_cams = torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams])  # (2B, C-1, h, w)
-            scale_affinity = None
+        if partial_affinity or forward_cams is not None:
+            scale_cams, scale_affinity = _fast_scale_pass(model, scaled, s, keep_affinity, options,
+                                                          partial_affinity, forward_cams)
         else:
-            both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and their mirrors
-            scale_cams, scale_affinity = model_cam(both, B if keep_affinity else 0)
+            both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
+            scale_cams, scale_affinity = model.cam(both, **options)  # (2B, C-1, h, w), (2B, N, N)
         if scale_cams.dim() != 4 or scale_cams.shape[0] != 2 * B:
             raise ValueError(
                 f"model.cam must return cams (2B, C-1, h, w) with 2B = {2 * B}, got {tuple(scale_cams.shape)}"
@@ -168,11 +155,46 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None
         del scale_affinity  # at (2B, N, N) it may be large; free it before the next scale
         scale_cams = F.interpolate(scale_cams, size=(H, W), mode="bilinear", align_corners=False)  # (2B, C-1, H, W)
         # max(CAM, un-flipped CAM of the mirrored image), then ReLU
-        scale_cams = torch.maximum(scale_cams[:B], scale_cams[B:].flip(-1)).relu()  # (B, C-1, H, W)
-        cams = scale_cams if cams is None else cams + scale_cams
+        cams = cams + torch.maximum(scale_cams[:B], scale_cams[B:].flip(-1)).relu()  # (B, C-1, H, W)
     cams = cams - cams.amin(dim=(2, 3), keepdim=True)  # per image and class: subtract the min ...
     cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + CAM_NORM_EPS)  # ... divide by the max (+ eps)
     return cams, affinity
+
+
+def _resize(images, s):
+    """images (B, 3, H, W) resized by s to (int(s·H), int(s·W)), bilinear; as they are for s = 1."""
+    if s == 1.0:
+        return images
+    H, W = images.shape[-2:]
+    size = (int(s * H), int(s * W))
+    if min(size) < 1:
+        raise ValueError(f"scale {s} shrinks the {H}x{W} images to nothing")
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)  # (B, 3, sH, sW)
+
+
+def _fast_scale_pass(model, scaled, s, keep_affinity, options, partial_affinity, forward_cams):
+    """One scale of `multi_scale_cam`, faster: (cams (2B, C-1, h, w), affinity (B, N, N) or None).
+
+    The plain pass is `model.cam(cat(scaled, mirrored))`, whose affinity is used only at the largest
+    scale and only for the un-flipped half, so returning just that part changes nothing.
+    """
+    B = scaled.shape[0]
+    if forward_cams is not None and s == 1.0 and not keep_affinity:
+        # The forward's CAMs are the un-flipped half of this pass (exactly so in eval mode).
+        mirrored = scaled.flip(-1)  # (B, 3, H, W)
+        if partial_affinity:
+            mirrored_cams, _ = model.cam(mirrored, num_affinity=0, **options)  # (B, C-1, h, w)
+        else:
+            mirrored_cams, _ = model.cam(mirrored, **options)  # (B, C-1, h, w)
+        if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
+            raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
+                             f"got {tuple(forward_cams.shape)}")
+        return torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams]), None  # (2B, C-1, h, w)
+    both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW)
+    if partial_affinity:
+        # AFANet.cam(num_affinity=n): the affinity of the first n images only, from the factored logits.
+        return model.cam(both, num_affinity=B if keep_affinity else 0, **options)  # (2B, C-1, h, w), (n, N, N)
+    return model.cam(both, **options)  # (2B, C-1, h, w), (2B, N, N)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,13 +194,15 @@ def decoder_batchnorm_state(model):
     return bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
 
 
-def test_multi_scale_cam_in_train_mode_updates_decoder_batchnorm_as_the_release():
+@pytest.mark.parametrize("partial_affinity", [False, True])
+def test_multi_scale_cam_in_train_mode_updates_decoder_batchnorm_as_the_release(partial_affinity):
     torch.manual_seed(0)
     model = AFANet(num_classes=5, backbone="mit_b0", drop_path_rate=0.0).train()
     release, skipped = copy.deepcopy(model), copy.deepcopy(model)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     before = decoder_batchnorm_state(model)
-    multi_scale_cam(model, images)  # AFANet.cam's default: the statistics see every pass
+    # AFANet.cam's default: the statistics see every pass
+    multi_scale_cam(model, images, partial_affinity=partial_affinity)
     multi_scale_cam(skipped, images, decoder_stats=False)
     with torch.no_grad():
         release_multi_scale_batchnorm(release, images, (1.0, 0.5, 1.5))
@@ -210,6 +212,38 @@ def test_multi_scale_cam_in_train_mode_updates_decoder_batchnorm_as_the_release(
     torch.testing.assert_close(var, expected[1], rtol=0, atol=1e-6)
     assert not torch.allclose(mean, before[0], atol=1e-3)
     assert all(torch.equal(a, b) for a, b in zip(decoder_batchnorm_state(skipped), before))
+
+
+@pytest.fixture(scope="module")
+def afanet():
+    torch.manual_seed(0)
+    return AFANet(num_classes=5, backbone="mit_b0").eval()
+
+
+class PlainCAM(nn.Module):
+    """AFANet seen through nothing but `cam(x)`: multi_scale_cam can take no shortcut."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def cam(self, x):
+        return self.model.cam(x)
+
+
+def test_multi_scale_cam_fast_variants_equal_the_plain_computation(afanet):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        forward_cams = afanet(images).cams  # (2, 4, 4, 4), the un-flipped images at scale 1.0
+    plain_cams, plain_affinity = multi_scale_cam(PlainCAM(afanet), images)
+    assert plain_affinity.shape == (2, 36, 36)  # the 96 × 96 input at scale 1.5, un-flipped half
+    for options in (dict(partial_affinity=True), dict(forward_cams=forward_cams),
+                    dict(partial_affinity=True, forward_cams=forward_cams)):
+        cams, affinity = multi_scale_cam(afanet, images, **options)
+        torch.testing.assert_close(cams, plain_cams, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(affinity, plain_affinity, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="forward_cams"):
+        multi_scale_cam(afanet, images, forward_cams=forward_cams[:, :, :2])
 
 
 # ---------------------------------------------------------------- argument checks
