@@ -114,7 +114,8 @@ class Layout:
     # The authors' lists hold only images with a labelled object (COCO: 82,081 of 82,783 train,
     # 40,137 of 40,504 val images): evaluation skips the others too, not only training.
     annotated_only: bool = False
-    how_to_get: str = ""
+    how_to_get: str = ""  # where the data set comes from, said when its root is not found
+    how_to_get_masks: str = ""  # what its masks are and where they come from, when they are absent
 
     def path(self, root: str, pattern: str, split: str, name: str = "") -> str:
         """`pattern` (one of the fields above) for one split and image name, under `root`."""
@@ -128,8 +129,13 @@ VOC_LAYOUT = Layout(
     root_candidates=("", "VOC2012", os.path.join("VOCdevkit", "VOC2012")),
     derivable_splits=(("train_aug", ("val",)),),  # paper §4.1: the 10,582 SBD masks not in val
     how_to_get="VOC 2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar, "
-    "plus SegmentationClassAug (the SBD-augmented masks, see the SBD page or the release's "
-    "README) unpacked into VOCdevkit/VOC2012",
+    "plus SegmentationClassAug.zip (the SBD-augmented masks) unpacked into VOCdevkit/VOC2012",
+    how_to_get_masks="the SBD-augmented masks (index PNGs of the 10,582 train_aug and 1,449 val "
+    "images; VOC's own SegmentationClass holds only 2,913) are missing: get "
+    "SegmentationClassAug.zip, the SBD masks in VOC format, widely mirrored (e.g. "
+    "https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip), and unpack it beside "
+    "JPEGImages; VOC 2012 itself is VOCtrainval_11-May-2012.tar from "
+    "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/",
 )
 COCO_LAYOUT = Layout(
     name="coco",
@@ -140,6 +146,9 @@ COCO_LAYOUT = Layout(
     how_to_get="COCO 2014: train2014.zip and val2014.zip from http://images.cocodataset.org/zips/ "
     "unpacked into JPEGImages/{train,val}, with VOC-style masks (81 ids) in "
     "SegmentationClass/{train,val} (e.g. generated with github.com/alicranck/coco2voc)",
+    how_to_get_masks="the VOC-style masks are missing: convert COCO 2014's "
+    "instances_{train,val}2014.json into index PNGs (ids 0–80, 0 background) in "
+    "SegmentationClass/{train,val} (e.g. with github.com/alicranck/coco2voc)",
 )
 DATASETS = {  # name → (layout, class names); the synthetic set is written in VOC layout
     "voc": (VOC_LAYOUT, VOC_CLASSES),
@@ -150,12 +159,16 @@ _ALIASES = {"voc2012": "voc", "coco2014": "coco"}
 
 
 def resolve_root(root: str, layout: Layout) -> str:
-    """The folder under `root` (itself, or one of the layout's candidates) that holds the images."""
+    """The folder under `root` (itself, or one of the layout's candidates) that holds the images;
+    a DatasetError saying what is missing when it holds no images or no masks."""
     marker = layout.image.split("/")[0]
     for candidate in layout.root_candidates:
-        folder = os.path.join(root, candidate)
+        folder = os.path.normpath(os.path.join(root, candidate))
         if os.path.isdir(os.path.join(folder, marker)):
-            return os.path.normpath(folder)
+            mask_folder = layout.mask.split("/")[0]
+            if not os.path.isdir(os.path.join(folder, mask_folder)):
+                raise DatasetError(f"{folder} has no {mask_folder} folder: {layout.how_to_get_masks}")
+            return folder
     looked = ", ".join(os.path.join(root, c, marker) for c in layout.root_candidates)
     state = "does not exist" if not os.path.exists(root) else f"has no {marker} folder"
     raise DatasetError(

@@ -393,6 +393,28 @@ def test_error_root_missing(tmp_path):
         dataset(tmp_path / "empty")
 
 
+def test_error_voc_without_the_sbd_masks(tmp_path):
+    """Plain VOC 2012 (SegmentationClass only): the SBD-augmented masks are named as missing,
+    with where to get them, whichever split is asked for."""
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    simple_voc(voc, split="train")
+    write_list(voc, "val", ["a"])
+    os.rename(voc / "SegmentationClassAug", voc / "SegmentationClass")
+    for split in ("train_aug", "train", "val"):
+        with pytest.raises(data.DatasetError) as raised:
+            data.build_dataset("VOC2012", str(tmp_path), split, train=split != "val")
+        message = str(raised.value)
+        assert "\n" not in message
+        assert re.match(rf"{re.escape(str(voc))} has no SegmentationClassAug folder: the "
+                        r"SBD-augmented masks .* are missing", message), message
+        assert "SegmentationClassAug.zip" in message and "host.robots.ox.ac.uk" in message
+    # COCO's images without their converted masks: the same kind of line.
+    save_image(tmp_path / "coco" / "JPEGImages" / "val" / "v.jpg", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(data.DatasetError, match=r"coco has no SegmentationClass folder: the "
+                       r"VOC-style masks are missing: convert .*instances_\{train,val\}2014\.json"):
+        data.build_dataset("coco", str(tmp_path / "coco"), "val", train=False)
+
+
 def test_error_split_list_missing(tmp_path):
     simple_voc(tmp_path, split="train")
     with pytest.raises(data.DatasetError, match=r"val\.txt not found.*available: \['train'\]"):
