@@ -307,9 +307,9 @@ def refine_propagated_with_par(par, images, cams_low, cams_high, cls_labels, val
         )
     _check_cls_labels(cls_labels, B, cams_low.shape[1] - 1)
     inside_box = _box_mask(valid_box, B, H, W, images.device)  # (B, H, W)
+    if not isinstance(down_scale, int) or down_scale < 1:
+        raise ValueError(f"down_scale must be a positive int, got {down_scale}")
     boxes = [(0, H, 0, W)] * B if valid_box is None else torch.as_tensor(valid_box).tolist()
-    for top, bottom, left, right in boxes:
-        _check_down_scale(down_scale, bottom - top, right - left)
     present = _with_background(cls_labels)  # (B, C)
 
     label_high = torch.zeros(B, H, W, dtype=torch.long, device=images.device)
@@ -320,8 +320,10 @@ def refine_propagated_with_par(par, images, cams_low, cams_high, cls_labels, val
         k = keys.numel()
         box_image = images[b:b + 1, :, top:bottom, left:right]  # (1, 3, hb, wb)
         hb, wb = box_image.shape[-2:]
-        small_image = F.interpolate(box_image, size=(hb // down_scale, wb // down_scale),
-                                    mode="bilinear", align_corners=False)  # (1, 3, hb/s, wb/s)
+        # At least one pixel a side: a box thinner than down_scale (a sliver of image left by the
+        # random crop) still gets a label, where the release's resize to size 0 fails.
+        small_size = (max(1, hb // down_scale), max(1, wb // down_scale))
+        small_image = F.interpolate(box_image, size=small_size, mode="bilinear", align_corners=False)  # (1, 3, hb/s, wb/s)
         maps = torch.cat([cams_high[b, keys, top:bottom, left:right],
                           cams_low[b, keys, top:bottom, left:right]], dim=0)  # (2k, hb, wb)
         refined = par(small_image, maps[None])  # (1, 2k, hb/s, wb/s): one kernel for both

@@ -1,6 +1,7 @@
 """Tests for cam.py: multi-scale CAMs, CAM labels and their PAR refinement (SPEC §2, §3, §5)."""
 
 import copy
+import types
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,24 @@ def test_refine_propagated_with_par_equals_per_channel_refinement():
     assert (label == expected).float().mean() >= 0.999
 
 
+@pytest.mark.parametrize("box", [[0, 1, 0, 8], [3, 4, 5, 6], [2, 8, 7, 8]])
+def test_refine_propagated_with_par_labels_boxes_thinner_than_down_scale(box):
+    # A crop may keep a sliver of image 1 px wide: its box still gets a label (the release fails).
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    cls_labels = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    cams_high = torch.zeros(2, 3, 8, 8)
+    cams_high[0, 2] = 1.0  # image 0: class 2 wins at the high threshold
+    cams_high[1, 0] = 1.0  # image 1: background at both thresholds
+    cams_low = cams_high.clone()
+    valid_box = torch.tensor([box, box])
+    label = refine_propagated_with_par(PAR(), images, cams_low, cams_high, cls_labels, valid_box)
+    top, bottom, left, right = box
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[top:bottom, left:right] = True
+    assert (label[0][inside] == 2).all() and (label[1][inside] == 0).all()
+    assert (label[:, ~inside] == IGNORE).all()
+
+
 # ---------------------------------------------------------------- multi_scale_cam
 
 class StridedConvCAM(nn.Module):
@@ -220,22 +239,12 @@ def afanet():
     return AFANet(num_classes=5, backbone="mit_b0").eval()
 
 
-class PlainCAM(nn.Module):
-    """AFANet seen through nothing but `cam(x)`: multi_scale_cam can take no shortcut."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def cam(self, x):
-        return self.model.cam(x)
-
-
 def test_multi_scale_cam_fast_variants_equal_the_plain_computation(afanet):
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         forward_cams = afanet(images).cams  # (2, 4, 4, 4), the un-flipped images at scale 1.0
-    plain_cams, plain_affinity = multi_scale_cam(PlainCAM(afanet), images)
+    plain = types.SimpleNamespace(cam=lambda x: afanet.cam(x))  # nothing but cam(x): no shortcut
+    plain_cams, plain_affinity = multi_scale_cam(plain, images)
     assert plain_affinity.shape == (2, 36, 36)  # the 96 × 96 input at scale 1.5, un-flipped half
     for options in (dict(partial_affinity=True), dict(forward_cams=forward_cams),
                     dict(partial_affinity=True, forward_cams=forward_cams)):
@@ -269,7 +278,7 @@ def test_bad_arguments_raise_value_errors():
         refine_propagated_with_par(PAR(), images, torch.rand(2, 6, 8, 8), torch.rand(2, 5, 8, 8), cls_labels, None)
     with pytest.raises(ValueError, match="down_scale"):
         refine_propagated_with_par(PAR(), images, torch.rand(2, 6, 8, 8), torch.rand(2, 6, 8, 8), cls_labels,
-                                   torch.tensor([[0, 1, 0, 8], [0, 8, 0, 8]]))
+                                   None, down_scale=0)
     with pytest.raises(ValueError, match="images"):
         multi_scale_cam(StridedConvCAM(), images[0])
     with pytest.raises(ValueError, match="scales"):
