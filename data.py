@@ -122,14 +122,16 @@ class Layout:
         return os.path.join(root, pattern.format(split=split, name=name))
 
 
+_OR_SYNTHETIC = "; or generate the built-in synthetic set with make_synthetic(root)"
 VOC_LAYOUT = Layout(
     name="voc",
     image="JPEGImages/{name}.jpg",
     mask="SegmentationClassAug/{name}.png",
     root_candidates=("", "VOC2012", os.path.join("VOCdevkit", "VOC2012")),
     derivable_splits=(("train_aug", ("val",)),),  # paper §4.1: the 10,582 SBD masks not in val
-    how_to_get="VOC 2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar, "
-    "plus SegmentationClassAug.zip (the SBD-augmented masks) unpacked into VOCdevkit/VOC2012",
+    how_to_get="Get VOC 2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar, "
+    "plus SegmentationClassAug.zip (the SBD-augmented masks) unpacked into VOCdevkit/VOC2012"
+    f"{_OR_SYNTHETIC}",
     how_to_get_masks="the SBD-augmented masks (index PNGs of the 10,582 train_aug and 1,449 val "
     "images; VOC's own SegmentationClass holds only 2,913) are missing: get "
     "SegmentationClassAug.zip, the SBD masks in VOC format, widely mirrored (e.g. "
@@ -143,17 +145,27 @@ COCO_LAYOUT = Layout(
     mask="SegmentationClass/{split}/{name}.png",
     derivable_splits=(("train", ()), ("val", ())),  # one mask folder per split
     annotated_only=True,
-    how_to_get="COCO 2014: train2014.zip and val2014.zip from http://images.cocodataset.org/zips/ "
+    how_to_get="Get COCO 2014: train2014.zip and val2014.zip from http://images.cocodataset.org/zips/ "
     "unpacked into JPEGImages/{train,val}, with VOC-style masks (81 ids) in "
-    "SegmentationClass/{train,val} (e.g. generated with github.com/alicranck/coco2voc)",
+    "SegmentationClass/{train,val} (e.g. generated with github.com/alicranck/coco2voc)"
+    f"{_OR_SYNTHETIC}",
     how_to_get_masks="the VOC-style masks are missing: convert COCO 2014's "
     "instances_{train,val}2014.json into index PNGs (ids 0–80, 0 background) in "
     "SegmentationClass/{train,val} (e.g. with github.com/alicranck/coco2voc)",
 )
-DATASETS = {  # name → (layout, class names); the synthetic set is written in VOC layout
+SYNTHETIC_LAYOUT = Layout(  # VOC's file patterns; its own name for its caches and messages
+    name="synthetic",
+    image=VOC_LAYOUT.image,
+    mask=VOC_LAYOUT.mask,
+    how_to_get="Generate it with make_synthetic(root) (train.py does so when --data-root does "
+    "not exist)",
+    how_to_get_masks="the synthetic set is incomplete: delete the folder and generate it again "
+    "with make_synthetic(root) (train.py does so when --data-root does not exist)",
+)
+DATASETS = {  # name → (layout, class names)
     "voc": (VOC_LAYOUT, VOC_CLASSES),
     "coco": (COCO_LAYOUT, COCO_CLASSES),
-    "synthetic": (VOC_LAYOUT, SYNTHETIC_CLASSES),
+    "synthetic": (SYNTHETIC_LAYOUT, SYNTHETIC_CLASSES),
 }
 _ALIASES = {"voc2012": "voc", "coco2014": "coco"}
 
@@ -167,14 +179,15 @@ def resolve_root(root: str, layout: Layout) -> str:
         if os.path.isdir(os.path.join(folder, marker)):
             mask_folder = layout.mask.split("/")[0]
             if not os.path.isdir(os.path.join(folder, mask_folder)):
-                raise DatasetError(f"{folder} has no {mask_folder} folder: {layout.how_to_get_masks}")
+                raise DatasetError(
+                    f"{folder} has no {mask_folder} folder: {layout.how_to_get_masks}")
             return folder
     looked = ", ".join(os.path.join(root, c, marker) for c in layout.root_candidates)
     state = "does not exist" if not os.path.exists(root) else f"has no {marker} folder"
     raise DatasetError(
         f"dataset root {root} {state} (looked for {looked}). Expected layout: "
         f"root/{layout.image}, root/{layout.mask}, root/{layout.split_list}. "
-        f"Get {layout.how_to_get}; or generate the built-in synthetic set with make_synthetic(root)."
+        f"{layout.how_to_get}."
     )
 
 
@@ -403,7 +416,8 @@ def random_flip(image: np.ndarray, mask: np.ndarray):
     return image, mask
 
 
-def random_crop(image: np.ndarray, mask: np.ndarray, crop_size: int, ignore_index: int = IGNORE_INDEX):
+def random_crop(image: np.ndarray, mask: np.ndarray, crop_size: int,
+                ignore_index: int = IGNORE_INDEX):
     """A crop_size × crop_size window, the image padded with black (its mask with `ignore_index`)
     where it is smaller: (S, S, 3) uint8, (S, S) ids, and the valid box (top, bottom, left,
     right), ends exclusive, of the image's real pixels in crop coordinates."""
@@ -443,7 +457,7 @@ def augment(image: np.ndarray, mask: np.ndarray, crop_size: int,
 
 
 def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """(H, W, 3) uint8 → (3, H, W) float32, (x − mean) / std per channel (black → −mean/std)."""
+    """(H, W, 3) uint8 → (3, H, W) float32: (x − mean) / std per channel, black → −mean/std."""
     mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
     image = (image.astype(np.float32) - mean) / std  # (H, W, 3)
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (3, H, W)

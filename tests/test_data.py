@@ -195,6 +195,7 @@ def test_coco_layout_with_81_classes(tmp_path):
         write_list(root, split, names)
     train = data.build_dataset("COCO", str(root), "train", train=True, crop_size=16,
                                cache_dir=str(tmp_path / "cache"))
+    assert all(f.startswith("coco-train-") for f in os.listdir(tmp_path / "cache"))
     assert train.num_classes == 81 and train.cls_labels.shape == (2, 80)
     assert train.cls_labels[train.names.index("t1"), 79] == 1
     item = train[0]
@@ -236,6 +237,17 @@ def test_coco_skips_images_without_annotation_for_val_as_the_release_lists(tmp_p
         assert len(lines) == 1 and lines[0].startswith(f"2 of 4 images of split '{split}' "), lines
         assert "no foreground class" in lines[0] and "\n" not in lines[0]
     assert [item["name"] for item in ds] == ["a", "d"]
+
+
+def test_caches_and_progress_are_named_after_the_data_set(tmp_path, capsys):
+    root = tmp_path / "set"
+    simple_voc(root, split="train")
+    for name, key in (("synthetic", "synthetic"), ("VOC2012", "voc")):
+        cache = tmp_path / f"cache_{key}"
+        data.build_dataset(name, str(root), "train", train=True, crop_size=8, cache_dir=str(cache))
+        err = capsys.readouterr().err
+        assert f"image-level labels of {key} train" in err, err
+        assert os.listdir(cache) and all(f.startswith(key + "-") for f in os.listdir(cache))
 
 
 def test_build_dataset_names(tmp_path):
