@@ -55,12 +55,8 @@ def window_mask(h, w, radius=8, device=None):
     return _window_mask_cached(int(h), int(w), int(radius), device).clone()
 
 
-# Without gradient the head forms S = A + Aᵀ in blocks of rows of about this many elements (64 MB).
-ROW_BLOCK_ELEMENTS = 2 ** 24
-
-
 class AffinityHead(nn.Module):
-    """Maps stacked attention logits to a symmetric affinity in (0, 1) (paper §3.2; SPEC §1).
+    """Maps stacked attention logits to a symmetric affinity in (0, 1) (paper §3.2).
 
     S = A + Aᵀ per attention map makes the input symmetric, a 1×1 convolution with bias mixes the
     num_maps maps into one, and a sigmoid gives the affinity. Because every input channel is
@@ -68,6 +64,10 @@ class AffinityHead(nn.Module):
     (the logits exactly; the sigmoid's vectorised kernel may differ from its scalar tail in the
     last bit). In AFANet num_maps is twice the heads of the last stage: the last two blocks, all
     their heads.
+
+    `forward` is that computation. Two variants give the same affinity with less memory, for the
+    encoder's per-block logits: `forward_row_blocks` (no gradient; S a block of rows at a time) and
+    `forward_factored` (the logits as factors q, k, never formed).
     """
 
     def __init__(self, num_maps):
@@ -80,30 +80,51 @@ class AffinityHead(nn.Module):
     def forward(self, attn_logits):
         """attn_logits (B, num_maps, N, N), pre-softmax -> affinity (B, N, N) in (0, 1).
 
-        The maps may also come as a sequence of (B, m_i, N, N) tensors with Σ m_i = num_maps (the
-        blocks' logits as the encoder returns them), read as their concatenation; without
-        gradient S is then formed a block of rows at a time, so that neither the concatenated maps
-        nor S (each num_maps · N² per image) is held whole — the values are the same. Or the
-        sequence may hold the logits in factored form, pairs (q (B, m_i, N, d), k (B, m_i, N, d))
-        with A = q·kᵀ; see `forward_factored`.
+        A sequence, the encoder's per-block logits, is read as their concatenation: see
+        `forward_blocks`.
         """
-        maps = [attn_logits] if torch.is_tensor(attn_logits) else list(attn_logits)
+        if not torch.is_tensor(attn_logits):
+            return self.forward_blocks(attn_logits)
+        self._check_maps([attn_logits])
+        symmetric = attn_logits + attn_logits.transpose(-2, -1)  # S = A + Aᵀ  (B, num_maps, N, N)
+        logits = self.proj(symmetric)  # (B, 1, N, N), Σ_m w_m S_m + b
+        return torch.sigmoid(logits).squeeze(1)  # (B, N, N)
+
+    # -------------------------------------------------------------------------------------------
+    # the same affinity from the encoder's per-block logits, with less memory
+    # -------------------------------------------------------------------------------------------
+
+    def forward_blocks(self, attn_logits):
+        """attn_logits: a sequence, per block, of its logits (B, m_i, N, N) with Σ m_i = num_maps,
+        read as their concatenation, or of factored logits (q (B, m_i, N, d), k (B, m_i, N, d)),
+        A = q·kᵀ. -> affinity (B, N, N).
+
+        Tensors: with gradient, `forward` on the concatenation; without, `forward_row_blocks`.
+        Factors: `forward_factored`.
+        """
+        maps = list(attn_logits)
         if maps and all(isinstance(m, (tuple, list)) for m in maps):
             return self.forward_factored([q for q, _ in maps], [k for _, k in maps])
-        if not maps or any(not torch.is_tensor(m) or m.dim() != 4 or m.shape[0] != maps[0].shape[0]
-                           or m.shape[2] != m.shape[3] or m.shape[2] != maps[0].shape[2] for m in maps) \
-                or sum(m.shape[1] for m in maps) != self.num_maps:
-            raise ValueError(f"attn_logits must have shape (B, {self.num_maps}, N, N) (or be a sequence "
-                             f"of (B, m_i, N, N) with sum m_i = {self.num_maps}), "
-                             f"got {[tuple(m.shape) if torch.is_tensor(m) else type(m).__name__ for m in maps]}")
+        self._check_maps(maps)
         if torch.is_grad_enabled() and any(m.requires_grad for m in maps):
-            stacked = torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]  # (B, num_maps, N, N)
-            symmetric = stacked + stacked.transpose(-2, -1)  # S = A + Aᵀ  (B, num_maps, N, N)
-            logits = self.proj(symmetric)  # (B, 1, N, N)
-            return torch.sigmoid(logits).squeeze(1)  # (B, N, N)
+            return self.forward(torch.cat(maps, dim=1))  # (B, num_maps, N, N) -> (B, N, N)
+        return self.forward_row_blocks(maps)
+
+    @torch.no_grad()
+    def forward_row_blocks(self, maps, block_elements=None):
+        """`forward` of the concatenated maps (a sequence of (B, m_i, N, N)), without gradient,
+        holding neither the concatenation nor S whole (each num_maps · N² per image).
+
+        Rows r of S are rows r of A plus rows r of Aᵀ (columns r of A), and the 1×1 convolution
+        acts on each pair (i, j) alone, so each block of rows of the logits comes from that block of
+        S alone: the same values as `forward`. Blocks hold about `block_elements` elements of S
+        (ROW_BLOCK_ELEMENTS when None).
+        """
+        self._check_maps(maps)
         B, _, N, _ = maps[0].shape
+        block_elements = ROW_BLOCK_ELEMENTS if block_elements is None else block_elements
+        rows = max(1, block_elements // (B * self.num_maps * N))
         logits = None  # (B, 1, N, N), in the dtype the projection gives (autocast may lower it)
-        rows = max(1, ROW_BLOCK_ELEMENTS // (B * self.num_maps * N))
         for start in range(0, N, rows):
             block = slice(start, start + rows)
             symmetric = torch.cat([m[:, :, block] + m[:, :, :, block].transpose(-2, -1) for m in maps],
@@ -112,7 +133,7 @@ class AffinityHead(nn.Module):
             if logits is None:
                 logits = projected.new_empty(B, 1, N, N)
             logits[:, :, block] = projected
-        return torch.sigmoid(logits).squeeze(1)  # (B, N, N), one pass as in the gradient branch
+        return torch.sigmoid(logits).squeeze(1)  # (B, N, N), one sigmoid pass as in `forward`
 
     def forward_factored(self, queries, keys):
         """The affinity from the logits in factored form, A_m = q_m·k_mᵀ, without forming them.
@@ -121,7 +142,7 @@ class AffinityHead(nn.Module):
         The 1×1 convolution is linear, so with w its weights and b its bias
             Σ_m w_m (A_m + A_mᵀ) + b = L + Lᵀ + b,   L = Σ_m w_m q_m k_mᵀ = [w_m q_m]_m · [k_m]_mᵀ,
         one (N × num_maps·d) · (num_maps·d × N) product per image instead of num_maps N × N maps
-        (16 × less memory in AFANet). The same values as `forward` up to float rounding.
+        (16 × less memory in AFANet): the same values as `forward` up to float rounding (~1e-6).
         """
         if len(queries) != len(keys) or not queries or \
                 sum(q.shape[1] for q in queries) != self.num_maps or \
@@ -134,7 +155,7 @@ class AffinityHead(nn.Module):
         weighted, flat_keys, first = [], [], 0
         for q, k in zip(queries, keys):
             B, m, N, d = q.shape
-            w = weight[first:first + m].to(q.dtype).view(1, m, 1, 1)
+            w = weight[first:first + m].to(q.dtype).view(1, m, 1, 1)  # (1, m, 1, 1)
             weighted.append((q * w).transpose(1, 2).reshape(B, N, m * d))  # (B, N, m·d): w_m q_m
             flat_keys.append(k.transpose(1, 2).reshape(B, N, m * d))  # (B, N, m·d)
             first += m
@@ -143,6 +164,20 @@ class AffinityHead(nn.Module):
         L = weighted @ flat_keys.transpose(1, 2)  # (B, N, N), Σ_m w_m q_m k_mᵀ
         logits = (L + L.transpose(1, 2)).add_(self.proj.bias.to(L.dtype))  # (B, N, N)
         return torch.sigmoid(logits)  # (B, N, N)
+
+    def _check_maps(self, maps):
+        """maps: a non-empty sequence of (B, m_i, N, N) tensors with Σ m_i = num_maps."""
+        if not maps or any(not torch.is_tensor(m) or m.dim() != 4 or m.shape[0] != maps[0].shape[0]
+                           or m.shape[2] != m.shape[3] or m.shape[2] != maps[0].shape[2] for m in maps) \
+                or sum(m.shape[1] for m in maps) != self.num_maps:
+            raise ValueError(f"attn_logits must have shape (B, {self.num_maps}, N, N) (or be a sequence "
+                             f"of (B, m_i, N, N) with sum m_i = {self.num_maps}), "
+                             f"got {[tuple(m.shape) if torch.is_tensor(m) else type(m).__name__ for m in maps]}")
+
+
+# S = A + Aᵀ a block of rows at a time, in blocks of about this many elements (64 MB in float32).
+ROW_BLOCK_ELEMENTS = 2 ** 24
+
 
 def affinity_labels(pseudo_label, grid, mask, ignore_index=255):
     """Pairwise affinity labels from a pseudo label (paper §3.2; SPEC §4).

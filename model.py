@@ -122,18 +122,28 @@ class Attention(nn.Module):
             self.norm = nn.LayerNorm(dim, eps=PATCH_NORM_EPS)
 
     def forward(self, x, H, W, return_logits=True, factored_images=None):
-        """x (B, N_q, C) on an H×W grid -> (out (B, N_q, C), logits (B, nh, N_q, N_kv) or None).
+        """x (B, N_q, C) on an H×W grid -> (out (B, N_q, C), logits (B, nh, N_q, N_kv)).
 
-        With `return_logits` the attention is computed from the materialised logits q·kᵀ, which
-        are returned unscaled and before softmax; without, the fused kernel computes the same
-        output without materialising them and `None` is returned in their place. With
-        `factored_images` = n (and `return_logits`), the output comes from the fused kernel and the
-        logits of the first n images are returned in factored form, the pair (q (n, nh, N_q, d),
-        k (n, nh, N_kv, d)) with logits = q·kᵀ, never formed here.
-        The release returns, for sr_ratio > 1, the logits average-pooled over the query grid to
-        (B, nh, N_kv, N_kv); here they are returned in full, (B, nh, N_q, N_kv). AFA uses only
-        stage-4 blocks, where sr_ratio = 1 and both agree.
+        out = proj(softmax(q·kᵀ/√d)·v) per head; the logits q·kᵀ are returned unscaled and before
+        softmax. The release returns, for sr_ratio > 1, the logits average-pooled over the query
+        grid to (B, nh, N_kv, N_kv); here they are returned in full, (B, nh, N_q, N_kv). AFA uses
+        only stage-4 blocks, where sr_ratio = 1 and both agree.
+
+        Where the logits are not needed whole, `forward_fused` gives the same output faster:
+        `return_logits=False` returns None in their place; `factored_images` = n returns the logits
+        of the first n images as their factors (q, k) (see `forward_fused`).
         """
+        q, k, v = self.queries_keys_values(x, H, W)  # (B, nh, N_q, d), (B, nh, N_kv, d), (B, nh, N_kv, d)
+        if not return_logits or factored_images is not None:
+            return self.forward_fused(q, k, v, factored_images if return_logits else None)
+        logits = q @ k.transpose(-2, -1)  # (B, nh, N_q, N_kv), q·kᵀ
+        attn = (logits * self.scale).softmax(dim=-1)  # softmax(q·kᵀ/√d)
+        out = attn @ v  # (B, nh, N_q, d)
+        return self.merge_heads(out), logits
+
+    def queries_keys_values(self, x, H, W):
+        """x (B, N_q, C) -> q (B, nh, N_q, d), k and v (B, nh, N_kv, d); keys and values from the
+        tokens after the spatial reduction when sr_ratio > 1."""
         B, N, C = x.shape
         nh, d = self.num_heads, C // self.num_heads
         q = self.q(x).view(B, N, nh, d).transpose(1, 2)  # (B, nh, N_q, d)
@@ -143,17 +153,24 @@ class Attention(nn.Module):
             x = self.norm(x)
         kv = self.kv(x).view(B, -1, 2, nh, d).permute(2, 0, 3, 1, 4)  # (2, B, nh, N_kv, d)
         k, v = kv.unbind(0)  # each (B, nh, N_kv, d)
-        logits = None
-        if return_logits and factored_images is None:
-            logits = q @ k.transpose(-2, -1)  # (B, nh, N_q, N_kv), q·kᵀ
-            attn = (logits * self.scale).softmax(dim=-1)  # softmax(q·kᵀ/√d)
-            out = attn @ v  # (B, nh, N_q, d)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N_q, d), same 1/√d scale
-            if return_logits:
-                logits = (q[:factored_images], k[:factored_images])  # logits = q·kᵀ, (n, nh, N_q, N_kv)
-        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N_q, C)
-        return self.proj(out), logits
+        return q, k, v
+
+    def merge_heads(self, out):
+        """Per-head outputs (B, nh, N_q, d) -> the projected tokens (B, N_q, C)."""
+        B, nh, N, d = out.shape
+        return self.proj(out.transpose(1, 2).reshape(B, N, nh * d))  # (B, N_q, C)
+
+    def forward_fused(self, q, k, v, factored_images=None):
+        """`forward` from q (B, nh, N_q, d), k, v (B, nh, N_kv, d) without forming the logits:
+        PyTorch's fused kernel computes softmax(q·kᵀ/√d)·v with the same 1/√d scale, so the output
+        is the same up to float rounding. Returns (out (B, N_q, C), None), or with
+        `factored_images` = n, (out, (q[:n] (n, nh, N_q, d), k[:n] (n, nh, N_kv, d))), the
+        logits of the first n images as factors, logits = q·kᵀ.
+        """
+        out = self.merge_heads(F.scaled_dot_product_attention(q, k, v))  # (B, N_q, C)
+        if factored_images is None:
+            return out, None
+        return out, (q[:factored_images], k[:factored_images])
 
 
 class DWConv(nn.Module):

@@ -8,23 +8,13 @@ import pytest
 import torch
 
 from attention_affinity import AffinityHead, affinity_labels, affinity_loss, window_mask
+from reference import naive_window_mask
 
 GOLDEN = Path(__file__).parent / "golden"
 IGNORE = 255
 
 
 # ---------------------------------------------------------------- naive references (slow loops)
-
-def naive_window_mask(h, w, radius):
-    """For every cell, mark every cell of the clipped (2·radius + 1)² square around it."""
-    mask = torch.zeros(h * w, h * w, dtype=torch.bool)
-    for i in range(h * w):
-        row, col = divmod(i, w)
-        for r in range(max(0, row - radius), min(h, row + radius + 1)):
-            for c in range(max(0, col - radius), min(w, col + radius + 1)):
-                mask[i, r * w + c] = True
-    return mask
-
 
 def naive_affinity_labels(pseudo_label, grid, mask, ignore_index=IGNORE):
     """Pair-by-pair labels; nearest downsampling as floor(dst · in / out) in exact integers
@@ -127,6 +117,32 @@ def test_affinity_head_gradient_reaches_conv_and_attention():
         assert param.grad is not None and torch.isfinite(param.grad).all()
         assert param.grad.abs().sum() > 0
     assert attn_logits.grad is not None and attn_logits.grad.abs().sum() > 0
+
+
+def test_affinity_head_variants_equal_the_plain_formula():
+    torch.manual_seed(4)
+    head = AffinityHead(num_maps=6)
+    queries = [torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8)]  # two blocks' heads, (B, m_i, N, d)
+    keys = [torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8)]
+    blocks = [q @ k.transpose(-2, -1) for q, k in zip(queries, keys)]  # (B, m_i, N, N) each
+    plain = head(torch.cat(blocks, dim=1))  # (B, N, N), the plain formula
+    with torch.no_grad():
+        for block_elements in (2 * 6 * 30 * 7, 1, 2 ** 24):  # 7 rows a block, one row, all rows
+            torch.testing.assert_close(head.forward_row_blocks(blocks, block_elements), plain,
+                                       rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(head(blocks), plain, rtol=1e-6, atol=1e-7)  # a list: row blocks
+    with torch.enable_grad():  # with gradient, a list is concatenated and goes the plain way
+        listed = head([b.clone().requires_grad_() for b in blocks])
+    assert listed.requires_grad
+    torch.testing.assert_close(listed.detach(), plain.detach(), rtol=0, atol=0)
+    factored = head.forward_factored(queries, keys)
+    torch.testing.assert_close(factored, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head(list(zip(queries, keys))), factored, rtol=0, atol=0)
+    assert torch.equal(factored, factored.transpose(1, 2))  # L + Lᵀ + b is symmetric exactly
+    with pytest.raises(ValueError, match="queries and keys"):
+        head.forward_factored(queries[:1], keys[:1])
+    with pytest.raises(ValueError, match="attn_logits"):
+        head(blocks[:1])
 
 
 def test_affinity_head_init_is_kaiming_normal_fan_out():

@@ -172,10 +172,14 @@ def test_attention_matches_naive_reference(b0):
             out, logits = attn(x, H, W)
             fused, no_logits = attn(x, H, W, return_logits=False)
             expected_out, expected_logits = naive_attention(attn, x, H, W)
+            factored_out, (q, k) = attn(x, H, W, factored_images=1)
         assert no_logits is None
         assert torch.allclose(logits, expected_logits, atol=1e-5, rtol=1e-5)  # unscaled, pre-softmax
         assert torch.allclose(out, expected_out, atol=1e-5, rtol=1e-5)
+        # the fused variants: the same output; the logits of the first image as factors
         assert torch.allclose(fused, expected_out, atol=1e-5, rtol=1e-5)
+        assert torch.equal(factored_out, fused)
+        assert torch.allclose(q @ k.transpose(-2, -1), expected_logits[:1], atol=1e-5, rtol=1e-5)
 
 
 def test_fused_path_gives_same_features(b0):
