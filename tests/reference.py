@@ -56,3 +56,18 @@ def par_reference(images, masks, dilations=(1, 2, 4, 8, 12, 24), num_iter=10, w1
     for _ in range(num_iter):
         masks = (par_gather_neighbours(masks, offsets) * affinity.unsqueeze(1)).sum(dim=2)
     return masks
+
+
+# ---------------------------------------------------------------------------------------------
+# The local window of AFA (paper §3.2): a double loop over cells and their squares.
+# ---------------------------------------------------------------------------------------------
+
+def naive_window_mask(h, w, radius):
+    """For every cell, mark every cell of the clipped (2·radius + 1)² square around it."""
+    mask = torch.zeros(h * w, h * w, dtype=torch.bool)
+    for i in range(h * w):
+        row, col = divmod(i, w)
+        for r in range(max(0, row - radius), min(h, row + radius + 1)):
+            for c in range(max(0, col - radius), min(w, col + radius + 1)):
+                mask[i, r * w + c] = True
+    return mask

@@ -7,21 +7,12 @@ import pytest
 import torch
 
 from random_walk import propagate
+from reference import naive_window_mask
 
 GOLDEN = Path(__file__).parent / "golden"
 
 
 # ---------------------------------------------------------------- naive reference
-
-def naive_window_mask(h, w, radius):
-    mask = torch.zeros(h * w, h * w, dtype=torch.bool)
-    for i in range(h * w):
-        row, col = divmod(i, w)
-        for r in range(max(0, row - radius), min(h, row + radius + 1)):
-            for c in range(max(0, col - radius), min(w, col + radius + 1)):
-                mask[i, r * w + c] = True
-    return mask
-
 
 def naive_propagate(cams, affinity, mask, cls_labels, bkg_score, power=2, column_offset=0.1):
     """Per image: keep background + present channels, softmax, walk with explicit sums."""
