@@ -198,8 +198,19 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 _WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L")  # 16-bit (or 32-bit) grayscale
 _INDEX_MASK_MODES = ("P", "L") + _WIDE_GRAY_MODES
 _SIXTEEN_BIT_MAX = 65535
-_REPAIR = ("The file is corrupt or truncated: extract it again from the data set's archive, or "
-           "remove its name from the split list.")
+
+
+def _unreadable(kind: str, path: str, error: Exception) -> DatasetError:
+    """One line for a file that cannot be read: missing, not readable, or not decodable."""
+    if isinstance(error, FileNotFoundError):
+        return DatasetError(f"{kind} {path} is missing (it was there at start-up): extract the "
+                            "data set again, or remove its name from the split list")
+    if isinstance(error, (PermissionError, IsADirectoryError)):
+        return DatasetError(f"cannot read {kind} {path}: {error.strerror}; make it a file readable "
+                            "by this user (e.g. chmod a+r)")
+    return DatasetError(
+        f"cannot decode {kind} {path}: {str(error).rstrip('.')}. The file is corrupt or truncated: "
+        "extract it again from the data set's archive, or remove its name from the split list.")
 
 
 def read_image(path: str) -> np.ndarray:
@@ -214,7 +225,7 @@ def read_image(path: str) -> np.ndarray:
                 return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
             return np.asarray(image.convert("RGB"))
     except _DECODE_ERRORS as error:
-        raise DatasetError(f"cannot decode image {path}: {str(error).rstrip('.')}. {_REPAIR}") from error
+        raise _unreadable("image", path, error) from error
 
 
 def read_mask(path: str) -> np.ndarray:
@@ -226,7 +237,7 @@ def read_mask(path: str) -> np.ndarray:
             if mode in _INDEX_MASK_MODES:
                 return np.asarray(mask)  # for "P" the palette indices are the ids
     except _DECODE_ERRORS as error:
-        raise DatasetError(f"cannot decode mask {path}: {str(error).rstrip('.')}. {_REPAIR}") from error
+        raise _unreadable("mask", path, error) from error
     raise DatasetError(
         f"mask {path} has mode {mode}: masks must be index masks — a palette ('P') or grayscale "
         f"('L') PNG whose values are class ids (0 background, {IGNORE_INDEX} ignore). A colour-coded "
@@ -241,7 +252,8 @@ def present_classes(mask: np.ndarray, num_classes: int, ignore_index: int, path:
     if bad.size:
         raise DatasetError(
             f"mask {path} has class ids {bad.tolist()} outside 0..{num_classes - 1} "
-            f"(and {ignore_index} for ignore); is num_classes={num_classes} right for this data set?"
+            f"(and {ignore_index} for ignore); is num_classes={num_classes} right for this data "
+            f"set (VOC {len(VOC_CLASSES)}, COCO {len(COCO_CLASSES)}, counting background)?"
         )
     return ids[(ids > 0) & (ids != ignore_index)]
 

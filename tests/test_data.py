@@ -478,6 +478,23 @@ def test_error_corrupt_or_truncated_jpeg(tmp_path):
     assert re.search(r"cannot decode image .*a\.jpg", message), message
 
 
+def test_error_file_gone_or_unreadable_after_start(tmp_path, monkeypatch):
+    simple_voc(tmp_path)
+    ds = dataset(tmp_path)
+    os.remove(tmp_path / "JPEGImages" / "a.jpg")
+    with pytest.raises(data.DatasetError, match=r"^image \S*/JPEGImages/a\.jpg is missing \(it was "
+                       r"there at start-up\): extract the data set again"):
+        ds[0]
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(data.Image, "open", denied)
+    with pytest.raises(data.DatasetError, match=r"^cannot read mask \S*/b\.png: Permission denied; "
+                       r"make it a file readable"):
+        data.read_mask(str(tmp_path / "SegmentationClassAug" / "b.png"))
+
+
 def test_error_mask_size_mismatch(tmp_path):
     simple_voc(tmp_path)
     save_mask(str(tmp_path / "SegmentationClassAug" / "b.png"), np.zeros((12, 15), dtype=np.uint8) + 3)
@@ -491,7 +508,8 @@ def test_error_bad_mask_ids(tmp_path):
     ids = np.zeros((12, 16), dtype=np.uint8)
     ids[0, 0], ids[1, 1], ids[2, 2] = 21, 40, 255
     save_mask(str(tmp_path / "SegmentationClassAug" / "b.png"), ids, mode="L")
-    with pytest.raises(data.DatasetError, match=r"b\.png has class ids \[21, 40\] outside 0\.\.20"):
+    with pytest.raises(data.DatasetError, match=r"b\.png has class ids \[21, 40\] outside 0\.\.20 "
+                       r"\(and 255 for ignore\); is num_classes=21 right .*COCO 81"):
         dataset(tmp_path)
 
 
