@@ -274,6 +274,27 @@ def read_sample(image_path: str, mask_path: str, num_classes: int,
 
 
 # =============================================================================================
+# Caches: what is derived from a data set is kept outside it, under a hash of its sources
+# =============================================================================================
+def cache_file(cache_dir: str | None, prefix: str, key: list, extension: str) -> str | None:
+    """`cache_dir/prefix-<hash of key>.extension`, or None without a cache folder."""
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{prefix}-{digest}.{extension}")
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`,
+    so that a reader (another process) never sees half a file."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
+        write(tmp)
+    os.replace(tmp.name, path)
+
+
+# =============================================================================================
 # Split lists: which images a split holds
 # =============================================================================================
 def read_name_list(path: str) -> list[str]:
@@ -346,24 +367,6 @@ def check_files_exist(root: str, layout: Layout, split: str, names: list[str]) -
 # =============================================================================================
 # Image-level labels: the classes present in each mask, derived once and cached
 # =============================================================================================
-def cache_file(cache_dir: str | None, prefix: str, key: list, extension: str) -> str | None:
-    """`cache_dir/prefix-<hash of key>.extension`, or None without a cache folder."""
-    if cache_dir is None:
-        return None
-    digest = hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
-    return os.path.join(cache_dir, f"{prefix}-{digest}.{extension}")
-
-
-def _atomic_write(path: str, write) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`,
-    so that a reader (another process) never sees half a file."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
-        write(tmp)
-    os.replace(tmp.name, path)
-
-
 def image_level_labels(mask_paths: list[str], num_classes: int, ignore_index: int = IGNORE_INDEX,
                        cache: str | None = None, description: str = "image-level labels"
                        ) -> np.ndarray:
@@ -402,7 +405,7 @@ def drop_unannotated(names: list[str], labels: np.ndarray, split: str, root: str
     if not annotated.any():
         raise DatasetError(
             f"no image of split {split!r} in {root} has a foreground class: every mask holds "
-            f"only 0 and {IGNORE_INDEX}; are these the segmentation masks?")
+            "only background (0) and ignore; are these the segmentation masks?")
     return [name for name, keep in zip(names, annotated) if keep], labels[annotated]
 
 
