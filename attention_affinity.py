@@ -1,7 +1,7 @@
 """Affinity from Attention (AFA): a learned pixel affinity read off the transformer's attention.
 
 The encoder's multi-head self-attention already says which tokens belong together, but it is
-asymmetric and noisy. AFA (paper §3.2 "Affinity from Attention"; SPEC §1 and §4) turns
+asymmetric and noisy. AFA (paper §3.2, "Affinity from Attention") turns
 the pre-softmax attention logits of the last blocks into a symmetric affinity a_ij in (0, 1)
 between the N = h·w tokens of the stride-16 grid, supervised by affinity labels derived from the
 PAR-refined pseudo label: a pair within a local window is positive when both pixels carry the
@@ -180,7 +180,7 @@ ROW_BLOCK_ELEMENTS = 2 ** 24
 
 
 def affinity_labels(pseudo_label, grid, mask, ignore_index=255):
-    """Pairwise affinity labels from a pseudo label (paper §3.2; SPEC §4).
+    """Pairwise affinity labels from a pseudo label (paper §3.2).
 
     The pseudo label is downsampled to the grid by nearest-neighbour interpolation (PyTorch's
     "nearest": source index floor(dst · in / out)). Pair (i, j) is labelled 1 when both pixels

@@ -1,15 +1,20 @@
-"""Class activation maps and the pseudo labels made from them.
+"""Class activation maps and the pseudo labels made from them (paper §3.1, §3.2 and §3.3).
 
-The first stage of every training step (paper §3, with PAR in §3.3; SPEC §2, §3 and §5): multi-scale CAMs
-from the classifier, their three-band labels (background / ignore / class), and the two PAR-refined
-labels that supervise the segmentation branch — the refined CAM label (SPEC §3, "Refining CAM
-labels with PAR") and the refined label of the random-walk-propagated CAMs (the AFA pseudo label,
-SPEC §5). The refiner (a `PAR` module or anything with its `forward(images, masks)`) is passed in.
+The first stage of every training step: multi-scale CAMs from the classifier (§3.1), their
+three-band labels (background / ignore / class), and the two PAR-refined labels that supervise
+the segmentation branch — the CAM label refined with PAR (§3.3) and the refined label of the
+CAMs propagated by the random walk with the learned affinity (§3.2, "Pseudo label propagation"):
+the AFA pseudo label. The refiner (a `PAR` module or anything with its `forward(images, masks)`)
+is passed in.
 
 As in the authors' release, the background is a constant score channel (t = 0.35 or t = 0.55), and
 each refined label combines a high- and a low-threshold result (high says background -> ignore;
-both say background -> background). The release loops over images for the CAM label; here it is
-batched, with identical results.
+both say background -> background). The release refines the CAM label one image at a time; here
+all images go through PAR at once (the same labels, up to a few near-tied pixels). The release
+fails on a valid box thinner than the PAR downsampling factor; here such a box is labelled.
+
+Symbols: B batch, C classes incl. background, K kept channels, H×W crop, h×w a CAM grid,
+N = h·w tokens.
 """
 import torch
 import torch.nn.functional as F
@@ -66,8 +71,9 @@ def _with_background(cls_labels):
 
 
 def _combine_high_low(label_high, label_low, inside_box, ignore_index):
-    """SPEC §3: the high-threshold label; where it says background -> ignore; where the low one
-    agrees -> background; outside the valid box -> ignore. All (B, H, W)."""
+    """The release's combination of the two refined labels: the high-threshold label; where it
+    says background -> ignore; where the low one agrees -> background; outside the valid box ->
+    ignore. All (B, H, W)."""
     label = torch.where(label_high == 0, ignore_index, label_high)
     label = torch.where((label_high == 0) & (label_low == 0), 0, label)
     return torch.where(inside_box, label, ignore_index)
@@ -92,7 +98,7 @@ def _check_down_scale(down_scale, H, W):
 
 
 # ---------------------------------------------------------------------------------------------
-# multi-scale CAM (SPEC §2)
+# multi-scale CAM (paper §3.1)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -198,7 +204,7 @@ def _fast_scale_pass(model, scaled, s, keep_affinity, options, partial_affinity,
 
 
 # ---------------------------------------------------------------------------------------------
-# CAM -> label (SPEC §2)
+# CAM -> label (paper §3.1)
 # ---------------------------------------------------------------------------------------------
 
 def cam_to_label(cams, cls_labels, bkg_score=0.45, low=None, high=None, valid_box=None, ignore_index=255):
@@ -223,7 +229,7 @@ def cam_to_label(cams, cls_labels, bkg_score=0.45, low=None, high=None, valid_bo
 
 
 # ---------------------------------------------------------------------------------------------
-# refining the CAM label with PAR (SPEC §3)
+# refining the CAM label with PAR (paper §3.3)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -233,7 +239,7 @@ def refine_cams_with_par(par, images, cams, cls_labels, low=0.35, high=0.55, val
 
     For t in (high, low): prepend a background channel of value t; downsample it and the image by
     `down_scale`; softmax over background + present classes; PAR; upsample to H × W; arg-max. The
-    two results combine as in SPEC §3; pixels outside valid_box (B, 4) -> ignore.
+    two results combine as in `_combine_high_low`; pixels outside valid_box (B, 4) -> ignore.
 
     Batched over images: each image keeps K = 1 + max_b(#present classes) channels, the present
     ones in class order and padding slots set to probability 0 (PAR is linear per channel, so they
@@ -282,7 +288,7 @@ def refine_cams_with_par(par, images, cams, cls_labels, low=0.35, high=0.55, val
 
 
 # ---------------------------------------------------------------------------------------------
-# refining the propagated CAMs with PAR: the AFA pseudo label (SPEC §5)
+# refining the propagated CAMs with PAR: the AFA pseudo label (paper §3.2, §3.3)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -294,7 +300,8 @@ def refine_propagated_with_par(par, images, cams_low, cams_high, cls_labels, val
     (already upsampled to the crop); cls_labels (B, C-1); valid_box (B, 4) (top, bottom, left, right)
     or None for the whole crop. Per image: crop image and maps to the box, downsample the image by
     `down_scale`, PAR on background + present channels (PAR resizes the maps to the image itself),
-    upsample to the box, arg-max. The two labels combine as in SPEC §3; outside the box -> ignore.
+    upsample to the box, arg-max. The two labels combine as in `_combine_high_low`; outside the
+    box -> ignore. A box thinner than `down_scale` is downsampled to 1 pixel a side.
     """
     _check_4d("images", images, "(B, 3, H, W)")
     _check_4d("cams_low", cams_low, "(B, C, H, W)")

@@ -1,14 +1,14 @@
-"""The AFA network: a Mix Transformer encoder with three heads (SPEC §1, paper §3.1).
+"""The AFA network: a Mix Transformer encoder with three heads (paper §3.1, Fig. 2).
 
 One forward pass of `AFANet` gives everything the training step needs:
 
 - the encoder, SegFormer's hierarchical Mix Transformer (MiT, Xie et al. 2021), returns four
   feature maps and the attention logits q·kᵀ of its blocks;
 - the classifier (a 1×1 conv on the stage-4 features) gives the image-level logits after global
-  max pooling, and the class activation maps (CAMs) when applied to the un-pooled features (SPEC §2);
+  max pooling, and the class activation maps (CAMs) when applied to the un-pooled features (§3.1);
 - SegFormer's all-MLP decoder gives the segmentation logits at stride 4;
 - the AFA head turns the attention logits of the last `afa_blocks` blocks into a pairwise
-  affinity (B, N, N) over the stride-16 grid (SPEC §4).
+  affinity (B, N, N) over the stride-16 grid (§3.2, "Affinity from Attention").
 
 `load_mit_weights` loads SegFormer's ImageNet checkpoints (`mit_b0.pth`, `mit_b1.pth`) as released:
 the module attribute names below reproduce that checkpoint layout key for key.
@@ -18,7 +18,9 @@ As in the authors' release, and unlike the stock SegFormer encoder, the last sta
 This module differs from the release in two places that leave AFA's numbers unchanged: the
 attention logits of spatial-reduction blocks are returned in full rather than average-pooled (see
 `Attention.forward`; AFA reads only stage-4 logits), and the decoder uses PyTorch's ordinary
-BatchNorm where the release synchronises it across GPUs (the same on one device).
+BatchNorm where the release synchronises it across GPUs (the same on one device; convert it with
+nn.SyncBatchNorm.convert_sync_batchnorm for several). As in the release, `AFANet.cam` in train mode lets the decoder's
+BatchNorm statistics see every CAM pass.
 
 Symbols: B batch, C classes incl. background, H×W input, H_i×W_i and C_i the grid and width of
 stage i, h×w the stage-4 grid, N = h·w tokens, N_q / N_kv query / key tokens, nh heads, d head width.
@@ -221,7 +223,7 @@ class Block(nn.Module):
 
 
 class MixTransformer(nn.Module):
-    """SegFormer's Mix Transformer encoder (MiT) as used by AFA (SPEC §1).
+    """SegFormer's Mix Transformer encoder (MiT) as used by AFA (paper §3.1).
 
     Four stages; stage i is an overlapping patch embedding (7×7 conv, padding 3, for the first
     stage, 3×3 conv, padding 1, after), `depths[i]` blocks, and a LayerNorm. The patch-embedding
@@ -408,7 +410,7 @@ class LinearEmbedding(nn.Module):
 
 
 class SegFormerHead(nn.Module):
-    """SegFormer's all-MLP decoder (SPEC §1): per stage a Linear to `embed_dim`, all upsampled to
+    """SegFormer's all-MLP decoder (paper §3.1; Xie et al. 2021, §3.2): per stage a Linear to `embed_dim`, all upsampled to
     stride 4, concatenated (c4, c3, c2, c1), fused by 1×1 conv + BatchNorm + ReLU, then Dropout2d
     and a 1×1 conv to C classes. features: 4 maps (B, C_i, H_i, W_i) -> (B, C, H_1, W_1).
 
@@ -465,7 +467,7 @@ class AFAOutput(NamedTuple):
 
 
 class AFANet(nn.Module):
-    """The AFA network (SPEC §1, paper §3): MiT encoder, classifier, SegFormer decoder, AFA head.
+    """The AFA network (paper §3, Fig. 2): MiT encoder, classifier, SegFormer decoder, AFA head.
 
     num_classes C counts the background; the classifier predicts the C−1 foreground classes.
     `pretrained` is an optional path to SegFormer's ImageNet weights for `backbone`.
@@ -540,9 +542,10 @@ class AFANet(nn.Module):
         return self.classifier(features[-1]), affinity  # (B, C−1, h, w), (B or n, N, N)
 
     def param_groups(self):
-        """Parameters by learning-rate group (SPEC §6): "encoder" (weights), "encoder_norm" (every
-        encoder parameter whose name contains "norm": LayerNorms, frozen in the paper's schedule),
-        "heads" (classifier and AFA head) and "decoder". Each parameter appears exactly once."""
+        """Parameters by learning-rate group (paper §4.1; the groups of the release): "encoder"
+        (weights), "encoder_norm" (every encoder parameter whose name contains "norm": LayerNorms,
+        learning rate 0 in the release's schedule), "heads" (classifier and AFA head) and
+        "decoder". Each parameter appears exactly once."""
         encoder = [p for name, p in self.encoder.named_parameters() if "norm" not in name]
         encoder_norm = [p for name, p in self.encoder.named_parameters() if "norm" in name]
         heads = list(self.classifier.parameters()) + list(self.affinity_head.parameters())

@@ -1,7 +1,7 @@
 """Pixel-adaptive refinement (PAR): smooth label maps along the image's low-level structure.
 
 PAR refines CAM-derived maps so that they follow colour edges (paper §3.3, "Pixel-Adaptive
-Refinement"; SPEC §3). Every pixel i looks at 8 neighbours j at each dilation d (48 with the default
+Refinement"). Every pixel i looks at 8 neighbours j at each dilation d (48 with the default
 six dilations, replicate padding at the border) and gets an affinity
 
     κ(i, j)  = −( |I_i − I_j| / (σ_i + ε) / w1 )²,  averaged over the colour channels,

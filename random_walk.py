@@ -1,10 +1,10 @@
 """Random walk propagation of CAMs with the learned affinity.
 
 CAMs cover only the most discriminative parts of an object. AFA spreads them along the learned
-semantic affinity (attention_affinity.py) with one step of a random walk (paper §3.2 "Pseudo label
-propagation"; SPEC §5): a constant background score is prepended to the label-masked
-CAMs, a softmax is taken over background and the classes present in the image, and the result is
-multiplied by a transition matrix built from the affinity restricted to a local window. The
+semantic affinity (attention_affinity.py) with one step of a random walk (paper §3.2, "Pseudo label
+propagation"): a constant background score is prepended to the label-masked CAMs, a softmax is
+taken over background and the classes present in the image, and the result is multiplied by a
+transition matrix built from the affinity restricted to a local window. The
 propagated maps are upsampled, refined with PAR and turned into the AFA pseudo label that
 supervises the segmentation branch.
 
@@ -18,7 +18,7 @@ import torch
 
 
 def propagate(cams, affinity, mask, cls_labels, bkg_score, power=2, column_offset=0.1):
-    """One random-walk step of the CAMs with the affinity (SPEC §5).
+    """One random-walk step of the CAMs with the affinity (paper §3.2).
 
     With P (B, C, N) the softmax over background (constant bkg_score) and present classes,
         W_ij = a_ij^power · [(i, j) in window],   T_ij = W_ij / (Σ_i' W_i'j + column_offset),

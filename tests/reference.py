@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------------------------------------
-# PAR (SPEC §3), a direct translation: neighbours by clamped coordinates, one at a time.
+# PAR (paper §3.3), a direct translation: neighbours by clamped coordinates, one at a time.
 # ---------------------------------------------------------------------------------------------
 
 def par_neighbour_offsets(dilations):
@@ -32,7 +32,7 @@ def par_gather_neighbours(x, offsets):
 
 
 def par_reference(images, masks, dilations=(1, 2, 4, 8, 12, 24), num_iter=10, w1=0.3, w2=0.01):
-    """PAR()(images (B, 3, H, W), masks (B, K, h, w)) -> (B, K, H, W), straight from SPEC §3."""
+    """PAR()(images (B, 3, H, W), masks (B, K, h, w)) -> (B, K, H, W), straight from the formulas of paper §3.3."""
     B, _, H, W = images.shape
     offsets = par_neighbour_offsets(dilations)
     P = len(offsets)

@@ -1,4 +1,4 @@
-"""Tests for attention_affinity.py: window mask, AFA head, affinity labels, loss (SPEC §1, §4)."""
+"""Tests for attention_affinity.py: window mask, AFA head, affinity labels, loss (paper §3.2)."""
 
 import math
 from pathlib import Path

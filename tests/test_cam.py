@@ -1,4 +1,4 @@
-"""Tests for cam.py: multi-scale CAMs, CAM labels and their PAR refinement (SPEC §2, §3, §5)."""
+"""Tests for cam.py: multi-scale CAMs, CAM labels and their PAR refinement (paper §3.1–3.3)."""
 
 import copy
 import types

@@ -1,4 +1,4 @@
-"""Tests for model.py: the MiT encoder, SegFormer's checkpoint layout, the decoder and AFANet (SPEC §1, §9)."""
+"""Tests for model.py: the MiT encoder, SegFormer's checkpoint layout, the decoder and AFANet (paper §3.1)."""
 
 import copy
 import math

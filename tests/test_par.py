@@ -1,4 +1,4 @@
-"""Tests for par.py: pixel-adaptive refinement (SPEC §3)."""
+"""Tests for par.py: pixel-adaptive refinement (paper §3.3)."""
 
 from pathlib import Path
 

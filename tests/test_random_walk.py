@@ -1,4 +1,4 @@
-"""Tests for random_walk.py: one random-walk step of the CAMs along the affinity (SPEC §5)."""
+"""Tests for random_walk.py: one random-walk step of the CAMs along the affinity (paper §3.2)."""
 
 from pathlib import Path
 
