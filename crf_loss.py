@@ -1,6 +1,6 @@
 """L_reg: the dense-CRF energy loss on the segmentation branch, in plain PyTorch.
 
-The seg branch is trained on pseudo labels that miss object boundaries. L_reg (paper §3.4, "+L_reg";
+The seg branch learns from pseudo labels that are coarse at object boundaries. L_reg (paper §3.4;
 the regularised loss of Tang et al., ECCV 2018, "On Regularized Losses for Weakly-supervised CNN
 Segmentation") asks the seg branch's soft prediction to have a low dense-CRF energy: pixels close
 in position and colour should get the same class. It runs beside L_seg on the upsampled seg logits.
@@ -37,13 +37,13 @@ gathers, slice a gather — all batched over images (the image index is part of 
 channels: (B, K, h, w) → points (P, d), P = B·h·w → corners (P, d+1) of M vertices → lattice
 values (M, K) → (P, K) → (B, K, h, w).
 
-The authors' release differs from the paper: it trained with L_reg (the layer below with weight
-1e-7, added to the total loss with factor 0.01 once the seg branch trains, after `cam_iters`) and later
-removed it because the C++ filter would not build for users; the gate G and the unlabelled pixels
-come from the release's energy layer (rloss's DenseCRFLoss has neither). Parity with the release
-needs the C++'s float32 arithmetic for the vertex keys — true division for the features, the
-elevation summed in float32 from the last coordinate down — as other float orders move ~0.5% of the
-pixels to another lattice cell.
+The authors' release differs from the paper: the paper names Tang et al.'s dense-CRF energy; the
+layer the release trained with (weight 1e-7, entering the total loss with factor 0.01 after
+`cam_iters`) adds the gate G and the unlabelled pixels (neither is in rloss's DenseCRFLoss)
+and back-propagates the gradient above rather than E's derivative. The final release dropped L_reg
+because its C++ filter would not build for users. Parity with that filter needs its float32
+arithmetic for the vertex keys — true division for the features, the elevation summed in float32
+from the last coordinate down — as other float orders move ~0.5% of the pixels to another cell.
 """
 
 import math
@@ -100,8 +100,9 @@ def permutohedral_lattice(features):
     Returns, with P = B·N points and M lattice vertices over the batch,
       vertex: (P, d+1) int64, the vertex (0..M-1) at each corner of the point's simplex;
       barycentric: (P, d+1) float32, the point's barycentric weight on each of those vertices;
-      neighbours: (d+1, 2, M) int64, per lattice axis the previous and next vertex along it,
-        M where that vertex does not exist (the caller appends a zero row at index M).
+      neighbours: (d+1, 2, M+1) int64, per lattice axis the previous and next vertex along it;
+        index M stands for a missing vertex (the caller keeps a row of zeros there, whose own
+        neighbours are M again).
     """
     B, N, d = features.shape
     P = B * N
@@ -173,15 +174,17 @@ def permutohedral_lattice(features):
     # Blur neighbours along lattice axis j: key − 1 with key_j + d (previous), key + 1 with key_j − d
     # (next); along axis d all d stored coordinates move by ∓1. Codes are linear in the key, so the
     # previous vertex has code + step; and b is the previous of a exactly when a is the next of b.
-    neighbours = torch.full((d + 1, 2, M), M, dtype=torch.long, device=device)  # (d+1, 2, M)
+    neighbours = torch.full((d + 1, 2, M + 1), M, dtype=torch.long, device=device)  # (d+1, 2, M+1)
     all_vertices = torch.arange(M, device=device)  # (M,)
     for j in range(d + 1):
         step = -sum(strides[:d]) + ((d + 1) * strides[j] if j < d else 0)
         target = vertex_codes + step  # (M,) code of each vertex's previous vertex
         position = torch.searchsorted(vertex_codes, target).clamp(max=M - 1)  # (M,)
         found = vertex_codes[position] == target  # (M,)
-        neighbours[j, 0, found] = position[found]  # previous
-        neighbours[j, 1, position[found]] = all_vertices[found]  # next
+        previous = torch.where(found, position, M)  # (M,)
+        neighbours[j, 0, :M] = previous
+        # The next of each found previous is the vertex itself; the missing ones all write M to row M.
+        neighbours[j, 1].index_put_((previous,), torch.where(found, all_vertices, M))
     return vertex, barycentric, neighbours
 
 
@@ -209,27 +212,27 @@ def bilateral_filter(images, values, sigma_rgb, sigma_xy):
         return torch.zeros_like(values)
 
     features = lattice_features(images, sigma_rgb, sigma_xy)  # (B, N, d)
-    vertex, barycentric, neighbours = permutohedral_lattice(features)  # (P, d+1), (P, d+1), (d+1, 2, M)
-    M = neighbours.shape[2]
+    vertex, barycentric, neighbours = permutohedral_lattice(features)  # (P, d+1), (P, d+1), (d+1, 2, M+1)
+    M = neighbours.shape[2] - 1
     weight = barycentric.to(values.dtype)  # (P, d+1)
     pixel_values = values.permute(0, 2, 3, 1).reshape(B * N, K)  # (P, K)
 
     # Splat: every vertex gathers the barycentric-weighted values of the pixels around it.
-    lattice = values.new_zeros(M, K)  # (M, K)
+    lattice = values.new_zeros(M + 1, K)  # (M+1, K): row M is the missing vertex, always 0
     for corner in range(d + 1):
-        lattice.index_add_(0, vertex[:, corner], weight[:, corner, None] * pixel_values)  # (M, K)
+        lattice.index_add_(0, vertex[:, corner], weight[:, corner, None] * pixel_values)  # (M+1, K)
 
     # Blur: v ← v + ½(v_prev + v_next) along each lattice axis; row M is the missing vertex (0).
     for j in range(d + 1):
-        padded = F.pad(lattice, (0, 0, 0, 1))  # (M+1, K)
-        lattice = lattice + 0.5 * (padded[neighbours[j, 0]] + padded[neighbours[j, 1]])  # (M, K)
+        previous, following = lattice.index_select(0, neighbours[j, 0]), lattice.index_select(0, neighbours[j, 1])
+        lattice = torch.add(lattice, previous + following, alpha=0.5)  # (M+1, K); ½·x is exact
 
     # Slice: every pixel reads its d+1 vertices back with the same weights, times α = 1/(1 + 2^-d).
     alpha = torch.tensor(1.0 / (1.0 + 2.0 ** -d), dtype=torch.float32).item()
     sliced_weight = (barycentric * alpha).to(values.dtype)  # (P, d+1), rounded as the C++ does
     out = values.new_zeros(B * N, K)  # (P, K)
     for corner in range(d + 1):
-        out = out + sliced_weight[:, corner, None] * lattice[vertex[:, corner]]  # (P, K)
+        out += sliced_weight[:, corner, None] * lattice.index_select(0, vertex[:, corner])  # (P, K)
     return out.view(B, h, w, K).permute(0, 3, 1, 2)  # (B, K, h, w)
 
 

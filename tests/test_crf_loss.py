@@ -115,6 +115,9 @@ def test_linear_in_values_and_float64_uses_the_same_lattice():
     torch.testing.assert_close(bilateral_filter(images, 2.5 * u - 0.5 * v, 15, 6), 2.5 * out_u - 0.5 * out_v,
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(bilateral_filter(images, u.float(), 15, 6), out_u.float(), rtol=1e-5, atol=1e-5)
+    # Differentiable in the values (autograd gives Wᵀ; the loss below uses its own gradient instead).
+    small = u[:1, :2, :4, :5].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: bilateral_filter(images[:1, :, :4, :5], x, 15, 6), (small,))
 
 
 def test_non_negative_with_self_term_and_no_normalisation():
@@ -269,6 +272,9 @@ def test_loss_rejects_mismatched_shapes():
     images, logits, roi, label = loss_inputs()
     with pytest.raises(ValueError, match="crf_loss.py.*roi"):
         DenseCRFLoss()(images, logits.softmax(dim=1), roi[:, :-2], label)
+    normalised = (images - 120) / 58  # the network input instead of the RGB image
+    with pytest.raises(ValueError, match="crf_loss.py.*denormalised"):
+        DenseCRFLoss()(normalised, logits.softmax(dim=1), roi, label)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
