@@ -454,9 +454,41 @@ class SegFormerHead(nn.Module):
     def update_batchnorm_statistics(self, features):
         """Run the decoder on features (4 maps (B, C_i, H_i, W_i)) up to and including its
         BatchNorm, for the side effect alone: in train mode the BatchNorm's running mean and
-        variance take this batch in, exactly as a full `forward` would (what follows the BatchNorm,
-        ReLU, Dropout2d and the last conv, cannot change them). Returns nothing."""
-        self.linear_fuse.bn(self.linear_fuse.conv(self.embed(features)))  # (B, embed_dim, H_1, W_1), discarded
+        variance take this batch in, as a full `forward` would (what follows the BatchNorm, ReLU,
+        Dropout2d and the last conv, cannot change them). Returns nothing.
+
+        The BatchNorm's input is `linear_fuse.conv(embed(features))`, computed the cheaper way of
+        `fused_by_stage` (the same up to float rounding)."""
+        self.linear_fuse.bn(self.fused_by_stage(features))  # (B, embed_dim, H_1, W_1), discarded
+
+    def fused_by_stage(self, features):
+        """`linear_fuse.conv(embed(features))` (B, embed_dim, H_1, W_1), the fusion conv applied to
+        each stage before upsampling. With W_s the conv's weights that read stage s and
+        Linear_s(x) = A_s·x + b_s,
+            conv(cat_s up(Linear_s f_s)) = Σ_s W_s·up(A_s f_s + b_s) = Σ_s up((W_s A_s) f_s + W_s b_s),
+        since the 1×1 conv mixes channels and bilinear upsampling mixes pixels with weights that
+        sum to 1, so the two commute. Stages on the same grid are summed before upsampling. The
+        same values up to float rounding (~1e-6), without the 4·embed_dim-channel map at stride 4."""
+        if len(features) != self.num_stages:
+            raise ValueError(f"features must hold {self.num_stages} maps, got {len(features)}")
+        weight = self.linear_fuse.conv.weight.flatten(1)  # (embed_dim, 4·embed_dim)
+        embed_dim = weight.shape[0]
+        by_grid = {}  # grid size -> Σ_s (W_s A_s) f_s + W_s b_s over the stages on that grid
+        for slot, stage in enumerate(reversed(range(1, self.num_stages + 1))):  # order c4, c3, c2, c1
+            linear = getattr(self, f"linear_c{stage}").proj
+            stage_weight = weight[:, slot * embed_dim:(slot + 1) * embed_dim]  # (embed_dim, embed_dim), W_s
+            feature = features[stage - 1]  # (B, C_s, H_s, W_s)
+            mixed = F.conv2d(feature, (stage_weight @ linear.weight)[:, :, None, None],
+                             stage_weight @ linear.bias)  # (B, embed_dim, H_s, W_s)
+            grid = tuple(feature.shape[-2:])
+            by_grid[grid] = by_grid[grid] + mixed if grid in by_grid else mixed
+        size = features[0].shape[-2:]  # (H_1, W_1), stride 4
+        fused = 0
+        for grid, mixed in by_grid.items():
+            if grid != tuple(size):
+                mixed = F.interpolate(mixed, size=size, mode="bilinear", align_corners=False)  # (B, embed_dim, H_1, W_1)
+            fused = fused + mixed
+        return fused  # (B, embed_dim, H_1, W_1)
 
 
 class AFAOutput(NamedTuple):
@@ -526,20 +558,28 @@ class AFANet(nn.Module):
         to float rounding, ~1e-6); n = 0 skips the AFA head. The multi-scale CAM needs the affinity
         at one scale, of the un-flipped half of its batch, only.
         """
-        B = x.shape[0]
-        if num_affinity is not None and not 0 <= num_affinity <= B:
-            raise ValueError(f"num_affinity must be in [0, {B}] or None, got {num_affinity}")
-        if num_affinity == 0:
-            features, _ = self.encoder(x, num_attn=0)
-            top = features[-1]  # (B, C_4, h, w)
-            N = top.shape[-2] * top.shape[-1]
-            affinity = top.new_zeros(0, N, N)  # (0, N, N)
+        if num_affinity is None:
+            features, attn_logits = self.encoder(x, num_attn=self.afa_blocks)
+            affinity = self._affinity(attn_logits)  # (B, N, N)
         else:
-            features, attn_logits = self.encoder(x, num_attn=self.afa_blocks, factored_images=num_affinity)
-            affinity = self._affinity(attn_logits)  # (B or n, N, N)
+            features, affinity = self._encode_with_partial_affinity(x, num_affinity)  # affinity (n, N, N)
         if decoder_stats and self.training:
             self.decoder.update_batchnorm_statistics(features)
         return self.classifier(features[-1]), affinity  # (B, C−1, h, w), (B or n, N, N)
+
+    def _encode_with_partial_affinity(self, x, num_affinity):
+        """The encoder's features for x (B, 3, H, W) and the affinity (n, N, N) of its first n =
+        num_affinity images: the fused attention kernel in every block, the AFA head on the factored
+        logits (`AffinityHead.forward_factored`); for n = 0 no logits at all."""
+        B = x.shape[0]
+        if not 0 <= num_affinity <= B:
+            raise ValueError(f"num_affinity must be in [0, {B}] or None, got {num_affinity}")
+        if num_affinity == 0:
+            features, _ = self.encoder(x, num_attn=0)
+            h, w = features[-1].shape[-2:]
+            return features, features[-1].new_zeros(0, h * w, h * w)  # (0, N, N)
+        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks, factored_images=num_affinity)
+        return features, self._affinity(attn_logits)  # (n, N, N)
 
     def param_groups(self):
         """Parameters by learning-rate group (paper §4.1; the groups of the release): "encoder"

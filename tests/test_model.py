@@ -304,6 +304,18 @@ def test_decoder_matches_naive_reference():
     assert head.linear_fuse.conv.bias is None
 
 
+def test_fusion_by_stage_equals_fusion_of_the_concatenation():
+    # conv(cat_s up(Linear_s f_s)) = Σ_s up(W_s Linear_s f_s): on grids that do not divide evenly
+    # and with two stages on one grid, as AFA's strides (4, 2, 2, 1) give
+    torch.manual_seed(0)
+    head = SegFormerHead((8, 16, 24, 32), num_classes=3, embed_dim=12)
+    features = [torch.randn(2, 8, 17, 21), torch.randn(2, 16, 9, 11), torch.randn(2, 24, 5, 6),
+                torch.randn(2, 32, 5, 6)]
+    with torch.no_grad():
+        expected = head.linear_fuse.conv(head.embed(features))  # (2, 12, 17, 21)
+        torch.testing.assert_close(head.fused_by_stage(features), expected, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- AFANet
 
 def test_afanet_output_shapes(afanet):
