@@ -25,7 +25,8 @@ Full checkpoints may hold the weights under "state_dict" or "model", and keys ma
 the pieces are concatenated in the order our forward pass splits them. A ViT file's position
 embedding is resized (bicubic, as timm does) to the encoder's 14 × 14 pre-training grid when it was
 trained at another resolution. Hugging Face builds its LayerNorms with eps 1e-5 (SegFormer) or 1e-12
-(ViT) where the released models use 1e-6: the weights are the same, the outputs differ by ~1e-6.
+(ViT) where SegFormer's and timm's blocks use 1e-6: the weights are the same, the outputs differ
+slightly.
 
 `.safetensors` files are read with the `safetensors` package, imported only for such a file
 (`pip install safetensors`). Any other file — a text or HTML page saved in place of the weights, a
@@ -60,7 +61,8 @@ LAYOUT_SIGNATURES = {
     "timm_vit": "blocks.0.attn.qkv.weight",
     "hf_vit": "embeddings.patch_embeddings.projection.weight",
 }
-PREFIXES = ("", "module.", "backbone.", "module.backbone.", "segformer.", "vit.", "deit.", "encoder.")
+PREFIXES = ("", "module.", "backbone.", "module.backbone.", "segformer.", "vit.", "deit.", "encoder.",
+            "module.encoder.")
 LAYOUT_NAMES = {
     "segformer": "SegFormer MiT weights",
     "mmseg": "mmsegmentation SegFormer weights",

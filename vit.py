@@ -38,7 +38,7 @@ The state-dict keys are timm's (`cls_token`, `pos_embed`, `patch_embed.proj.weig
 `blocks.0.attn.qkv.weight`, `blocks.0.mlp.fc1.weight`, `norm.weight`, ...), so timm's and DeiT's
 ImageNet files load without renaming (`pretrained.load_pretrained`). DeiT's weights expect the
 ImageNet mean and std that `data.py` uses; timm's "augreg" ViTs were trained on inputs scaled to
-[-1, 1], a difference that fine-tuning absorbs.
+[-1, 1] (mean = std = 0.5), a shift of the input statistics that fine-tuning has to absorb.
 
 Symbols: B batch, H×W input, D width, h×w the stride-16 token grid, N = h·w patch tokens,
 T = 1 + N tokens with the class token, nh heads, d = D / nh head width.
