@@ -138,7 +138,7 @@ def load_pretrained(encoder, path):
     encoder.load_state_dict(state, strict=True)
 
     origin = LAYOUT_NAMES[layout]
-    if prefix == "encoder.":
+    if prefix.endswith("encoder."):
         origin = "the encoder of an AFA checkpoint"
     elif "backbone." in prefix:
         origin += ", the backbone of a segmentation checkpoint"
