@@ -145,13 +145,13 @@ COCO_LAYOUT = Layout(
     mask="SegmentationClass/{split}/{name}.png",
     derivable_splits=(("train", ()), ("val", ())),  # one mask folder per split
     annotated_only=True,
-    how_to_get="Get COCO 2014: train2014.zip and val2014.zip from http://images.cocodataset.org/zips/ "
-    "unpacked into JPEGImages/{train,val}, with VOC-style masks (81 ids) in "
-    "SegmentationClass/{train,val} (e.g. generated with github.com/alicranck/coco2voc)"
+    how_to_get="Get COCO 2014 (train2014.zip, val2014.zip and annotations_trainval2014.zip from "
+    "http://images.cocodataset.org/) and convert it: python prepare_coco.py --coco-root <download> "
+    "--out <this folder> writes JPEGImages/{train,val} and the masks SegmentationClass/{train,val}"
     f"{_OR_SYNTHETIC}",
     how_to_get_masks="the VOC-style masks are missing: convert COCO 2014's "
     "instances_{train,val}2014.json into index PNGs (ids 0–80, 0 background) in "
-    "SegmentationClass/{train,val} (e.g. with github.com/alicranck/coco2voc)",
+    "SegmentationClass/{train,val}: python prepare_coco.py --coco-root <download> --out <this folder>",
 )
 SYNTHETIC_LAYOUT = Layout(  # VOC's file patterns; its own name for its caches and messages
     name="synthetic",
