@@ -1,4 +1,4 @@
-"""Evaluation of AFA (SPEC §7): the test-time protocol, pseudo-label quality, inference, figures.
+"""Evaluation of AFA (paper §4): the test-time protocol, pseudo-label quality, inference, figures.
 
     python evaluate.py --checkpoint work_dirs/synthetic/checkpoints/iter_900.pth    # seg mIoU, val
     python evaluate.py --checkpoint ... --crf                # + dense CRF (pip install pydensecrf2)
@@ -12,12 +12,9 @@ take the element-wise max of the logits over scales (on the stride-4 grid of sca
 the image; arg-max — optionally after a dense CRF on the softmax (10 iterations, Gaussian sxy 3 /
 compat 3, bilateral sxy 64 / srgb 5 / compat 4). Pseudo labels (the paper's Tables 2–3): on a
 split with masks, the mIoU of the CAM label, CAM + PAR, the AFA-propagated CAM, AFA + PAR (the
-training label) and the seg branch, made by the training pipeline's own functions.
-
-The metric is the standard one of PASCAL VOC: a C × C confusion matrix accumulated over the whole
-split (pixels labelled 255 are ignored), IoU_c = TP / (TP + FP + FN) per class, and mIoU the mean
-over the classes that occur in the ground truth. `train.py` validates with the same functions.
-Everything reads the run's configuration from the checkpoint that `train.py` wrote.
+training label) and the seg branch, made by the training pipeline's own functions (pipeline.py).
+The scores are metrics.py's, the figures visualize.py's; everything reads the run's configuration
+from the checkpoint that `train.py` wrote.
 
 The authors' release differs from the paper: its test script uses the scales (1.0, 0.5, 0.75),
 while the authors say the reported 66.0 mIoU used scales 0.5–1.5; we default to the script's.
@@ -28,7 +25,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
 import sys
@@ -37,144 +33,28 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
 from cam import cam_to_label, multi_scale_cam, refine_cams_with_par
-from data import voc_palette
+from metrics import confusion_matrix, scores_table, segmentation_scores
 from model import AFANet
 from par import PAR
-from train import (one_line, Config, ConfigError, afa_pseudo_label, check_compatible, check_config,
-                   denormalize, load_checkpoint, random_walk_cams, token_grid)
+from pipeline import afa_pseudo_label, denormalize, random_walk_cams, token_grid, upsample
+from train import (Config, ConfigError, check_compatible, check_config, exit_code,
+                   load_checkpoint)
+from visualize import attention_figure, class_names_of, image_to_rgb, save_prediction
 
-IGNORE_INDEX = 255
-TEST_SCALES = (1.0, 0.5, 0.75)       # the release's test script (SPEC §7)
+IGNORE_INDEX = data.IGNORE_INDEX
+TEST_SCALES = (1.0, 0.5, 0.75)       # the release's test script (paper §4.1 reports 0.5–1.5)
 TEST_LONG_SIDE = 512
-CLASS_NAMES = {"synthetic": data.SYNTHETIC_CLASSES, "voc2012": data.VOC_CLASSES,
-               "voc": data.VOC_CLASSES, "coco": data.COCO_CLASSES, "coco2014": data.COCO_CLASSES}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CRF_INSTALL = ("--crf needs the pydensecrf2 package: pip install pydensecrf2 (it builds from "
                "source in about a minute and needs a C++ compiler), or run without --crf")
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Confusion matrix (C, C) int64, rows = ground truth, columns = prediction.
-
-    pred, target: integer tensors of the same shape (any), class ids in [0, C). Pixels whose
-    target is `ignore_index` (or outside [0, C)) are skipped, and so are pixels the prediction
-    marks `ignore_index`: a pseudo label's ignore band is scored on the pixels it does label, as
-    in the release's `pseudo_scores`.
-    """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    target = target.reshape(-1).long()
-    pred = pred.reshape(-1).long()
-    keep = (target != ignore_index) & (target >= 0) & (target < num_classes) & (pred != ignore_index)
-    index = target[keep] * num_classes + pred[keep]                 # row-major (gt, pred)
-    counts = torch.bincount(index, minlength=num_classes ** 2)
-    if counts.numel() != num_classes ** 2 or (index.numel() and int(index.min()) < 0):
-        raise ValueError(f"pred has class ids outside [0, {num_classes}) other than {ignore_index}")
-    return counts.reshape(num_classes, num_classes)
-
-
-def segmentation_scores(conf: torch.Tensor) -> dict:
-    """pAcc, mAcc, mIoU and per-class IoU from a confusion matrix (C, C).
-
-    Classes that never occur in the ground truth are left out of the means (their IoU is NaN),
-    as in the authors' release.
-    """
-    conf = conf.double()
-    tp = conf.diag()
-    gt_count = conf.sum(1)                                   # TP + FN
-    pred_count = conf.sum(0)                                 # TP + FP
-    present = gt_count > 0
-    iou = tp / (gt_count + pred_count - tp)                  # NaN where the class is nowhere
-    acc = tp / gt_count
-    total = conf.sum()
-    return {
-        "pAcc": float(tp.sum() / total) if total > 0 else float("nan"),
-        "mAcc": float(acc[present].mean()) if present.any() else float("nan"),
-        "mIoU": float(iou[present].mean()) if present.any() else float("nan"),
-        "IoU": [float(v) if p else float("nan") for v, p in zip(iou.tolist(), present.tolist())],
-    }
-
-
-def multilabel_counts(logits: torch.Tensor, cls_labels: torch.Tensor) -> torch.Tensor:
-    """(tp, fp, fn) counts (3,) int64 of the classifier's decision logit > 0 against the labels."""
-    pred = logits > 0
-    truth = cls_labels > 0.5
-    return torch.stack([(pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()])
-
-
-def f1_from_counts(counts: torch.Tensor) -> float:
-    """Micro-averaged F1 = 2 TP / (2 TP + FP + FN) over all images and classes."""
-    tp, fp, fn = (float(c) for c in counts)
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 1.0
-
-
-def class_names_of(dataset_name: str, num_classes: int) -> tuple:
-    names = CLASS_NAMES.get(dataset_name.lower(), ())
-    return names if len(names) == num_classes else tuple(f"class {k}" for k in range(num_classes))
-
-
-def scores_table(scores: dict, class_names) -> str:
-    """Markdown table of the per-class IoU (in %) and the three means."""
-    lines = ["| class | IoU |", "|---|---|"]
-    lines += [f"| {name} | {'—' if math.isnan(v) else f'{100 * v:.1f}'} |"
-              for name, v in zip(class_names, scores["IoU"])]
-    lines += [f"| **mIoU** | **{100 * scores['mIoU']:.1f}** |",
-              f"\npAcc {100 * scores['pAcc']:.1f}, mAcc {100 * scores['mAcc']:.1f}, "
-              f"mIoU {100 * scores['mIoU']:.1f}"]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation during training (SPEC §6): classifier F1, CAM, AFA-propagated CAM and seg mIoU
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def validate(model, loader, num_classes: int, device, world: int = 1,
-             scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
-             radius: int = 8) -> dict:
-    """Scores of the four outputs on a (sharded) split; confusion matrices summed over ranks.
-
-    The CAM label uses the evaluation threshold `bkg_score`; the AFA-propagated label is the
-    arg-max of the random walk with background `low`, as in the release's validation (the walk
-    uses the affinity of the largest CAM scale, like the training label). Ground-truth
-    image-level labels select the classes, as in the release.
-    """
-
-    confs = {k: torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-             for k in ("cam", "afa", "seg")}
-    counts = torch.zeros(3, dtype=torch.int64, device=device)
-    for batch in loader:
-        images = batch["image"].to(device)                                    # (B, 3, H, W)
-        gt = batch["label"].to(device)                                        # (B, H, W)
-        cls_labels = batch["cls_labels"].to(device)                           # (B, C-1)
-        out = model(images)
-        counts += multilabel_counts(out.cls_logits, cls_labels)
-        seg = F.interpolate(out.seg_logits.float(), size=gt.shape[-2:], mode="bilinear",
-                            align_corners=False).argmax(1)                    # (B, H, W)
-        cams, affinity = multi_scale_cam(model, images, scales)              # (B, C-1, H, W)
-        cams, affinity = cams.float(), affinity.float()
-        cam_label = cam_to_label(cams, cls_labels, bkg_score=bkg_score)
-        afa_label = random_walk_cams(cams, affinity, cls_labels, max(scales), low,
-                                     radius).argmax(1)                       # (B, H, W)
-        for key, pred in (("cam", cam_label), ("afa", afa_label), ("seg", seg)):
-            confs[key] += confusion_matrix(pred, gt, num_classes)
-    if world > 1:
-        for t in (*confs.values(), counts):
-            torch.distributed.all_reduce(t)
-    return {"cls_f1": f1_from_counts(counts.cpu()),
-            **{f"{k}_miou": segmentation_scores(c.cpu())["mIoU"] for k, c in confs.items()}}
-
-
-# ---------------------------------------------------------------------------------------------
-# Test-time segmentation (SPEC §7): long side 512, scales with flips, max over scales
+# Test-time segmentation (paper §4.1): long side 512, scales with flips, max over scales
 # ---------------------------------------------------------------------------------------------
 def resize_long_side(images: torch.Tensor, long_side: int) -> torch.Tensor:
     """images (B, 3, H, W) → (B, 3, H', W') with max(H', W') = long_side; sides truncated by int()."""
@@ -193,7 +73,7 @@ def seg_logits(model: AFANet, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def multi_scale_seg_logits(model: AFANet, images: torch.Tensor, scales=TEST_SCALES,
                            long_side: int = TEST_LONG_SIDE) -> torch.Tensor:
-    """Seg logits (B, C, H, W) of the test-time protocol (SPEC §7) for images (B, 3, H, W).
+    """Seg logits (B, C, H, W) of the test-time protocol (paper §4.1) for images (B, 3, H, W).
 
     In the order of the authors' test script: resize the long side to `long_side` (0 keeps the
     size); at each scale s (images resized by s) run the images with their mirrors, average each
@@ -230,7 +110,7 @@ def multi_scale_seg_logits(model: AFANet, images: torch.Tensor, scales=TEST_SCAL
 
 
 # ---------------------------------------------------------------------------------------------
-# Dense CRF (SPEC §7), in worker processes
+# Dense CRF (paper §4.1), in worker processes
 # ---------------------------------------------------------------------------------------------
 def import_densecrf():
     """The optional pydensecrf2 package (module `pydensecrf`), or a ConfigError saying how to get it."""
@@ -347,42 +227,54 @@ PSEUDO_LABELS = (("cam", "CAM"), ("cam_par", "CAM + PAR"), ("afa", "AFA (random 
 
 
 @torch.no_grad()
+def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: torch.Tensor,
+                     cam_scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
+                     high: float = 0.55, radius: int = 8) -> dict:
+    """The labels of `PSEUDO_LABELS`, each (B, H, W), for images (B, 3, H, W) with their
+    image-level labels cls_labels (B, C-1), the whole image as valid box.
+
+    "cam" the CAM label at `bkg_score` (paper §3.1); "cam_par" the PAR label (§3.3); "afa" the
+    arg-max of the random walk with background `low`, with the affinity the training step walks
+    with (the largest CAM scale's; the in-training validation uses the release's eval-mode
+    scale-1.0 affinity instead); "afa_par" the AFA pseudo label (§3.2), the segmentation target
+    after the switch; "seg" the seg branch at one scale.
+    """
+    B, _, H, W = images.shape
+    whole = torch.tensor([[0, H, 0, W]], device=images.device).expand(B, 4)  # (B, 4) valid box
+    cams, affinity = multi_scale_cam(model, images, cam_scales,
+                                     partial_affinity=True)              # (B, C-1, H, W), (B, N, N)
+    cams, affinity = cams.float(), affinity.float()
+    pixels = denormalize(images.float())                                  # (B, 3, H, W) in [0, 1]
+    largest = max(cam_scales)
+    return {
+        "cam": cam_to_label(cams, cls_labels, bkg_score=bkg_score),
+        "cam_par": refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
+                                        valid_box=whole),
+        "afa": random_walk_cams(cams, affinity, cls_labels, largest, low, radius).argmax(1),
+        "afa_par": afa_pseudo_label(par, pixels, cams, affinity, cls_labels, whole, largest,
+                                    low, high, radius),
+        "seg": upsample(seg_logits(model, images), (H, W)).argmax(1),
+    }
+
+
 def pseudo_label_quality(model: AFANet, par: PAR, loader, num_classes: int, device,
                          cam_scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
                          high: float = 0.55, radius: int = 8) -> dict:
-    """mIoU of each pseudo label of SPEC §2–5 over a split with masks, at each image's own size.
+    """mIoU of each label of `pseudo_labels_of` over a split with masks, at each image's size.
 
-    The labels are made by the training step's functions, with ground-truth image-level labels
-    and the whole image as valid box: "cam" the CAM label at `bkg_score`; "cam_par" the PAR label
-    (SPEC §3); "afa" the arg-max of the random walk with background `low` (as in validation);
-    "afa_par" the AFA pseudo label (SPEC §5), the segmentation target after the switch; "seg"
-    the seg branch at one scale. Pixels a label leaves ignored (255) are not scored, as in the
-    release's `pseudo_scores`; "labelled" gives the share of ground-truth pixels each label scores.
+    The image-level labels are the ground truth's. Pixels a label leaves ignored (255) are not
+    scored, as in the release's `pseudo_scores`; "labelled" gives the share of ground-truth
+    pixels each label scores.
     Returns {"<key>_miou": float, ..., "labelled": {key: float}, "IoU": {key: [per class]}}.
     """
     keys = [k for k, _ in PSEUDO_LABELS]
     confs = {k: torch.zeros(num_classes, num_classes, dtype=torch.int64) for k in keys}
     valid_pixels = 0
-    largest = max(cam_scales)
     for batch in tqdm(loader, desc="pseudo labels", unit="batch", dynamic_ncols=True):
-        images = batch["image"].to(device)                                    # (B, 3, H, W)
-        cls_labels = batch["cls_labels"].to(device)                           # (B, C-1)
         gt = batch["label"]                                                   # (B, H, W)
-        B, _, H, W = images.shape
-        whole = torch.tensor([[0, H, 0, W]], device=device).expand(B, 4)      # (B, 4) valid box
-        cams, affinity = multi_scale_cam(model, images, cam_scales)          # (B, C-1, H, W), (B, N, N)
-        cams, affinity = cams.float(), affinity.float()
-        pixels = denormalize(images.float())                                  # (B, 3, H, W) in [0, 1]
-        labels = {
-            "cam": cam_to_label(cams, cls_labels, bkg_score=bkg_score),
-            "cam_par": refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
-                                            valid_box=whole),
-            "afa": random_walk_cams(cams, affinity, cls_labels, largest, low, radius).argmax(1),
-            "afa_par": afa_pseudo_label(par, pixels, cams, affinity, cls_labels, whole, largest,
-                                        low, high, radius),
-            "seg": F.interpolate(seg_logits(model, images).float(), size=(H, W), mode="bilinear",
-                                 align_corners=False).argmax(1),
-        }
+        labels = pseudo_labels_of(model, par, batch["image"].to(device),
+                                  batch["cls_labels"].to(device), cam_scales, bkg_score, low,
+                                  high, radius)
         for k in keys:
             confs[k] += confusion_matrix(labels[k].cpu(), gt, num_classes)
         valid_pixels += int(((gt != IGNORE_INDEX) & (gt >= 0) & (gt < num_classes)).sum())
@@ -447,273 +339,6 @@ def predict_images(model: AFANet, paths: list, out_dir: str, device, scales=TEST
     return written
 
 
-# ---------------------------------------------------------------------------------------------
-# Figures in the spirit of the paper's Fig. 3 and 4: CAM, AFA-refined CAM, affinity, attention
-# ---------------------------------------------------------------------------------------------
-def connected_components(label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """4-connected regions of one foreground class: (H, W) labels → (H, W) int64 ids, 0 elsewhere.
-
-    Each pixel starts with its own id and repeatedly takes the largest id among its same-class
-    neighbours until nothing changes (at most as many sweeps as the longest path in a region).
-    """
-    H, W = label.shape
-    foreground = (label != 0) & (label != ignore_index)
-    ids = torch.arange(1, H * W + 1, device=label.device).view(H, W) * foreground  # (H, W)
-    padded_label = F.pad(label[None, None].float(), (1, 1, 1, 1), value=-1)[0, 0]  # (H+2, W+2)
-    shifts = ((0, 1), (2, 1), (1, 0), (1, 2))                 # up, down, left, right
-    same = [padded_label[dy:dy + H, dx:dx + W] == label for dy, dx in shifts]     # 4 × (H, W)
-    while True:
-        padded = F.pad(ids[None, None], (1, 1, 1, 1))[0, 0]                        # (H+2, W+2)
-        grown = ids
-        # Background and ignored pixels start at 0 and only see each other: they stay 0.
-        for (dy, dx), keep in zip(shifts, same):
-            grown = torch.maximum(grown, padded[dy:dy + H, dx:dx + W] * keep)
-        if torch.equal(grown, ids):
-            return ids
-        ids = grown
-
-
-def largest_object_centre(label: torch.Tensor) -> tuple:
-    """(y, x) of the pixel of the largest predicted object nearest to the object's centroid
-    (on the object even when it is a ring); the image centre when nothing is predicted."""
-    H, W = label.shape
-    ids = connected_components(label)
-    if not bool((ids > 0).any()):
-        return H // 2, W // 2
-    counts = torch.bincount(ids.flatten())                    # (H·W + 1,)
-    counts[0] = 0
-    inside = ids == counts.argmax()
-    ys, xs = inside.nonzero(as_tuple=True)
-    cy, cx = ys.float().mean(), xs.float().mean()
-    nearest = ((ys - cy) ** 2 + (xs - cx) ** 2).argmin()
-    return int(ys[nearest]), int(xs[nearest])
-
-
-def heat_map(values: torch.Tensor) -> np.ndarray:
-    """(H, W) values in [0, 1] → RGB uint8 (H, W, 3) in the jet colour map (blue 0 … red 1)."""
-    v = values.clamp(0, 1).cpu().numpy()[..., None]
-    rgb = np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1)    # r, g, b ramps
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def blend(rgb: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    return (rgb * (1 - alpha) + colours * alpha).round().astype(np.uint8)
-
-
-def mark(rgb: np.ndarray, pixel: tuple, arm: int = 4) -> np.ndarray:
-    """A white cross with a black outline at pixel (y, x)."""
-    out = rgb.copy()
-    y, x = pixel
-    for colour, width in (((0, 0, 0), 1), ((255, 255, 255), 0)):
-        out[max(y - width, 0):y + width + 1, max(x - arm, 0):x + arm + 1] = colour
-        out[max(y - arm, 0):y + arm + 1, max(x - width, 0):x + width + 1] = colour
-    return out
-
-
-def min_max(values: torch.Tensor) -> torch.Tensor:
-    """values − min, divided by the range: the walked class scores span a narrow band of (0, 1)."""
-    low = values.min()
-    return (values - low) / (values.max() - low).clamp(min=1e-12)
-
-
-def token_row_map(matrix_row: torch.Tensor, grid: tuple, size: tuple) -> torch.Tensor:
-    """One row (N,) of an N × N token matrix as a map (H, W), scaled to its maximum."""
-    h, w = grid
-    values = matrix_row.float().view(1, 1, h, w)                              # (1, 1, h, w)
-    values = F.interpolate(values, size=size, mode="bilinear", align_corners=False)[0, 0]  # (H, W)
-    return values / values.max().clamp(min=1e-12)
-
-
-@torch.no_grad()
-def attention_figure(model: AFANet, image: torch.Tensor, path: str, class_names,
-                     cls_labels: torch.Tensor | None = None, truth: torch.Tensor | None = None,
-                     pixel: tuple | None = None, cam_scales=(1.0, 0.5, 1.5),
-                     bkg_score: float = 0.35, radius: int = 8, display_size: int = 256) -> tuple:
-    """One PNG for one image (3, H, W): image | truth | prediction; per present class its CAM and
-    its AFA-propagated CAM; the learned affinity and the raw attention of one pixel.
-
-    The classes are `cls_labels` (C-1,) — the image-level labels — or, when None, those the
-    classifier predicts (logit > 0; the top one if none is). The affinity and the attention are
-    those the random walk uses: at the largest CAM scale, the attention averaged over the AFA
-    head's maps (softmax(q·kᵀ/√d) of the last blocks' heads). `pixel` (y, x) defaults to the centre
-    of the largest object of the seg prediction. Heat maps: the CAMs as they are ([0, 1]), each
-    walked map stretched to [0, 1], the affinity and attention rows scaled to their maximum.
-    Returns the pixel used.
-    """
-    device = next(model.parameters()).device
-    x = image[None].to(device)                                                # (1, 3, H, W)
-    H, W = x.shape[-2:]
-    out = model(x)
-    pred = F.interpolate(out.seg_logits.float(), size=(H, W), mode="bilinear",
-                         align_corners=False).argmax(1)[0]                    # (H, W)
-    if cls_labels is None:
-        cls_labels = (out.cls_logits[0] > 0).float()                          # (C-1,)
-        if not bool(cls_labels.any()):
-            cls_labels[out.cls_logits[0].argmax()] = 1
-    cls_labels = cls_labels.to(device).float()[None]                          # (1, C-1)
-    if pixel is None:
-        pixel = largest_object_centre(pred)
-    y, x_ = pixel
-    if not (0 <= y < H and 0 <= x_ < W):
-        raise ConfigError(f"--pixel {y} {x_} lies outside the {H}×{W} image")
-
-    cams, affinity = multi_scale_cam(model, x, cam_scales)                   # (1, C-1, H, W), (1, N, N)
-    walked = random_walk_cams(cams.float(), affinity.float(), cls_labels, max(cam_scales),
-                              bkg_score, radius)                              # (1, C, H, W)
-    # Attention of the AFA blocks at the largest scale, on the grid of the affinity.
-    largest = max(cam_scales)
-    scaled = x if largest == 1.0 else F.interpolate(
-        x, size=(int(largest * H), int(largest * W)), mode="bilinear", align_corners=False)
-    _, attn_logits = model.encoder(scaled, num_attn=model.afa_blocks)         # each (1, nh, N, N)
-    head_dim = model.encoder.embed_dims[-1] // model.encoder.num_heads[-1]
-    attention = torch.cat(attn_logits, dim=1).float().mul(head_dim ** -0.5).softmax(-1).mean(1)  # (1, N, N)
-    grid = (token_grid(scaled.shape[-2]), token_grid(scaled.shape[-1]))
-    query = (y * grid[0] // H) * grid[1] + (x_ * grid[1] // W)               # the pixel's token
-
-    rgb = image_to_rgb(image)
-    display = _display_resizer((H, W), display_size)
-    shown = display(mark(rgb, pixel), Image.BILINEAR)
-    rows = [[("image", shown)]]
-    if truth is not None:
-        rows[0].append(("truth", display(colorize(truth), Image.NEAREST)))
-    rows[0].append(("prediction", display(mark(blend(rgb, colorize(pred)), pixel), Image.NEAREST)))
-    for k in cls_labels[0].nonzero()[:, 0].tolist():
-        name = class_names[k + 1]
-        rows.append([(f"CAM: {name}", display(blend(rgb, heat_map(cams[0, k])), Image.BILINEAR)),
-                     (f"AFA: {name}", display(blend(rgb, heat_map(min_max(walked[0, k + 1]))),
-                                               Image.BILINEAR))])
-    rows.append([(f"affinity of ({y}, {x_})",
-                  display(mark(blend(rgb, heat_map(token_row_map(affinity[0, query], grid, (H, W)))),
-                               pixel), Image.BILINEAR)),
-                 (f"attention of ({y}, {x_})",
-                  display(mark(blend(rgb, heat_map(token_row_map(attention[0, query], grid, (H, W)))),
-                               pixel), Image.BILINEAR))])
-    save_panels(rows, path)
-    return pixel
-
-
-def _display_resizer(size: tuple, display_size: int):
-    """Enlarge small images so that the long side is `display_size` (captions need the room)."""
-    H, W = size
-    factor = max(1.0, display_size / max(H, W))
-    target = (round(W * factor), round(H * factor))
-
-    def resize(rgb: np.ndarray, resample) -> np.ndarray:
-        if factor == 1.0:
-            return rgb
-        return np.asarray(Image.fromarray(rgb).resize(target, resample))
-    return resize
-
-
-# ---------------------------------------------------------------------------------------------
-# Pictures and files
-# ---------------------------------------------------------------------------------------------
-def colorize(label: torch.Tensor):
-    """Label map (H, W) → RGB uint8 array (H, W, 3) in the VOC colours; 255 is drawn white."""
-    palette = np.array(voc_palette(256), dtype=np.uint8).reshape(-1, 3)
-    palette[255] = 255
-    return palette[label.cpu().numpy().astype(np.int64)]
-
-
-def image_to_rgb(image: torch.Tensor):
-    """Normalised image (3, H, W) → RGB uint8 array (H, W, 3)."""
-    rgb = denormalize(image[None].float())[0].clamp(0, 1)                     # (3, H, W)
-    return (rgb.permute(1, 2, 0) * 255).round().byte().cpu().numpy()
-
-
-def overlay(rgb: np.ndarray, label: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
-    """The image with the predicted classes' colours blended in; background left as it is."""
-    colours = blend(rgb, colorize(label), alpha)
-    foreground = (label.cpu().numpy() != 0)[..., None]
-    return np.where(foreground, colours, rgb)
-
-
-def save_prediction(pred: torch.Tensor, rgb: np.ndarray, folder: str, name: str) -> str:
-    """`folder/<name>.png`: the mask as a palette PNG (pixel values = class ids, VOC colours);
-    `folder/overlay/<name>.png`: the overlay. Returns the mask's path."""
-    os.makedirs(os.path.join(folder, "overlay"), exist_ok=True)
-    mask = Image.fromarray(pred.cpu().numpy().astype(np.uint8))
-    mask.putpalette(voc_palette())                           # "L" → "P"; the values stay the ids
-    path = os.path.join(folder, name + ".png")
-    mask.save(path)
-    Image.fromarray(overlay(rgb, pred)).save(os.path.join(folder, "overlay", name + ".png"))
-    return path
-
-
-def save_grid(rows: list, path: str, titles=None, pad: int = 2) -> None:
-    """Tile rows of equally tall RGB arrays into one PNG (white gaps between the tiles)."""
-    row_images = []
-    for row in rows:
-        h = max(a.shape[0] for a in row)
-        tiles = []
-        for a in row:
-            tile = np.full((h, a.shape[1] + pad, 3), 255, np.uint8)
-            tile[: a.shape[0], : a.shape[1]] = a
-            tiles.append(tile)
-        row_images.append(np.concatenate(tiles, axis=1))
-    width = max(r.shape[1] for r in row_images)
-    head = 14 if titles else 0
-    canvas = np.full((head + sum(r.shape[0] + pad for r in row_images), width, 3), 255, np.uint8)
-    y = head
-    for r in row_images:
-        canvas[y: y + r.shape[0], : r.shape[1]] = r
-        y += r.shape[0] + pad
-    picture = Image.fromarray(canvas)
-    if titles:
-        draw = ImageDraw.Draw(picture)
-        x = 0
-        for title, a in zip(titles, rows[0]):
-            draw.text((x + 2, 1), title, fill=(0, 0, 0))
-            x += a.shape[1] + pad
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    picture.save(path)
-
-
-def save_panels(rows: list, path: str, pad: int = 4, caption: int = 14) -> None:
-    """Rows of (caption, RGB array) tiles into one PNG, each tile under its own caption."""
-    tile_h = max(a.shape[0] for row in rows for _, a in row)
-    tile_w = max(a.shape[1] for row in rows for _, a in row)
-    width = max(len(row) for row in rows) * (tile_w + pad) + pad
-    height = len(rows) * (tile_h + caption + pad) + pad
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for r, row in enumerate(rows):
-        top = pad + r * (tile_h + caption + pad)
-        for c, (title, a) in enumerate(row):
-            left = pad + c * (tile_w + pad)
-            draw.text((left + 1, top), title, fill=(0, 0, 0))
-            canvas.paste(Image.fromarray(a), (left, top + caption))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-
-
-@torch.no_grad()
-def training_figure(model, par, dataset, indices, path: str, device, scales=(1.0, 0.5, 1.5),
-                    bkg_score: float = 0.45, low: float = 0.35, high: float = 0.55,
-                    radius: int = 8) -> None:
-    """One row per image: image | ground truth | CAM label | PAR label | AFA label | prediction."""
-    rows = []
-    for i in indices:
-        sample = dataset[i]
-        image = sample["image"][None].to(device)                              # (1, 3, H, W)
-        cls_labels = sample["cls_labels"][None].to(device)                    # (1, C-1)
-        H, W = image.shape[-2:]
-        box = torch.tensor([[0, H, 0, W]], device=device)                     # (1, 4)
-        cams, affinity = multi_scale_cam(model, image, scales)
-        cams, affinity = cams.float(), affinity.float()
-        pixels = denormalize(image)
-        cam_label = cam_to_label(cams, cls_labels, bkg_score=bkg_score)
-        par_label = refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
-                                         valid_box=box)
-        afa_label = afa_pseudo_label(par, pixels, cams, affinity, cls_labels, box, max(scales),
-                                     low, high, radius)
-        seg = F.interpolate(model(image).seg_logits.float(), size=(H, W), mode="bilinear",
-                            align_corners=False).argmax(1)
-        rows.append([image_to_rgb(sample["image"]), colorize(sample["label"]),
-                     *(colorize(x[0]) for x in (cam_label, par_label, afa_label, seg))])
-    save_grid(rows, path, titles=["image", "truth", "CAM", "CAM+PAR", "AFA+PAR", "seg"])
-
-
 # =============================================================================================
 # Command line
 # =============================================================================================
@@ -726,7 +351,8 @@ CONFIG_CHECKS = ("backbone", "num_classes")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
     parser.add_argument("--split", help="split to evaluate (default: the checkpoint's val split; "
                                         "'train' with --pseudo, as in the paper)")
@@ -744,8 +370,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "attention figures of these images of the split (default: the first "
                         "--num-figures), or of the --image images")
     parser.add_argument("--pixel", type=int, nargs=2, metavar=("Y", "X"), help="the pixel whose "
-                        "affinity and attention the figures show (default: the centre of the "
-                        "largest predicted object)")
+                        "affinity and attention the figures show, as (y, x): row, then column, "
+                        "from the top-left corner (default: the centre of the largest predicted "
+                        "object)")
     parser.add_argument("--out", help="output folder (default: <checkpoint without .pth>_eval)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--workers", type=int, default=2, help="data-loading and CRF processes")
@@ -791,7 +418,8 @@ def pick_device(name: str) -> torch.device:
 
 def load_model(path: str, args: argparse.Namespace, device) -> tuple:
     """(AFANet in eval mode on `device`, its Config) from a checkpoint of train.py."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, missing_hint="pass --checkpoint with a .pth written by train.py "
+                                              "(in its work_dir/checkpoints/)")
     cfg = config_from_checkpoint(ckpt, args)
     check_compatible(ckpt, cfg, path)
     model = AFANet(cfg.num_classes, backbone=cfg.backbone)
@@ -827,6 +455,14 @@ def write_metrics(out_dir: str, entries: dict) -> str:
     return path
 
 
+def check_pixel(pixel, image: torch.Tensor) -> None:
+    """--pixel (y, x) must lie inside the image (3, H, W)."""
+    H, W = image.shape[-2:]
+    if pixel is not None and not (0 <= pixel[0] < H and 0 <= pixel[1] < W):
+        raise ConfigError(f"--pixel {pixel[0]} {pixel[1]}: (y, x) lies outside the {H}×{W} "
+                          f"(H×W) image; give 0 <= y < {H} and 0 <= x < {W}")
+
+
 def figures_of_split(model, cfg: Config, dataset, chosen: list, out_dir: str, names,
                      pixel=None) -> None:
     """--figures on images of a split: the named ones, or the first cfg.num_figures."""
@@ -835,6 +471,7 @@ def figures_of_split(model, cfg: Config, dataset, chosen: list, out_dir: str, na
             raise ConfigError(f"--figures {name}: no such image in split {dataset.split!r} "
                               f"(e.g. {', '.join(dataset.names[:3])})")
         sample = dataset[dataset.names.index(name)]
+        check_pixel(pixel, sample["image"])
         path = os.path.join(out_dir, "figures", name + ".png")
         attention_figure(model, sample["image"], path, names, cls_labels=sample["cls_labels"],
                          truth=sample["label"], pixel=pixel, cam_scales=cfg.cam_scales,
@@ -847,7 +484,9 @@ def figures_of_files(model, cfg: Config, paths: list, out_dir: str, names, pixel
     for image_path in paths:
         stem = os.path.splitext(os.path.basename(image_path))[0]
         path = os.path.join(out_dir, "figures", stem + ".png")
-        attention_figure(model, load_image(image_path), path, names, pixel=pixel,
+        image = load_image(image_path)
+        check_pixel(pixel, image)
+        attention_figure(model, image, path, names, pixel=pixel,
                          cam_scales=cfg.cam_scales, bkg_score=cfg.low, radius=cfg.radius)
         print(f"figure: {path}")
 
@@ -931,14 +570,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, data.DatasetError) as e:
-        if args.debug:
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

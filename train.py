@@ -1,6 +1,7 @@
-"""Train AFA end to end (paper §3, SPEC §2–6): one network, one step, pseudo labels made on the fly.
+"""Train AFA end to end (paper §3, §4.1): one network, one step, pseudo labels made on the fly.
 
-Every iteration runs the pipeline of the paper's Fig. 2:
+Every iteration runs the pipeline of the paper's Fig. 2 (`compute_losses`; the stages are in
+pipeline.py):
 
     forward ─► multi-scale CAM ─► CAM label ─► PAR label ─► affinity labels ─► L_aff
                       │                                                          │
@@ -10,13 +11,17 @@ Every iteration runs the pipeline of the paper's Fig. 2:
     python train.py                                   # built-in synthetic data, CPU, minutes
     python train.py --data VOC2012 --data-root data/VOCdevkit/VOC2012 --pretrained mit_b1.pth
     torchrun --nproc_per_node 2 train.py --data VOC2012 ...          # the paper's 2 GPUs × 2
+    python train.py --resume auto                     # continue the run in --work-dir
 
 The `Config` dataclass holds the paper's numbers (VOC 2012); `PRESETS` changes what a data set
 needs (`synthetic` trains from scratch on a CPU, `COCO` follows the release's COCO script); any
-command-line flag overrides both. Importing this module starts nothing.
+command-line flag overrides both. Importing this module starts nothing; the step's stages
+(`seg_loss`, `make_pseudo_labels`, ...) are importable from here as from pipeline.py.
 
-The authors' release differs from the paper: it leaves out the dense-CRF loss L_reg (SPEC §6) —
-so do we.
+The authors' release differs from the paper: it leaves out the dense-CRF loss L_reg (paper §3.4)
+— so do we. As in the release, the CAM passes run in train mode on every iteration, the
+classification-only phase included, and update the decoder's BatchNorm statistics
+(`--no-cam-bn-stats` skips that: faster, other eval-mode numbers).
 """
 from __future__ import annotations
 
@@ -27,12 +32,13 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -42,11 +48,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import data
-from attention_affinity import affinity_labels, affinity_loss, window_mask
-from cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par
+from attention_affinity import affinity_loss
+from metrics import format_metrics, metrics_table, validate
 from model import AFANet, load_mit_weights
 from par import PAR
-from random_walk import propagate
+from pipeline import (PseudoLabels, affinity_targets, afa_pseudo_label, cam_statistics_passes,  # noqa: F401
+                      denormalize, label_precision, make_pseudo_labels, random_walk_cams,
+                      seg_loss, token_grid, upsample)
+from visualize import class_names_of, training_figure
 
 
 class ConfigError(Exception):
@@ -73,7 +82,7 @@ class Config:
     # --- network --------------------------------------------------------------------------------
     backbone: str = opt("mit_b1", "encoder: mit_b1 (paper) or mit_b0")
     pretrained: str = opt("", "SegFormer ImageNet-1k weights for the encoder (mit_b1.pth)")
-    # --- optimisation (SPEC §6) -----------------------------------------------------------------
+    # --- optimisation (paper §4.1) --------------------------------------------------------------
     iters: int = opt(20000, "training iterations")
     batch_size: int = opt(4, "images per iteration over all processes (paper: 2 GPUs × 2)")
     lr: float = opt(6e-5, "learning rate of the encoder; heads and decoder get head_lr_mult×")
@@ -83,14 +92,16 @@ class Config:
     warmup_ratio: float = opt(1e-6, "learning-rate factor at the first warm-up step")
     poly_power: float = opt(1.0, "power of the polynomial decay after warm-up")
     freeze_norm: bool = opt(True, "keep the encoder's LayerNorms at their pretrained values")
-    # --- the method's schedule (SPEC §6) --------------------------------------------------------
+    # --- the method's schedule (paper §3.4, §4.1) -----------------------------------------------
     cam_iters: int = opt(2000, "classification-only phase: L_seg and L_aff are off up to here")
     switch_iters: int = opt(6000, "the AFA pseudo label replaces the PAR label after this")
     aff_from_afa: bool = opt(False, "after the switch, affinity labels also from the AFA label (COCO)")
     seg_weight: float = opt(0.1, "weight of L_seg")
     aff_weight: float = opt(0.1, "weight of L_aff")
-    # --- pseudo labels (SPEC §2–5) --------------------------------------------------------------
+    # --- pseudo labels (paper §3.1–3.3) ---------------------------------------------------------
     cam_scales: tuple = opt((1.0, 0.5, 1.5), "scales of the multi-scale CAM")
+    cam_bn_stats: bool = opt(True, "the CAM passes update the decoder's BatchNorm statistics on "
+                                   "every iteration, as in the release (off: faster, other numbers)")
     reuse_forward_cam: bool = opt(False, "multi-scale CAM reuses the forward's scale-1.0 CAMs "
                                          "(faster; changes the numbers: other drop-path draws)")
     cam_bf16: bool = opt(False, "multi-scale CAM alone under bf16 autocast (faster where bf16 is; "
@@ -102,10 +113,12 @@ class Config:
     par_iters: int = opt(10, "PAR iterations (COCO: 15)")
     # --- run ------------------------------------------------------------------------------------
     work_dir: str = opt("work_dirs/voc", "checkpoints, logs, metrics and figures go here")
+    overwrite: bool = opt(False, "start a new run in a work dir that holds one, deleting its files")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    amp: bool = opt(False, "bf16 autocast (fp16 with loss scaling on GPUs without bf16)")
+    amp: bool = opt(False, "bf16 autocast of the network (fp16 with loss scaling on GPUs without "
+                           "bf16); the pseudo labels stay fp32")
     compile: bool = opt(False, "torch.compile the encoder and decoder")
-    resume: str = opt("", "checkpoint to resume from ('auto': the latest in work_dir)")
+    resume: str = opt("", "checkpoint to resume from ('auto': the newest in work_dir)")
     eval_every: int = opt(2000, "validate and checkpoint every this many iterations")
     log_every: int = opt(20, "write a log line every this many iterations")
     keep_ckpts: int = opt(3, "how many periodic checkpoints to keep")
@@ -132,15 +145,35 @@ PRESETS = {
                       cam_iters=300, switch_iters=600, aff_weight=1.0, eval_every=300,
                       log_every=10, workers=2, val_batch_size=16, work_dir="work_dirs/synthetic"),
 }
+HELP_PRESETS = ("synthetic", "VOC2012", "COCO")  # the order in which --help lists the defaults
+
+
+def preset_defaults(name: str) -> str:
+    """A flag's default in each preset: "512", or "synthetic 128; VOC2012, COCO 512"."""
+    default = next(f.default for f in dataclasses.fields(Config) if f.name == name)
+    groups = []                                 # [value, [presets]] in HELP_PRESETS order
+    for preset in HELP_PRESETS:
+        value = PRESETS[preset].get(name, default)
+        same = [group for group in groups if group[0] == value]
+        if same:
+            same[0][1].append(preset)
+        else:
+            groups.append([value, [preset]])
+    if len(groups) == 1:
+        return str(default)
+    return "; ".join(f"{', '.join(presets)} {value}" for value, presets in groups)
 
 
 def parse_config(argv=None) -> Config:
     """Config = dataclass defaults ← preset of --data ← the flags given on the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0] + "\n\nThe defaults depend on the preset chosen with "
+        "--data (synthetic when --data is not given); where the presets differ, each flag lists "
+        "its default per preset.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f"{f.metadata['help']} (default: {preset_defaults(f.name)})".replace("%", "%%")
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.type == "tuple":
@@ -181,7 +214,7 @@ def check_config(cfg: Config) -> None:
 
 
 # =============================================================================================
-# Schedule (SPEC §6): linear warm-up, then polynomial decay — a pure function of the step
+# Schedule and optimiser (paper §4.1): warm-up then polynomial decay, the release's groups
 # =============================================================================================
 def lr_factor(step: int, warmup_iters: int, total_iters: int, warmup_ratio: float = 1e-6,
               power: float = 1.0) -> float:
@@ -190,12 +223,16 @@ def lr_factor(step: int, warmup_iters: int, total_iters: int, warmup_ratio: floa
     return max(0.0, 1 - step / total_iters) ** power
 
 
+def freeze_encoder_norms(model: AFANet) -> None:
+    """The paper's frozen normalisation layers: the encoder's norms get no gradient at all."""
+    for p in model.param_groups()["encoder_norm"]:
+        p.requires_grad_(False)
+
+
 def build_optimizer(model: AFANet, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with the release's groups: encoder ×1, encoder norms frozen (lr 0), heads ×10."""
+    """AdamW with the release's groups: encoder ×1, encoder norms at lr 0 when frozen, heads and
+    decoder ×head_lr_mult. Changes nothing in the model (`freeze_encoder_norms` does that)."""
     groups = model.param_groups()
-    if cfg.freeze_norm:
-        for p in groups["encoder_norm"]:
-            p.requires_grad_(False)
     norm_lr = 0.0 if cfg.freeze_norm else cfg.lr
     param_groups = [
         dict(params=groups["encoder"], lr=cfg.lr, weight_decay=cfg.weight_decay),
@@ -215,143 +252,44 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: Config) -> None:
 
 
 # =============================================================================================
-# Losses
+# The step (paper Fig. 2): forward, pseudo labels, losses
 # =============================================================================================
-def seg_loss(seg_logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Balanced cross entropy of SPEC §6: ½ (CE over background pixels + CE over foreground ones).
-
-    seg_logits: (B, C, H, W) at the label's size; label: (B, H, W) int64 with `ignore_index`.
-    Each half is a mean over its own pixels. A half with no pixel contributes 0: the release's
-    0/0 gives NaN there (a crop that is all background, all foreground or all ignored).
-    """
-    ce = F.cross_entropy(seg_logits, label, ignore_index=ignore_index, reduction="none")  # (B, H, W)
-    valid = label != ignore_index
-    background = (valid & (label == 0)).to(ce.dtype)
-    foreground = (valid & (label != 0)).to(ce.dtype)
-    bg_loss = (ce * background).sum() / background.sum().clamp(min=1)
-    fg_loss = (ce * foreground).sum() / foreground.sum().clamp(min=1)
-    return 0.5 * (bg_loss + fg_loss)
-
-
-# =============================================================================================
-# The step, one function per stage of the paper
-# =============================================================================================
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-
-
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Normalised images (B, 3, H, W) back to RGB in [0, 1], the input PAR sees in the release."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images * std + mean) / 255.0
-
-
-def token_grid(size: int, stride: int = 16) -> int:
-    """Side of the stride-16 token grid for an input side `size` (each patch embedding pads)."""
-    return -(-size // stride)
-
-
-class PseudoLabels(NamedTuple):
-    cam: torch.Tensor            # (B, H, W) three-band CAM label (SPEC §2)
-    par: torch.Tensor            # (B, H, W) CAM label refined with PAR (SPEC §3)
-    afa: torch.Tensor | None     # (B, H, W) AFA pseudo label (SPEC §5); None when not needed
-
-
-def random_walk_cams(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: torch.Tensor,
-                     scale: float, bkg_score: float, radius: int) -> torch.Tensor:
-    """Propagate the label-masked CAMs with the learned affinity (SPEC §5), back at the image size.
-
-    cams (B, C-1, H, W) in [0, 1]; affinity (B, N, N) computed on the images resized by `scale`,
-    so its grid is h × w = token_grid(int(scale·H)) × token_grid(int(scale·W)).
-    Returns (B, C, H, W), background first, absent classes 0.
-    """
-    B, _, H, W = cams.shape
-    h, w = token_grid(int(scale * H)), token_grid(int(scale * W))
-    label_cams = cams * cls_labels[:, :, None, None]                       # (B, C-1, H, W)
-    label_cams = F.interpolate(label_cams, size=(h, w), mode="bilinear",
-                               align_corners=False)                        # (B, C-1, h, w)
-    mask = window_mask(h, w, radius, device=cams.device)                   # (N, N)
-    walked = propagate(label_cams, affinity, mask, cls_labels, bkg_score)  # (B, C, h, w)
-    return F.interpolate(walked, size=(H, W), mode="bilinear", align_corners=False)
-
-
-def afa_pseudo_label(par: PAR, pixels: torch.Tensor, cams: torch.Tensor, affinity: torch.Tensor,
-                     cls_labels: torch.Tensor, valid_box: torch.Tensor, scale: float,
-                     low: float, high: float, radius: int) -> torch.Tensor:
-    """The AFA pseudo label (SPEC §5): random walk at both thresholds, PAR in the valid box.
-
-    pixels (B, 3, H, W) in [0, 1]; cams (B, C-1, H, W); affinity (B, N, N) at `scale`.
-    """
-    walked_low, walked_high = (random_walk_cams(cams, affinity, cls_labels, scale, t, radius)
-                               for t in (low, high))                       # (B, C, H, W) each
-    return refine_propagated_with_par(par, pixels, walked_low, walked_high, cls_labels, valid_box)
-
-
-def make_pseudo_labels(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: torch.Tensor,
-                       valid_box: torch.Tensor, cfg: Config, need_afa: bool,
-                       forward_cams: torch.Tensor | None = None) -> PseudoLabels:
-    """Stages 1–3 of the step, without gradient: CAM → PAR label (→ AFA label).
-
-    forward_cams: the forward's CAMs (B, C-1, h, w), reused at scale 1.0 when given."""
-    # bf16 for the multi-scale CAM alone, when asked: the forward and the losses keep theirs
-    cam_precision = (torch.autocast(images.device.type, dtype=torch.bfloat16) if cfg.cam_bf16
-                     else contextlib.nullcontext())
-    with torch.no_grad():
-        # --- Stage 1: multi-scale CAM, affinity at the largest scale (SPEC §2) -------------------
-        with cam_precision:
-            cams, affinity = multi_scale_cam(model, images, cfg.cam_scales,
-                                             forward_cams=forward_cams)  # (B, C-1, H, W), (B, N, N)
-        cams, affinity = cams.float(), affinity.float()
-        cam_label = cam_to_label(cams, cls_labels, low=cfg.low, high=cfg.high, valid_box=valid_box)
-        # --- Stage 2: refine the CAM label with PAR (SPEC §3) -----------------------------------
-        pixels = denormalize(images.float())
-        par_label = refine_cams_with_par(par, pixels, cams, cls_labels, low=cfg.low,
-                                         high=cfg.high, valid_box=valid_box)
-        # --- Stage 3: random walk with the learned affinity, refined with PAR (SPEC §5) --------
-        afa_label = None
-        if need_afa:
-            afa_label = afa_pseudo_label(par, pixels, cams, affinity, cls_labels, valid_box,
-                                         max(cfg.cam_scales), cfg.low, cfg.high, cfg.radius)
-    return PseudoLabels(cam_label, par_label, afa_label)
-
-
 class StepOutput(NamedTuple):
     loss: torch.Tensor           # the total loss, with graph
     terms: dict                  # detached loss terms by name
-    labels: PseudoLabels | None
+    labels: PseudoLabels | None  # the step's pseudo labels; None in the classification-only phase
 
 
 def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Config,
                    autocast) -> StepOutput:
-    """Forward, pseudo labels and losses of one step (SPEC §6). `net` may be the DDP wrapper."""
+    """Forward, pseudo labels and losses of one step (paper §3.4). `net` may be the DDP wrapper
+    of `model`; `autocast` covers the forward alone: the pseudo labels stay float32."""
     images, cls_labels, valid_box = batch["image"], batch["cls_labels"], batch["valid_box"]
+    # --- forward: classification, segmentation and affinity from one pass (paper §3.1) ---------
     with autocast():
         out = net(images)
-    # --- L_cls: multilabel soft margin on the globally max-pooled logits --------------------------
+    # --- L_cls: multilabel soft margin on the globally max-pooled logits -----------------------
     cls_loss = F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_labels)
     if step <= cfg.cam_iters:
+        if cfg.cam_bn_stats:  # as the release: the CAM passes run, for the BatchNorm statistics
+            cam_statistics_passes(model, images, cfg.cam_scales, cfg.cam_bf16)
         # Classification only. The zero-weighted terms keep every parameter in the graph (so DDP
         # needs no unused-parameter search) and give the release's zero gradients to the heads.
         zero = 0.0 * (out.seg_logits.float().sum() + out.affinity.float().sum())
         return StepOutput(cls_loss + zero, {"cls": cls_loss.detach()}, None)
-
+    # --- stages 1–3: CAM → PAR label (→ random walk → AFA label), no gradient, float32 ---------
     switched = step > cfg.switch_iters
-    forward_cams = out.cams.detach() if cfg.reuse_forward_cam else None
-    with autocast():
-        labels = make_pseudo_labels(model, par, images, cls_labels, valid_box, cfg,
-                                    need_afa=switched, forward_cams=forward_cams)
+    labels = make_pseudo_labels(
+        model, par, images, cls_labels, valid_box, scales=cfg.cam_scales, low=cfg.low,
+        high=cfg.high, radius=cfg.radius, need_afa=switched, cam_bf16=cfg.cam_bf16,
+        decoder_stats=cfg.cam_bn_stats,
+        forward_cams=out.cams.detach() if cfg.reuse_forward_cam else None)
     seg_target = labels.afa if switched else labels.par
     aff_source = labels.afa if (switched and cfg.aff_from_afa) else labels.par
-    # --- Stage 4: affinity labels from the pseudo label, L_aff (SPEC §4) --------------------------
-    h, w = token_grid(images.shape[-2]), token_grid(images.shape[-1])
-    mask = window_mask(h, w, cfg.radius, device=images.device)                 # (N, N)
-    aff_target = affinity_labels(aff_source, grid=(h, w), mask=mask)           # (B, N, N)
-    aff_loss = affinity_loss(out.affinity.float(), aff_target)
-    # --- L_seg: balanced cross entropy on the seg logits upsampled to the crop -------------------
-    seg_logits = F.interpolate(out.seg_logits.float(), size=images.shape[-2:], mode="bilinear",
-                               align_corners=False)                            # (B, C, H, W)
-    seg = seg_loss(seg_logits, seg_target)
+    # --- stage 4: affinity labels from the pseudo label, L_aff (paper §3.2) ---------------------
+    aff_loss = affinity_loss(out.affinity.float(), affinity_targets(aff_source, cfg.radius))
+    # --- L_seg: balanced cross entropy on the seg logits upsampled to the crop (paper §3.4) ----
+    seg = seg_loss(upsample(out.seg_logits, images.shape[-2:]), seg_target)   # (B, C, H, W) logits
     loss = cls_loss + cfg.seg_weight * seg + cfg.aff_weight * aff_loss
     terms = {"cls": cls_loss.detach(), "seg": seg.detach(), "aff": aff_loss.detach()}
     return StepOutput(loss, terms, labels)
@@ -411,20 +349,46 @@ def shard_loader(dataset: Dataset, batch_size: int, rank: int, world: int, worke
                       generator=torch.Generator())
 
 
+SYNTHETIC_HINT = "the synthetic preset is active; did you mean --data VOC2012?"
+
+
 def build_datasets(cfg: Config):
+    """(train set, val set) of the run. A mask with class ids the synthetic preset does not know,
+    in a --data-root of the user's, most likely means a forgotten --data: the error says so."""
     cache_dir = os.path.join(cfg.work_dir, "cache")
     if cfg.data == "synthetic" and not os.path.isdir(cfg.data_root):
         data.make_synthetic(cfg.data_root)  # seconds, once; a set made with other sizes is kept
     common = dict(num_classes=cfg.num_classes, cache_dir=cache_dir)
-    train_set = data.build_dataset(cfg.data, cfg.data_root, cfg.train_split, train=True,
-                                   crop_size=cfg.crop, rescale_range=tuple(cfg.rescale), **common)
-    val_set = data.build_dataset(cfg.data, cfg.data_root, cfg.val_split, train=False, **common)
+    try:
+        train_set = data.build_dataset(cfg.data, cfg.data_root, cfg.train_split, train=True,
+                                       crop_size=cfg.crop, rescale_range=tuple(cfg.rescale),
+                                       **common)
+        val_set = data.build_dataset(cfg.data, cfg.data_root, cfg.val_split, train=False, **common)
+    except data.DatasetError as e:
+        own_root = cfg.data_root != PRESETS["synthetic"]["data_root"]
+        if cfg.data == "synthetic" and own_root and "class ids" in str(e):
+            raise data.DatasetError(f"{one_line(e)}; {SYNTHETIC_HINT}") from e
+        raise
     return train_set, val_set
+
+
+def load_datasets(cfg: Config, rank: int, world: int):
+    """Every process builds the sets once: rank 0 first (it writes the synthetic set and the
+    image-level label caches), the others after it, reading those caches."""
+    if rank > 0:
+        dist.barrier()
+    sets = build_datasets(cfg)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    return sets
 
 
 # =============================================================================================
 # Checkpoints: atomic writes, the last K kept, everything needed to resume exactly
 # =============================================================================================
+CHECKPOINT_NAME = re.compile(r"(iter|interrupted_iter|nonfinite_iter)_(\d+)\.pth")
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write to a temporary file in the same folder, flush to disk, then rename over `path`.
 
@@ -462,11 +426,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by this script, with one clear message for each failure."""
+def load_checkpoint(path: str, missing_hint: str = "pass the path of a .pth written by train.py "
+                    "(work_dir/checkpoints/), or --resume auto") -> dict:
+    """Read a checkpoint written by this script, with one clear message for each failure;
+    `missing_hint` ends the message for a file that does not exist."""
     if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {path} does not exist; pass the path of a .pth written by "
-                          "train.py (work_dir/checkpoints/), or --resume auto")
+        raise ConfigError(f"checkpoint {path} does not exist; {missing_hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
@@ -487,20 +452,90 @@ def check_compatible(ckpt: dict, cfg: Config, path: str) -> None:
                               f"{saved.get(key)} or use a matching checkpoint")
 
 
-def latest_checkpoint(work_dir: str) -> str | None:
+def checkpoints(work_dir: str, kinds=("iter", "interrupted_iter", "nonfinite_iter")) -> list:
+    """Paths of the run's checkpoints of these kinds, oldest first (by step, then by time)."""
     folder = os.path.join(work_dir, "checkpoints")
     if not os.path.isdir(folder):
-        return None
-    names = [n for n in os.listdir(folder) if n.startswith("iter_") and n.endswith(".pth")]
-    if not names:
-        return None
-    return os.path.join(folder, max(names, key=lambda n: int(n[5:-4])))
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = CHECKPOINT_NAME.fullmatch(name)
+        if match and match.group(1) in kinds:
+            path = os.path.join(folder, name)
+            found.append((int(match.group(2)), os.path.getmtime(path), path))
+    return [path for *_, path in sorted(found)]
+
+
+def latest_checkpoint(work_dir: str) -> str | None:
+    """The newest checkpoint of any kind (periodic, interrupted, non-finite), by step."""
+    found = checkpoints(work_dir)
+    return found[-1] if found else None
 
 
 # =============================================================================================
-# Distributed set-up (torchrun): gloo on CPU, nccl on GPU
+# The work dir: one run per folder
+# =============================================================================================
+RUN_FILES = ("config.json", "log.jsonl", "metrics.json")
+
+
+def existing_run_files(work_dir: str) -> list:
+    """The files of a run already in `work_dir` (logs, metrics, checkpoints); the label cache
+    does not count."""
+    files = [os.path.join(work_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(work_dir, n))]
+    return files + checkpoints(work_dir)
+
+
+def check_new_run(cfg: Config) -> None:
+    """A run without --resume must not write into another run's folder: refuse in one line."""
+    if cfg.resume or cfg.overwrite:
+        return
+    found = existing_run_files(cfg.work_dir)
+    if found:
+        names = ", ".join(os.path.relpath(p, cfg.work_dir) for p in found[:3])
+        raise ConfigError(f"work dir {cfg.work_dir} already holds a run ({names}"
+                          f"{', ...' if len(found) > 3 else ''}); continue it with --resume auto, "
+                          "start it over with --overwrite, or pass another --work-dir")
+
+
+def prepare_work_dir(cfg: Config) -> None:
+    """Rank 0: a writable folder; with --overwrite the old run's files and figures removed."""
+    try:
+        os.makedirs(os.path.join(cfg.work_dir, "checkpoints"), exist_ok=True)
+        probe = os.path.join(cfg.work_dir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"work dir {cfg.work_dir} is not writable ({e.strerror}); pass "
+                          "--work-dir with a folder you can write to") from e
+    if cfg.overwrite and not cfg.resume:
+        figures = os.path.join(cfg.work_dir, "figures")
+        old_figures = [os.path.join(figures, n) for n in os.listdir(figures)] \
+            if os.path.isdir(figures) else []
+        for path in existing_run_files(cfg.work_dir) + old_figures:
+            os.remove(path)
+    with open(os.path.join(cfg.work_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def trim_log(work_dir: str, start_step: int) -> None:
+    """A resumed run continues the log from its checkpoint: later lines (of the steps it will
+    run again) go."""
+    path = os.path.join(work_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+# =============================================================================================
+# Set-up: processes, data, model, resume
 # =============================================================================================
 def setup_distributed(cfg: Config):
+    """(rank, world size, device); under torchrun the process group too: gloo on CPU, nccl on GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -518,7 +553,11 @@ def setup_distributed(cfg: Config):
                               "processes; use a multiple of the process count")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        if rank == 0:
+            print(f"distributed: {world} processes, backend {backend}, {cfg.batch_size // world} "
+                  f"images per process per iteration ({cfg.batch_size} in all)")
     return rank, world, device
 
 
@@ -533,24 +572,99 @@ def make_autocast(cfg: Config, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
+def warn_if_unlearnable(cfg: Config) -> None:
+    """One line on stderr when the settings are the paper's but the weights are random."""
+    if cfg.data != "synthetic" and not cfg.pretrained and not cfg.resume:
+        print(f"warning: --data {cfg.data} without --pretrained: the encoder starts from random "
+              f"weights, and with the paper's settings (lr {cfg.lr:g}, encoder norms frozen) it "
+              "cannot learn; pass --pretrained mit_b1.pth (SegFormer's ImageNet-1k weights, see "
+              "the README) or, from scratch, settings like the synthetic preset's (--lr 1e-3 "
+              "--no-freeze-norm)", file=sys.stderr)
+
+
+def build_model(cfg: Config, device: torch.device, world: int) -> AFANet:
+    """AFANet on `device`: encoder from --pretrained (unless resuming), norms frozen if asked,
+    synchronised BatchNorm across GPUs."""
+    model = AFANet(cfg.num_classes, backbone=cfg.backbone)
+    if cfg.pretrained and not cfg.resume:
+        try:
+            load_mit_weights(model.encoder, cfg.pretrained)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise ConfigError(f"--pretrained: {e}") from e
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"encoder initialised from {cfg.pretrained}")
+    if cfg.freeze_norm:
+        freeze_encoder_norms(model)
+    if world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device)
+
+
+def resume_from(cfg: Config, model: AFANet, optimizer, scaler, log) -> tuple:
+    """(start step, validation history): from --resume (a path, or 'auto': the newest checkpoint
+    in the work dir), or (0, []) for a new run."""
+    path = latest_checkpoint(cfg.work_dir) if cfg.resume == "auto" else cfg.resume
+    if cfg.resume == "auto" and path is None:
+        log(f"--resume auto: no checkpoint in {cfg.work_dir}/checkpoints, starting afresh")
+    if not path:
+        return 0, []
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt, cfg, path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    log(f"resumed from {path} at iteration {ckpt['step']}")
+    if ckpt["step"] >= cfg.iters:
+        log(f"nothing to do: the checkpoint is at iteration {ckpt['step']} of {cfg.iters}")
+    return ckpt["step"], ckpt.get("history", [])
+
+
+def compile_and_wrap(model: AFANet, cfg: Config, device: torch.device, world: int):
+    """The module the loop calls: `model`, compiled if asked, inside DDP when distributed."""
+    if cfg.compile:
+        # One graph per input shape: the multi-scale CAM feeds the encoder 3 more shapes than the
+        # training forward, and with dynamic shapes inductor fails on the encoder (torch 2.13).
+        model.encoder.compile(dynamic=False)
+        model.decoder.compile(dynamic=False)
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def make_loaders(cfg: Config, train_set, val_set, start_step: int, rank: int, world: int):
+    """The training stream from `start_step` on (this process's share) and the val shard."""
+    # A dedicated generator keeps the DataLoader from drawing on the global RNG (exact resume).
+    loader = DataLoader(TrainStream(train_set, cfg.seed), batch_size=cfg.batch_size // world,
+                        sampler=StepSampler(start_step, cfg.iters, cfg.batch_size, rank, world),
+                        num_workers=cfg.workers, generator=torch.Generator(),
+                        persistent_workers=False, drop_last=False)
+    return loader, shard_loader(val_set, cfg.val_batch_size, rank, world, cfg.workers)
+
+
 # =============================================================================================
 # Training
 # =============================================================================================
-def check_work_dir(work_dir: str) -> None:
-    try:
-        os.makedirs(os.path.join(work_dir, "checkpoints"), exist_ok=True)
-        probe = os.path.join(work_dir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"work dir {work_dir} is not writable ({e.strerror}); pass "
-                          "--work-dir with a folder you can write to") from e
+@dataclass
+class Run:
+    """What the loop works with, built once by `train`."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    model: AFANet                 # the network (unwrapped)
+    net: torch.nn.Module          # what the forward calls: the model, or its DDP wrapper
+    par: PAR
+    optimizer: torch.optim.Optimizer
+    autocast: Callable            # () -> the forward's autocast context
+    scaler: torch.amp.GradScaler | None
+    history: list                 # every validation so far
 
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 class TrainResult(NamedTuple):
@@ -561,163 +675,32 @@ class TrainResult(NamedTuple):
 def train(cfg: Config) -> TrainResult:
     """Run the whole training (or its remainder, when resuming)."""
     rank, world, device = setup_distributed(cfg)
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
-    if is_main:
-        check_work_dir(cfg.work_dir)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    check_new_run(cfg)                       # every process, before rank 0 writes anything
+    if rank == 0:
+        prepare_work_dir(cfg)
+        log("config:\n" + "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(cfg).items()))
     if world > 1:
         dist.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-
-    log("config:\n" + "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(cfg).items()))
-    if is_main:
-        with open(os.path.join(cfg.work_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-
-    # --- data ------------------------------------------------------------------------------------
-    if is_main or cfg.data != "synthetic":
-        train_set, val_set = build_datasets(cfg)
-    if world > 1:
-        dist.barrier()                       # rank 0 generated the synthetic data / label caches
-        if not is_main:
-            train_set, val_set = build_datasets(cfg)
-
-    # --- model, refiner, optimiser ---------------------------------------------------------------
-    model = AFANet(cfg.num_classes, backbone=cfg.backbone)
-    if cfg.pretrained and not cfg.resume:
-        try:
-            load_mit_weights(model.encoder, cfg.pretrained)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            raise ConfigError(f"--pretrained: {e}") from e
-        log(f"encoder initialised from {cfg.pretrained}")
-    if world > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    par = PAR(num_iter=cfg.par_iters).to(device)
+    train_set, val_set = load_datasets(cfg, rank, world)
+    model = build_model(cfg, device, world)
+    if rank == 0:
+        warn_if_unlearnable(cfg)
     optimizer = build_optimizer(model, cfg)
     autocast, scaler = make_autocast(cfg, device)
-
-    start_step, history = 0, []
-    resume = latest_checkpoint(cfg.work_dir) if cfg.resume == "auto" else cfg.resume
-    if cfg.resume == "auto" and resume is None:
-        log(f"--resume auto: no checkpoint in {cfg.work_dir}/checkpoints, starting afresh")
-    if resume:
-        ckpt = load_checkpoint(resume)
-        check_compatible(ckpt, cfg, resume)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_step, history = ckpt["step"], ckpt.get("history", [])
-        set_rng_state(ckpt["rng"])
-        log(f"resumed from {resume} at iteration {start_step}")
-    if start_step >= cfg.iters:
-        log(f"nothing to do: the checkpoint is at iteration {start_step} of {cfg.iters}")
-
-    if cfg.compile:
-        # One graph per input shape: the multi-scale CAM feeds the encoder 3 more shapes than the
-        # training forward, and with dynamic shapes inductor fails on the encoder (torch 2.13).
-        model.encoder.compile(dynamic=False)
-        model.decoder.compile(dynamic=False)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # A dedicated generator keeps the DataLoader from drawing on the global RNG (exact resume).
-    loader = DataLoader(TrainStream(train_set, cfg.seed), batch_size=cfg.batch_size // world,
-                        sampler=StepSampler(start_step, cfg.iters, cfg.batch_size, rank, world),
-                        num_workers=cfg.workers, generator=torch.Generator(),
-                        persistent_workers=False, drop_last=False)
-    val_loader = shard_loader(val_set, cfg.val_batch_size, rank, world, cfg.workers)
-
-    def checkpoint_state(step):
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "config": dataclasses.asdict(cfg), "rng": rng_state(), "history": history,
-                "scaler": scaler.state_dict() if scaler is not None else None}
-
-    def save(step, name=None):
-        if not is_main:
-            return None
-        folder = os.path.join(cfg.work_dir, "checkpoints")
-        path = os.path.join(folder, name or f"iter_{step}.pth")
-        save_checkpoint(path, checkpoint_state(step))
-        periodic = sorted((n for n in os.listdir(folder) if n.startswith("iter_") and n.endswith(".pth")),
-                          key=lambda n: int(n[5:-4]))
-        for old in periodic[:-cfg.keep_ckpts]:
-            os.remove(os.path.join(folder, old))
-        return path
-
-    log_path = os.path.join(cfg.work_dir, "log.jsonl")
-    model.train()
-    bar = tqdm(total=cfg.iters, initial=start_step, disable=not is_main, dynamic_ncols=True,
-               desc="train")
-    running, t_start = {}, time.time()
-    metrics = history[-1] if history else {}
-    previous_sigint = signal.getsignal(signal.SIGINT)
-    stop = install_interrupt_handler()
-    try:
-        for step, batch in zip(range(start_step, cfg.iters), loader):
-            batch = to_device(batch, device)
-            set_lr(optimizer, step, cfg)
-            # The forward updates the norms' running statistics; keep them (a few hundred
-            # numbers) so that a non-finite step can be undone before its checkpoint is saved.
-            buffers = [b.clone() for b in model.buffers()]
-            out = compute_losses(net, model, par, batch, step, cfg, autocast)
-            # One host sync per step: the loss values, for the log and the finiteness check.
-            values = dict(zip(out.terms, torch.stack(list(out.terms.values())).tolist()))
-            if not all(math.isfinite(v) for v in values.values()):
-                with torch.no_grad():
-                    for b, kept in zip(model.buffers(), buffers):
-                        b.copy_(kept)
-                path = save(step, name=f"nonfinite_iter_{step}.pth")
-                raise FloatingPointError(
-                    f"non-finite loss at iteration {step}: {values}. The weights before this step "
-                    f"are saved in {path}; lower --lr or try without --amp, then --resume it.")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(out.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                out.loss.backward()
-                optimizer.step()
-
-            for k, v in values.items():
-                running[k] = running.get(k, 0.0) + v
-            running["n"] = running.get("n", 0) + 1
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.iters:
-                means = {k: v / running["n"] for k, v in running.items() if k != "n"}
-                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
-                if is_main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": done, "lr": optimizer.param_groups[0]["lr"],
-                                            **means, "time": time.time() - t_start}) + "\n")
-                running = {}
-            bar.update(1)
-
-            if done % cfg.eval_every == 0 or done == cfg.iters:
-                metrics = run_validation(model, par, val_loader, val_set, cfg, done, device, world)
-                history.append(metrics)
-                if is_main:
-                    write_metrics(cfg.work_dir, history)
-                    tqdm.write(format_metrics(metrics))
-                save(done)
-                model.train()
-            if stop.is_set():
-                path = save(done, name=f"interrupted_iter_{done}.pth")
-                bar.close()
-                log(f"\ninterrupted after iteration {done}; saved {path}; continue with "
-                    f"--resume {path}")
-                raise SystemExit(130)
-    finally:  # also on an error: the bar ends before the message, Ctrl-C is the caller's again
-        bar.close()
-        if previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous_sigint)
-    if is_main and history:
+    start_step, history = resume_from(cfg, model, optimizer, scaler, log)
+    if rank == 0 and cfg.resume:
+        trim_log(cfg.work_dir, start_step)
+    net = compile_and_wrap(model, cfg, device, world)
+    run = Run(cfg, rank, world, device, model, net, PAR(num_iter=cfg.par_iters).to(device),
+              optimizer, autocast, scaler, history)
+    loader, val_loader = make_loaders(cfg, train_set, val_set, start_step, rank, world)
+    t_start = time.time()
+    metrics = train_loop(run, loader, val_loader, val_set, start_step)
+    if rank == 0 and history:
         print(metrics_table(history))
         print(f"done in {time.time() - t_start:.0f} s; checkpoints in {cfg.work_dir}/checkpoints")
     if world > 1:
@@ -725,18 +708,124 @@ def train(cfg: Config) -> TrainResult:
     return TrainResult(model, metrics)
 
 
-def run_validation(model, par, val_loader, val_set, cfg: Config, step: int, device, world):
-    import evaluate  # evaluate.py builds on this module's stages, so it is imported here
-    model.eval()
-    scores = evaluate.validate(model, val_loader, cfg.num_classes, device=device, world=world,
-                               scales=cfg.cam_scales, bkg_score=cfg.bkg_score, low=cfg.low,
-                               radius=cfg.radius)
-    if int(os.environ.get("RANK", "0")) == 0 and cfg.num_figures > 0:
-        evaluate.training_figure(model, par, val_set, range(min(cfg.num_figures, len(val_set))),
-                                 os.path.join(cfg.work_dir, "figures", f"val_iter_{step}.png"),
-                                 device=device, scales=cfg.cam_scales, bkg_score=cfg.bkg_score,
-                                 low=cfg.low, high=cfg.high, radius=cfg.radius)
-    return {"step": step, **scores}
+def train_loop(run: Run, loader, val_loader, val_set, start_step: int) -> dict:
+    """Steps start_step … iters−1: the step, its update, the log; validation and checkpoints
+    every eval_every; a stop after a non-finite loss or on SIGINT / SIGTERM. Returns the last
+    validation's scores."""
+    cfg = run.cfg
+    bar = tqdm(total=cfg.iters, initial=start_step, disable=not run.is_main, dynamic_ncols=True,
+               desc="train")
+    running, started = {}, time.time()
+    metrics = run.history[-1] if run.history else {}
+    stop = StopSignal.install()
+    try:
+        for step, batch in zip(range(start_step, cfg.iters), loader):
+            batch = to_device(batch, run.device)
+            set_lr(run.optimizer, step, cfg)
+            # The forward updates the norms' running statistics; keep them (a few hundred
+            # numbers) so that a non-finite step can be undone before its checkpoint is saved.
+            buffers = [b.clone() for b in run.model.buffers()]
+            out = compute_losses(run.net, run.model, run.par, batch, step, cfg, run.autocast)
+            # One host sync per step: the loss values, for the log and the finiteness check.
+            values = dict(zip(out.terms, torch.stack(list(out.terms.values())).tolist()))
+            signum, finite = agree(run, stop.signum, all(map(math.isfinite, values.values())))
+            if not finite:
+                stop_nonfinite(run, step, values, buffers)
+            update(run.optimizer, run.scaler, out.loss)
+            done = step + 1
+            running = log_progress(run, bar, running, values, done, started)
+            if done % cfg.eval_every == 0 or done == cfg.iters:
+                metrics = validate_and_save(run, val_loader, val_set, done)
+            if signum:
+                stop_on_signal(run, bar, done, signum)
+    finally:  # also on an error: the bar ends before the message, the signals are the caller's
+        bar.close()
+        stop.restore()
+    return metrics
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def update(optimizer: torch.optim.Optimizer, scaler, loss: torch.Tensor) -> None:
+    """Backward and one AdamW step (through the fp16 loss scaler where there is one)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
+def agree(run: Run, signum: int | None, finite: bool) -> tuple:
+    """(signal number or 0, all finite) agreed by every process, so that all stop at one step."""
+    if run.world == 1:
+        return signum or 0, finite
+    flags = torch.tensor([signum or 0, 0 if finite else 1], device=run.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags[0]), not bool(flags[1])
+
+
+def log_progress(run: Run, bar, running: dict, values: dict, done: int, started: float) -> dict:
+    """Accumulate the loss values; every log_every steps one line in log.jsonl and on the bar.
+    Returns the running sums (emptied after each line)."""
+    cfg = run.cfg
+    for k, v in values.items():
+        running[k] = running.get(k, 0.0) + v
+    running["n"] = running.get("n", 0) + 1
+    bar.update(1)
+    if done % cfg.log_every and done != cfg.iters:
+        return running
+    means = {k: v / running["n"] for k, v in running.items() if k != "n"}
+    bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+    if run.is_main:
+        with open(os.path.join(cfg.work_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"step": done, "lr": run.optimizer.param_groups[0]["lr"], **means,
+                                "time": time.time() - started}) + "\n")
+    return {}
+
+
+def save(run: Run, step: int, name: str | None = None) -> str | None:
+    """Rank 0 writes the checkpoint `name` (default iter_<step>.pth) and keeps the last
+    keep_ckpts periodic ones; returns its path (None on the other processes)."""
+    if not run.is_main:
+        return None
+    path = os.path.join(run.cfg.work_dir, "checkpoints", name or f"iter_{step}.pth")
+    save_checkpoint(path, {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": step,
+        "config": dataclasses.asdict(run.cfg), "rng": rng_state(), "history": run.history,
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None})
+    periodic = checkpoints(run.cfg.work_dir, kinds=("iter",))
+    for old in periodic[:-run.cfg.keep_ckpts]:
+        os.remove(old)
+    return path
+
+
+def validate_and_save(run: Run, val_loader, val_set, step: int) -> dict:
+    """The validation scores (metrics.json, a line on screen), the figures, a checkpoint."""
+    cfg = run.cfg
+    run.model.eval()
+    scores = validate(run.model, val_loader, cfg.num_classes, device=run.device, world=run.world,
+                      scales=cfg.cam_scales, bkg_score=cfg.bkg_score, low=cfg.low,
+                      radius=cfg.radius)
+    metrics = {"step": step, **scores}
+    run.history.append(metrics)
+    if run.is_main:
+        if cfg.num_figures > 0:
+            training_figure(run.model, run.par, val_set, range(min(cfg.num_figures, len(val_set))),
+                            os.path.join(cfg.work_dir, "figures", f"val_iter_{step}.png"),
+                            run.device, class_names_of(cfg.data, cfg.num_classes),
+                            scales=cfg.cam_scales, bkg_score=cfg.bkg_score, low=cfg.low,
+                            high=cfg.high, radius=cfg.radius)
+        write_metrics(cfg.work_dir, run.history)
+        tqdm.write(format_metrics(metrics))
+    save(run, step)
+    run.model.train()
+    return metrics
 
 
 def write_metrics(work_dir: str, history: list) -> None:
@@ -748,36 +837,67 @@ def write_metrics(work_dir: str, history: list) -> None:
     os.replace(tmp, path)
 
 
-METRIC_COLUMNS = (("cls_f1", "cls F1"), ("cam_miou", "CAM mIoU"), ("afa_miou", "AFA mIoU"),
-                  ("seg_miou", "seg mIoU"))
+def stop_nonfinite(run: Run, step: int, values: dict, buffers: list) -> None:
+    """Undo the step's statistics, save the weights from before it, stop with one line."""
+    with torch.no_grad():
+        for b, kept in zip(run.model.buffers(), buffers):
+            b.copy_(kept)
+    path = save(run, step, name=f"nonfinite_iter_{step}.pth")
+    if run.world > 1:
+        dist.barrier()                          # the file is complete before anyone exits
+    raise FloatingPointError(
+        f"non-finite loss at iteration {step}: {values}. The weights before this step are saved "
+        f"in {path}; lower --lr or try without --amp, then --resume it.")
 
 
-def format_metrics(m: dict) -> str:
-    return f"iter {m['step']}: " + ", ".join(f"{name} {m[k]:.3f}" for k, name in METRIC_COLUMNS)
+def stop_on_signal(run: Run, bar, done: int, signum: int) -> None:
+    """After the first SIGINT / SIGTERM: save, say how to continue, exit with 128 + signal."""
+    path = save(run, done, name=f"interrupted_iter_{done}.pth")
+    if run.world > 1:
+        dist.barrier()                          # the file is complete before anyone exits
+        dist.destroy_process_group()
+    bar.close()
+    if run.is_main:
+        print(f"\ninterrupted after iteration {done} ({signal.Signals(signum).name}); saved "
+              f"{path}; continue with --resume auto (or --resume {path})", flush=True)
+    raise SystemExit(128 + signum)
 
 
-def metrics_table(history: list) -> str:
-    header = "| iteration | " + " | ".join(name for _, name in METRIC_COLUMNS) + " |"
-    rule = "|---" * (len(METRIC_COLUMNS) + 1) + "|"
-    rows = [f"| {m['step']} | " + " | ".join(f"{m[k]:.3f}" for k, _ in METRIC_COLUMNS) + " |"
-            for m in history]
-    return "\n".join(["validation:", header, rule, *rows])
+class StopSignal:
+    """The first SIGINT (Ctrl-C) or SIGTERM (a cluster's time limit or preemption) asks the loop
+    to finish its step, save a checkpoint and exit; a second one stops at once."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
 
-def install_interrupt_handler() -> threading.Event:
-    """First Ctrl-C: finish the current step, save a checkpoint, exit. Second: stop at once."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    @classmethod
+    def install(cls) -> StopSignal:
+        stop = cls()
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread
+            for signum in cls.SIGNALS:
+                stop.previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, stop.handle)
         return stop
 
-    def handler(signum, frame):
-        if stop.is_set():
+    def handle(self, signum, frame):
+        if self.signum is not None:
             raise KeyboardInterrupt
-        stop.set()
-        tqdm.write("Ctrl-C: saving a checkpoint after this iteration (press again to abort)")
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this iteration "
+                   "(send it again to stop at once)")
 
-    signal.signal(signal.SIGINT, handler)
-    return stop
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+USER_ERRORS = (ConfigError, data.DatasetError, FloatingPointError)
 
 
 def one_line(error: Exception) -> str:
@@ -788,17 +908,22 @@ def one_line(error: Exception) -> str:
     return last[len(prefix):] if last.startswith(prefix) else last
 
 
-def main(argv=None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+def exit_code(command: Callable[[], object], debug: bool) -> int:
+    """Run `command()`: 0 when it returns; a user error is printed as one line "error: …" and
+    gives 2 (with `debug`, it is raised with its traceback)."""
     try:
-        cfg = parse_config(argv)
-        train(cfg)
-    except (ConfigError, data.DatasetError, FloatingPointError) as e:
+        command()
+    except USER_ERRORS as e:
         if debug:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return exit_code(lambda: train(parse_config(argv)), debug="--debug" in argv)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,11 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import attention_affinity
 import bench
 from attention_affinity import AffinityHead
-from cam import _argmax, multi_scale_cam
+from cam import _argmax
 from model import AFANet
 
 
@@ -17,7 +16,7 @@ from model import AFANet
 def test_bench_writes_the_promised_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert bench.main(["--crops", "64", "--steps", "1", "--backbone", "mit_b0", "--threads", "1",
-                       "--no-stages", "--json", str(path)]) == 0
+                       "--no-stages", "--no-bn-stats", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     (row,) = result["steps"]
     for key in ("crop", "full_step_s", "network_step_s", "full_peak_mb", "network_peak_mb"):
@@ -30,6 +29,12 @@ def test_bench_writes_the_promised_json(tmp_path, capsys):
     assert "| 64 |" in capsys.readouterr().out
 
 
+def test_abbreviated_flags_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--crop", "64"])                 # not --crops
+    assert e.value.code == 2 and "--crop" in capsys.readouterr().err
+
+
 def test_staged_step_times_every_stage():
     spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
                 compile=False, threads=0, crop=64, kind="stages",
@@ -38,6 +43,34 @@ def test_staged_step_times_every_stage():
     assert list(row["stages_s"]) == ["forward", "multi-scale CAM", "CAM label", "PAR label",
                                      "random walk", "AFA label (PAR)", "losses", "backward", "optimizer"]
     assert all(t >= 0 for t in row["stages_s"].values())
+
+
+@pytest.mark.parametrize("options", [[], ["no_cam_bn_stats"]])
+def test_classification_phase_step_with_and_without_the_statistics_passes(options, monkeypatch):
+    """The "cls" kind times train.py's step before cam_iters: the CAM passes run there for the
+    decoder's BatchNorm statistics (as in the release) unless no_cam_bn_stats is given."""
+    spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
+                compile=False, threads=0, crop=64, kind="cls", options=options)
+    calls = []
+    real = bench.train.cam_statistics_passes
+    monkeypatch.setattr(bench.train, "cam_statistics_passes",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    row = bench.run_one(spec)
+    assert row["step_s"] > 0 and row["options"] == options
+    assert len(calls) == (0 if options else 1)
+
+
+def test_report_gives_the_cost_of_the_statistics():
+    row = {"crop": 64, "full_step_s": 3.0, "network_step_s": 1.0, "full_peak_mb": 2, "ratio": 3.0,
+           "network_peak_mb": 1, "peak_ratio": 2.0, "full_cpu_s": 6.0, "network_cpu_s": 2.0}
+    result = {"backbone": "mit_b0", "batch_size": 2, "device": "cpu", "threads": 1, "amp": False,
+              "compile": False, "num_steps": 1, "warmup": 0, "load_before": "0", "load_after": "0",
+              "steps": [row], "bn_stats": [{"crop": 64, "network_s": 1.0, "full_s": 3.0,
+                                            "full_without_s": 2.5, "cls_s": 0.9,
+                                            "cls_without_s": 0.4}],
+              "par": {"par_s": 0.01, "par_reference_s": None}}
+    report = bench.format_report(result)
+    assert "| 64 | 3.000 | 2.500 | +0.500 | 3.00x / 2.50x | 0.900 | 0.400 | +0.500 |" in report
 
 
 def test_synthetic_batch_has_labels_and_boxes():
@@ -95,38 +128,6 @@ def test_cam_with_partial_affinity_equals_cam(afanet):
             torch.testing.assert_close(fast_affinity, affinity[:n], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="num_affinity"):
         afanet.cam(images, num_affinity=5)
-
-
-class PlainCAM(torch.nn.Module):
-    """The same network seen through a `cam(x)` without the num_affinity keyword."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def cam(self, x):
-        return self.model.cam(x)
-
-
-def test_multi_scale_cam_fast_path_equals_plain_path(afanet):
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    cams, affinity = multi_scale_cam(afanet, images)
-    plain_cams, plain_affinity = multi_scale_cam(PlainCAM(afanet), images)
-    torch.testing.assert_close(cams, plain_cams, rtol=1e-5, atol=1e-5)
-    assert affinity.shape == (2, 36, 36)  # the 96 × 96 input at scale 1.5, un-flipped half
-    torch.testing.assert_close(affinity, plain_affinity, rtol=1e-5, atol=1e-5)
-
-
-def test_reused_forward_cams_equal_a_separate_pass_in_eval_mode(afanet):
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        forward_cams = afanet(images).cams  # (2, 4, 4, 4)
-    cams, affinity = multi_scale_cam(afanet, images)
-    reused, reused_affinity = multi_scale_cam(afanet, images, forward_cams=forward_cams)
-    torch.testing.assert_close(reused, cams, rtol=1e-5, atol=1e-5)
-    assert torch.equal(reused_affinity, affinity)
-    with pytest.raises(ValueError, match="forward_cams"):
-        multi_scale_cam(afanet, images, forward_cams=forward_cams[:, :, :2])
 
 
 def test_argmax_over_channels_equals_torch_argmax_with_ties():

@@ -15,11 +15,18 @@ from PIL import Image
 
 import data
 import evaluate
+import metrics
+import pipeline
 import train
-from evaluate import (confusion_matrix, connected_components, largest_object_centre,
-                      multi_scale_seg_logits, segmentation_scores)
+import visualize
+from evaluate import multi_scale_seg_logits
+from metrics import confusion_matrix, segmentation_scores
+from attention_affinity import window_mask
+from cam import multi_scale_cam
 from model import AFANet
 from par import PAR
+from random_walk import propagate
+from visualize import connected_components, largest_object_centre
 
 HAS_CRF = importlib.util.find_spec("pydensecrf") is not None
 NUM_CLASSES = len(data.SYNTHETIC_CLASSES)
@@ -296,7 +303,7 @@ def test_cli_pseudo_table(tiny_run, capsys):
 @torch.no_grad()
 def test_pseudo_labels_are_the_training_labels_and_validation_agrees(tiny_run):
     """The table measures exactly what the training step makes (make_pseudo_labels), and its
-    CAM / AFA / seg scores are the in-training validation's."""
+    CAM / seg scores are the in-training validation's."""
     cfg, model = tiny_run["cfg"], tiny_run["model"]
     dataset = evaluate.load_split(cfg, "train", None)
     loader = torch.utils.data.DataLoader(dataset, batch_size=3)
@@ -305,7 +312,9 @@ def test_pseudo_labels_are_the_training_labels_and_validation_agrees(tiny_run):
     images, cls_labels = batch["image"], batch["cls_labels"]
     B, _, H, W = images.shape
     box = torch.tensor([[0, H, 0, W]] * B)
-    labels = train.make_pseudo_labels(model, par, images, cls_labels, box, cfg, need_afa=True)
+    labels = train.make_pseudo_labels(model, par, images, cls_labels, box, scales=cfg.cam_scales,
+                                      low=cfg.low, high=cfg.high, radius=cfg.radius,
+                                      need_afa=True)
     one = torch.utils.data.Subset(dataset, range(B))
     conf = {k: confusion_matrix(v, batch["label"], NUM_CLASSES)
             for k, v in (("cam_par", labels.par), ("afa_par", labels.afa))}
@@ -318,13 +327,49 @@ def test_pseudo_labels_are_the_training_labels_and_validation_agrees(tiny_run):
     valid = int((batch["label"] != 255).sum())
     assert result["labelled"]["cam_par"] == pytest.approx(int(conf["cam_par"].sum()) / valid)
 
-    scores = evaluate.validate(model, loader, NUM_CLASSES, "cpu", scales=cfg.cam_scales,
-                               bkg_score=cfg.bkg_score, low=cfg.low, radius=cfg.radius)
+    scores = metrics.validate(model, loader, NUM_CLASSES, "cpu", scales=cfg.cam_scales,
+                              bkg_score=cfg.bkg_score, low=cfg.low, radius=cfg.radius)
     full = evaluate.pseudo_label_quality(model, par, loader, NUM_CLASSES, "cpu",
                                          cam_scales=cfg.cam_scales, bkg_score=cfg.bkg_score,
                                          low=cfg.low, high=cfg.high, radius=cfg.radius)
-    for k in ("cam", "afa", "seg"):
+    for k in ("cam", "seg"):
         assert full[f"{k}_miou"] == pytest.approx(scores[f"{k}_miou"])
+
+
+def release_validation_afa_label(model, images, cls_labels, scales, radius=8, bkg_score=0.35):
+    """The release's validation, transcribed for the AFA-propagated label: multi-scale CAMs
+    resized to ⌈H/16⌉ × ⌈W/16⌉ (its get_down_size) and walked with the affinity of the eval-mode
+    forward at scale 1.0 (its attn_pred), background `bkg_score`, all present classes kept."""
+    H, W = images.shape[-2:]
+    attn_pred = model(images).affinity
+    cams, _ = multi_scale_cam(model, images, scales)
+    h = H // 16 + 1 - (H % 16 == 0)
+    w = W // 16 + 1 - (W % 16 == 0)
+    small = F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)
+    walked = propagate(small * cls_labels[:, :, None, None], attn_pred, window_mask(h, w, radius),
+                       cls_labels, bkg_score)
+    return F.interpolate(walked, size=(H, W), mode="bilinear", align_corners=False).argmax(1)
+
+
+@torch.no_grad()
+def test_validation_walks_with_the_eval_forward_affinity_at_scale_one(tiny_run):
+    """As the release's validation: the affinity of the eval-mode scale-1.0 forward on its
+    ⌈H/16⌉ grid, not the largest CAM scale's affinity that training walks with."""
+    cfg, model = tiny_run["cfg"], tiny_run["model"]
+    dataset = evaluate.load_split(cfg, "val", None)
+    torch.manual_seed(3)
+    images = torch.cat([dataset[0]["image"][None], torch.randn(1, 3, SIZE, SIZE)])[:, :, :56, :]
+    cls_labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 1]])
+    _, labels = metrics.validation_labels(model, images, cls_labels, scales=cfg.cam_scales,
+                                          bkg_score=cfg.bkg_score, low=cfg.low, radius=cfg.radius)
+    expected = release_validation_afa_label(model, images, cls_labels, cfg.cam_scales, cfg.radius,
+                                            cfg.low)
+    assert torch.equal(labels["afa"], expected)
+    # validate() scores exactly these labels
+    batch = {"image": images, "label": expected, "cls_labels": cls_labels}
+    scores = metrics.validate(model, [batch], NUM_CLASSES, "cpu", scales=cfg.cam_scales,
+                              bkg_score=cfg.bkg_score, low=cfg.low, radius=cfg.radius)
+    assert scores["afa_miou"] == 1.0
 
 
 def test_cli_image_file_and_folder(tiny_run):
@@ -352,15 +397,63 @@ def test_cli_figures(tiny_run):
     assert os.listdir(os.path.join(out_dir, "figures")) == ["syn_000006.png"]  # the first of val
     code, _ = run_cli(tiny_run, "--figures", "syn_000008", "--pixel", "10", "20", out="figs")
     assert code == 0
-    # Rows: image | truth | prediction; CAM | AFA per present class; affinity | attention.
+    # Rows: image | truth | prediction; CAM | AFA per present class; affinity | attention; then
+    # the legend of the class colours (lines of 14 px) and the heat maps' colour bar.
     # Tiles are enlarged to 256 px (captions need the room), each under a 14 px caption.
     dataset = evaluate.load_split(tiny_run["cfg"], "val", None)
     present = int(dataset[dataset.names.index("syn_000008")]["cls_labels"].sum())
     tile, caption, pad = 256, 14, 4
+    grid = pad + (present + 2) * (tile + caption + pad)
+    bar = visualize.colour_bar(2 * tile + pad).shape[0]
     with Image.open(os.path.join(out_dir, "figures", "syn_000008.png")) as figure:
         figure.load()
         assert figure.format == "PNG"
-        assert figure.size == (pad + 3 * (tile + pad), pad + (present + 2) * (tile + caption + pad))
+        assert figure.size[0] == pad + 3 * (tile + pad)
+        legend_height = figure.size[1] - grid - bar - 2 * pad
+        assert legend_height > 0 and legend_height % caption == 0
+
+
+def test_legend_shows_each_class_colour_and_ignore():
+    names = data.SYNTHETIC_CLASSES
+    strip = visualize.legend([0, 2, 5, 255], names, width=400)
+    colours = {tuple(c) for c in strip.reshape(-1, 3).tolist()}
+    palette = visualize.palette()
+    assert {tuple(palette[k].tolist()) for k in (0, 2, 5)} <= colours
+    assert tuple(palette[1].tolist()) not in colours            # only the classes asked for
+    assert tuple(palette[255].tolist()) == (255, 255, 255)      # ignore is drawn white
+    narrow = visualize.legend(range(6), names, width=120)       # wraps onto more lines
+    assert narrow.shape[1] == 120 and narrow.shape[0] > strip.shape[0]
+
+
+def test_colour_bar_spans_the_fixed_scale():
+    bar = visualize.colour_bar(400)
+    row = bar[1 + visualize.COLOUR_BAR[1] // 2]                 # through the middle of the ramp
+    low, high = (tuple(visualize.heat_map(torch.tensor([[v]]))[0, 0].tolist()) for v in (0.0, 1.0))
+    found = [tuple(p) for p in row.tolist()]
+    assert low in found and high in found and found.index(low) < found.index(high)
+
+
+@torch.no_grad()
+def test_heat_maps_are_on_one_fixed_scale(tiny_run, monkeypatch, tmp_path):
+    """No panel is stretched to its own range: every heat map gets the values as they are
+    (CAMs, walked scores, affinity and attention all lie in [0, 1] and keep their size)."""
+    seen = []
+    real = visualize.heat_map
+
+    def spy(values):
+        seen.append(values.detach().clone())
+        return real(values)
+
+    monkeypatch.setattr(visualize, "heat_map", spy)
+    sample = evaluate.load_split(tiny_run["cfg"], "val", None)[0]
+    visualize.attention_figure(tiny_run["model"], sample["image"], str(tmp_path / "f.png"),
+                               data.SYNTHETIC_CLASSES, cls_labels=sample["cls_labels"],
+                               truth=sample["label"], pixel=(10, 20), cam_scales=(1.0, 1.5))
+    panels = [v for v in seen if v.shape[0] != visualize.COLOUR_BAR[1]]  # not the bar's ramp
+    assert len(panels) == 2 * int(sample["cls_labels"].sum()) + 2
+    for values in panels:
+        assert 0 <= float(values.min()) and float(values.max()) < 1   # none rescaled to max 1
+    assert float(panels[-1].max()) < 0.5                            # attention: a distribution
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -384,7 +477,9 @@ def test_cli_user_errors_are_one_line(tiny_run, capsys, flags, message):
 def test_cli_missing_or_foreign_checkpoint(tiny_run, capsys):
     missing = str(tiny_run["root"] / "none.pth")
     assert evaluate.main(["--checkpoint", missing]) == 2
-    assert missing in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert missing in err and "--checkpoint" in err
+    assert "--resume" not in err                          # a flag of train.py, not of this script
     foreign = str(tiny_run["root"] / "foreign.pth")
     torch.save({"state_dict": {}}, foreign)
     assert evaluate.main(["--checkpoint", foreign]) == 2
@@ -442,3 +537,19 @@ def test_checkpoint_written_by_train_py(tmp_path):
                           "--workers", "0"]) == 0
     with open(os.path.join(out_dir, "metrics.json")) as f:
         assert 0 <= json.load(f)["afa_par_miou"] <= 1
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    """--scale is not --scales: argparse's prefix matching is off."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--checkpoint", "x.pth", "--scale", "1.0"])
+    assert e.value.code == 2 and "--scale" in capsys.readouterr().err
+
+
+def test_pixel_help_and_error_say_y_then_x(tiny_run, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    assert "(y, x): row, then column" in " ".join(capsys.readouterr().out.split())
+    code, _ = run_cli(tiny_run, "--figures", "syn_000006", "--pixel", "70", "1", out="errors")
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, "--pixel 70 1: (y, x) lies outside the 64×64")

@@ -249,6 +249,56 @@ def test_odd_images_are_converted_and_empty_masks_skipped(voc, tmp_path, capsys,
     assert [line["step"] for line in log_lines(tmp_path / "wd")] == [1, 2]
 
 
+# --- one run per work dir ---------------------------------------------------------------------------
+def test_a_new_run_refuses_a_work_dir_that_holds_one(synthetic, tmp_path, capsys):
+    """Without --resume, a second run would mix its files with the first's: one line instead,
+    nothing touched; --overwrite starts over, --resume auto continues."""
+    work_dir = tmp_path / "wd"
+    argv = tiny(synthetic, work_dir, "--iters", 2, "--cam-iters", 2, "--switch-iters", 2)
+    code, err = run(argv, capsys)
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in work_dir.rglob("*") if p.is_file()}
+    assert work_dir / "checkpoints" / "iter_2.pth" in before
+    code, err = run(argv + ["--iters", 1], capsys)
+    assert code == 2
+    assert re.fullmatch(rf"work dir {re.escape(str(work_dir))} already holds a run \(.*\); "
+                        r"continue it with --resume auto, start it over with --overwrite, .*",
+                        error_line(err)), err
+    assert {p: p.read_bytes() for p in work_dir.rglob("*") if p.is_file()} == before
+
+    code, err = run(argv + ["--iters", 1, "--overwrite"], capsys)
+    assert code == 0, err
+    assert [line["step"] for line in log_lines(work_dir)] == [1]
+    assert sorted(os.listdir(work_dir / "checkpoints")) == ["iter_1.pth"]
+    assert json.loads((work_dir / "metrics.json").read_text())["history"][-1]["step"] == 1
+
+    code, err = run(argv + ["--resume", "auto"], capsys)       # 1 → 2 in the same folder
+    assert code == 0, err
+    assert [line["step"] for line in log_lines(work_dir)] == [1, 2]
+
+
+def test_training_voc_from_random_weights_warns(voc, tmp_path, capsys):
+    code, err = run(tiny(voc, tmp_path / "wd", *VOC, "--iters", 1, "--cam-iters", 1), capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "--data VOC2012 without --pretrained" in warnings[0]
+    assert "--pretrained mit_b1.pth" in warnings[0]
+    code, err = run(tiny(voc, tmp_path / "wd2", "--iters", 1, "--cam-iters", 1), capsys)
+    assert code == 0 and "warning: " not in err                  # the synthetic preset: no warning
+
+
+def test_class_id_error_with_the_synthetic_preset_suggests_data_voc(voc, tmp_path, capsys):
+    """A VOC tree given as --data-root while --data was forgotten: the error says why."""
+    mask_with_id(mask(voc), 15)
+    code, err = run(tiny(voc, tmp_path / "wd"), capsys)
+    assert code == 2
+    message = error_line(err)
+    assert "class ids [15]" in message
+    assert message.endswith("the synthetic preset is active; did you mean --data VOC2012?")
+    code, err = run(tiny(voc, tmp_path / "wd2", *VOC), capsys)   # the VOC preset: no such hint
+    assert code == 2 and "synthetic preset" not in error_line(err)
+
+
 # --- crash safety ---------------------------------------------------------------------------------
 SAVE_LOOP = """
 import sys
@@ -295,7 +345,11 @@ def test_sigkill_during_saves_leaves_the_last_checkpoint_loadable(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_and_exits_130_then_resumes(synthetic, tmp_path, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_first_signal_saves_and_exits_then_resume_auto_continues(signum, synthetic, tmp_path,
+                                                                 capsys):
+    """Ctrl-C, or SIGTERM (a cluster's time limit): the step ends, a checkpoint is saved, exit
+    128 + signal; --resume auto in the same work dir continues from it, its log cut there."""
     work_dir = tmp_path / "wd"
     log = work_dir / "log.jsonl"
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
@@ -306,20 +360,21 @@ def test_ctrl_c_saves_and_exits_130_then_resumes(synthetic, tmp_path, capsys):
         while not (log.exists() and log.read_text().strip()) and process.poll() is None:
             assert time.time() < deadline, "no log line"
             time.sleep(0.1)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         process.wait(timeout=240)
     out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
-    assert process.returncode == 130, err
+    assert process.returncode == 128 + signum, err
     assert "Traceback" not in err
     saved = [n for n in os.listdir(work_dir / "checkpoints") if n.startswith("interrupted_iter_")]
     assert len(saved) == 1
     done = int(saved[0][len("interrupted_iter_"):-len(".pth")])
     assert 1 <= done < 50 and f"interrupted after iteration {done}" in out
+    assert "--resume auto" in out
     path = work_dir / "checkpoints" / saved[0]
     assert train.load_checkpoint(str(path))["step"] == done
-    code, err = run(tiny(synthetic, tmp_path / "resumed", "--resume", path, "--iters", done + 1), capsys)
+    code, err = run(tiny(synthetic, work_dir, "--resume", "auto", "--iters", done + 1), capsys)
     assert code == 0, err
-    assert [line["step"] for line in log_lines(tmp_path / "resumed")] == [done + 1]
+    assert [line["step"] for line in log_lines(work_dir)] == list(range(1, done + 2))
 
 
 # --- exact resume -----------------------------------------------------------------------------------
@@ -419,7 +474,7 @@ def small_net():
 def ignore_all(monkeypatch):
     def all_ignored(model, par, images, *args, **kwargs):
         label = torch.full((images.shape[0], *images.shape[-2:]), 255, dtype=torch.long)
-        return train.PseudoLabels(label, label, label)
+        return train.PseudoLabels(label, label)
     monkeypatch.setattr(train, "make_pseudo_labels", all_ignored)
 
 

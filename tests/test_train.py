@@ -1,6 +1,11 @@
-"""train.py: the balanced seg loss, the schedule, the configuration, the data stream, checkpoints."""
+"""train.py: the balanced seg loss, the schedule, the configuration, the data stream, checkpoints,
+and the step's fidelity to the release (BatchNorm statistics of the CAM passes, float32 labels)."""
+import contextlib
+import copy
+import dataclasses
 import math
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +71,14 @@ def test_optimizer_groups_follow_release():
     cfg = Config(backbone="mit_b0", num_classes=5)
     model = train.AFANet(cfg.num_classes, backbone=cfg.backbone)
     opt = train.build_optimizer(model, cfg)
+    # Building the optimiser changes nothing in the model; freezing the norms is its own call.
+    assert all(p.requires_grad for p in model.parameters())
+    train.freeze_encoder_norms(model)
     lrs = [g["lr"] for g in opt.param_groups]
     assert lrs == [pytest.approx(6e-5), 0.0, pytest.approx(6e-4), pytest.approx(6e-4)]
     assert opt.param_groups[1]["weight_decay"] == 0.0
     assert all(not p.requires_grad for p in opt.param_groups[1]["params"])
+    assert all(p.requires_grad for g in opt.param_groups[::2] for p in g["params"])
     n_params = sum(1 for _ in model.parameters())
     assert sum(len(g["params"]) for g in opt.param_groups) == n_params
     train.set_lr(opt, 750, cfg)
@@ -183,3 +192,170 @@ def test_token_grid_matches_encoder():
             cams, affinity = model.cam(torch.zeros(1, 3, size, size + 16))
         assert cams.shape[-2:] == (train.token_grid(size), train.token_grid(size + 16))
         assert affinity.shape[-1] == cams.shape[-1] * cams.shape[-2]
+
+
+def test_token_grid_is_the_ceiling_of_a_sixteenth():
+    assert [train.token_grid(s) for s in (16, 17, 32, 56, 64)] == [1, 2, 2, 4, 4]
+
+
+# --- fidelity: the CAM passes and the decoder's BatchNorm statistics (paper §3.1, as the release) ---
+class ReleaseCAM(torch.nn.Module):
+    """The release's CAM path: `cam` runs the whole network, decoder included, before returning the
+    CAMs, so in train mode the decoder's BatchNorm statistics see every CAM pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def cam(self, x, **fast_path_options):
+        out = self.model(x)
+        return out.cams, out.affinity
+
+
+def step_batch(B=2, size=64, num_classes=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cls_labels = torch.zeros(B, num_classes - 1)
+    cls_labels[0, 1] = cls_labels[1, 3] = cls_labels[1, 0] = 1
+    return {"image": torch.randn(B, 3, size, size, generator=g), "cls_labels": cls_labels,
+            "valid_box": torch.tensor([[0, size, 0, size], [0, size // 2 + 8, 0, size]])}
+
+
+def decoder_batchnorm(model):
+    return model.decoder.linear_fuse.bn
+
+
+@pytest.mark.parametrize("step", [1, 3, 5], ids=["classification only", "PAR label", "AFA label"])
+def test_statistics_after_a_step_equal_the_release_decoder_on_every_cam_pass(step):
+    """The forward and each of the 3 CAM passes (images + mirrors) update the decoder's running
+    mean and variance, the classification-only phase included, as when the decoder runs whole."""
+    cfg = Config(backbone="mit_b0", num_classes=6, crop=64, cam_iters=2, switch_iters=4)
+    # Without stochastic depth no pass draws random numbers, so the release path's Dropout2d
+    # (after the BatchNorm) shifts nothing: the two runs see the same features.
+    torch.manual_seed(0)
+    ours = train.AFANet(cfg.num_classes, backbone=cfg.backbone, drop_path_rate=0.0).train()
+    release = copy.deepcopy(ours)
+    par, batch = train.PAR(), step_batch()
+    train.compute_losses(ours, ours, par, batch, step, cfg, contextlib.nullcontext)
+    train.compute_losses(release, ReleaseCAM(release), par, batch, step, cfg,
+                         contextlib.nullcontext)
+    bn, release_bn = decoder_batchnorm(ours), decoder_batchnorm(release)
+    assert int(release_bn.num_batches_tracked) == 1 + len(cfg.cam_scales)
+    assert int(bn.num_batches_tracked) == int(release_bn.num_batches_tracked)
+    torch.testing.assert_close(bn.running_mean, release_bn.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, release_bn.running_var, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", [1, 5])
+def test_no_cam_bn_stats_leaves_the_statistics_to_the_forward(step):
+    cfg = Config(backbone="mit_b0", num_classes=6, crop=64, cam_iters=2, switch_iters=4,
+                 cam_bn_stats=False)
+    torch.manual_seed(0)
+    model = train.AFANet(cfg.num_classes, backbone=cfg.backbone, drop_path_rate=0.0).train()
+    forward_only = copy.deepcopy(model)
+    batch = step_batch()
+    train.compute_losses(model, model, train.PAR(), batch, step, cfg, contextlib.nullcontext)
+    with torch.no_grad():
+        forward_only(batch["image"])
+    bn, expected = decoder_batchnorm(model), decoder_batchnorm(forward_only)
+    assert int(bn.num_batches_tracked) == 1
+    torch.testing.assert_close(bn.running_mean, expected.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_var, expected.running_var, rtol=0, atol=0)
+
+
+# --- fidelity: --amp covers the network, not the pseudo labels -----------------------------------
+def test_amp_leaves_the_pseudo_labels_in_float32(monkeypatch):
+    """Under --amp (bf16 autocast) the forward runs in bf16 but the CAM passes, the AFA head and
+    the random walk do not, unless --cam-bf16 asks for bf16 CAM passes: the labels are those of
+    a float32 run."""
+    import pipeline
+    cfg = Config(backbone="mit_b0", num_classes=6, crop=64, cam_iters=0, switch_iters=0, amp=True)
+    autocast, _ = train.make_autocast(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = train.AFANet(cfg.num_classes, backbone=cfg.backbone).eval()   # deterministic passes
+    par, batch = train.PAR(), step_batch()
+    seen = []
+    real_cam, real_propagate = model.cam, pipeline.propagate
+
+    def cam(x, **options):
+        seen.append(("cam", torch.is_autocast_enabled("cpu")))
+        return real_cam(x, **options)
+
+    def propagate(cams, affinity, *args, **kwargs):
+        seen.append(("walk", torch.is_autocast_enabled("cpu") or affinity.dtype != torch.float32))
+        return real_propagate(cams, affinity, *args, **kwargs)
+
+    monkeypatch.setattr(model, "cam", cam)
+    monkeypatch.setattr(pipeline, "propagate", propagate)
+    out = train.compute_losses(model, model, par, batch, 1, cfg, autocast)
+    assert {kind for kind, _ in seen} == {"cam", "walk"}
+    assert not any(low_precision for _, low_precision in seen), seen
+    expected = train.make_pseudo_labels(model, par, batch["image"], batch["cls_labels"],
+                                        batch["valid_box"], scales=cfg.cam_scales, need_afa=True)
+    assert torch.equal(out.labels.par, expected.par) and torch.equal(out.labels.afa, expected.afa)
+    seen.clear()
+    train.compute_losses(model, model, par, batch, 1, dataclasses.replace(cfg, cam_bf16=True),
+                         autocast)
+    assert all(bf16 for kind, bf16 in seen if kind == "cam")        # --cam-bf16: CAM passes only
+    assert not any(low for kind, low in seen if kind == "walk")
+
+
+# --- DDP: each process builds the data sets once, rank 0 first --------------------------------
+def test_each_process_builds_the_data_sets_once_rank_0_first(monkeypatch):
+    events = []
+    monkeypatch.setattr(train, "build_datasets", lambda cfg: events.append("build") or ("tr", "va"))
+    monkeypatch.setattr(train.dist, "barrier", lambda: events.append("barrier"))
+    cfg = Config(data="VOC2012")
+    for rank, expected in ((0, ["build", "barrier"]), (1, ["barrier", "build"])):
+        events.clear()
+        assert train.load_datasets(cfg, rank, world=2) == ("tr", "va")
+        assert events == expected, rank
+    events.clear()
+    assert train.load_datasets(cfg, 0, world=1) == ("tr", "va") and events == ["build"]
+
+
+# --- the command line ------------------------------------------------------------------------------
+def test_abbreviated_flags_are_refused(capsys):
+    """--iter is not --iters: argparse's prefix matching is off."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--iter", "10"])
+    assert e.value.code == 2 and "--iter" in capsys.readouterr().err
+
+
+def test_help_shows_each_presets_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())           # argparse wraps the lines
+    assert "synthetic when --data is not given" in text
+    assert "(default: synthetic 128; VOC2012, COCO 512)" in text          # --crop
+    assert "(default: synthetic 900; VOC2012 20000; COCO 80000)" in text  # --iters
+    assert "(default: 0.45)" in text                                      # --bkg-score: one value
+
+
+# --- stopping: SIGTERM like the first Ctrl-C ---------------------------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_first_sigint_or_sigterm_asks_for_a_stop_the_second_stops_at_once(signum):
+    before = {s: signal.getsignal(s) for s in train.StopSignal.SIGNALS}
+    stop = train.StopSignal.install()
+    try:
+        assert stop.signum is None
+        os.kill(os.getpid(), signum)
+        assert stop.signum == signum                  # the handler ran: finish the step, save
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signum)
+    finally:
+        stop.restore()
+    assert {s: signal.getsignal(s) for s in train.StopSignal.SIGNALS} == before
+
+
+def test_resume_auto_takes_the_newest_checkpoint_of_any_kind(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert train.latest_checkpoint(str(tmp_path)) is None
+    for name in ("iter_4.pth", "iter_30.pth", "nonfinite_iter_33.pth", ".iter_40.pth.tmp1",
+                 "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    assert train.latest_checkpoint(str(tmp_path)) == str(folder / "nonfinite_iter_33.pth")
+    (folder / "interrupted_iter_35.pth").write_bytes(b"x")
+    assert train.latest_checkpoint(str(tmp_path)) == str(folder / "interrupted_iter_35.pth")
+    (folder / "iter_100.pth").write_bytes(b"x")         # by step, not by name: 100 > 35
+    assert train.latest_checkpoint(str(tmp_path)) == str(folder / "iter_100.pth")

@@ -2,8 +2,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,15 @@ def test_post_switch_step_uses_the_afa_label(tiny_synthetic, monkeypatch):
 # Parameters, not buffers: on CPU BatchNorm is not synchronised (SyncBatchNorm needs GPUs), so
 # each rank's running statistics follow its own last batch; DDP broadcasts rank 0's at every
 # forward, and rank 0's are the ones saved.
+TORCHRUN_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(script, flags) -> list:
+    """The command line of `torchrun --standalone --nproc_per_node 2 script flags`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(script), *flags]
+
+
 DDP_SCRIPT = """
 import os, sys, torch, train
 cfg = train.parse_config(sys.argv[1:])
@@ -102,14 +113,47 @@ def test_torchrun_two_cpu_processes_agree(tiny_synthetic, tmp_path):
     work_dir = tmp_path / "ddp"
     flags = tiny_flags(tiny_synthetic, work_dir, iters=4, eval_every=4, num_figures=0,
                        batch_size=4)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(script), *flags],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(torchrun(script, flags), cwd=ROOT, env=TORCHRUN_ENV, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    announced = "distributed: 2 processes, backend gloo, 2 images per process per iteration"
+    assert proc.stdout.count(announced) == 1, proc.stdout[-3000:]
     weights = [torch.load(work_dir / f"rank{r}.pt") for r in (0, 1)]
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
     metrics = json.loads((work_dir / "metrics.json").read_text())
     assert metrics["step"] == 4
+
+
+SIGTERM_SCRIPT = """
+import os, sys, train
+cfg = train.parse_config(sys.argv[1:])
+open(f"{cfg.work_dir}.pid{os.environ['RANK']}", "w").write(str(os.getpid()))
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tiny_synthetic, tmp_path):
+    """Under torchrun a SIGTERM that reaches one rank only still stops all of them after one
+    common step: rank 0 saves the checkpoint, nobody hangs in a collective."""
+    script = tmp_path / "ddp_sigterm.py"
+    script.write_text(SIGTERM_SCRIPT)
+    work_dir = tmp_path / "ddp"
+    flags = tiny_flags(tiny_synthetic, work_dir, iters=200, eval_every=1000, num_figures=0,
+                       batch_size=4)
+    proc = subprocess.Popen(torchrun(script, flags), cwd=ROOT, env=TORCHRUN_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, pid_file = work_dir / "log.jsonl", tmp_path / "ddp.pid1"
+    deadline = time.time() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2 and pid_file.exists()):
+        assert proc.poll() is None and time.time() < deadline, "the run did not start"
+        time.sleep(0.2)
+    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    saved = [n for n in os.listdir(work_dir / "checkpoints") if n.startswith("interrupted_iter_")]
+    assert len(saved) == 1, err[-3000:]
+    done = int(saved[0][len("interrupted_iter_"):-len(".pth")])
+    assert f"interrupted after iteration {done} (SIGTERM)" in out
+    assert train.load_checkpoint(str(work_dir / "checkpoints" / saved[0]))["step"] == done

@@ -1,0 +1,119 @@
+"""The modules form a tree and their functions fit on a screen.
+
+Method modules on the ground floor (each copyable alone: torch and the standard library only),
+`model.py` above them, the pipeline of the step above that, the scripts on top; nothing imports
+upward, not even lazily inside a function. Read from the source with `ast`, so that imports inside
+functions count too.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = {path.stem: path for path in sorted(ROOT.glob("*.py"))}
+METHOD_MODULES = ("par", "random_walk", "attention_affinity", "cam", "crf_loss")
+SCRIPTS = ("train", "evaluate", "bench", "ablation")
+MAX_FUNCTION_LINES = 80
+
+
+def imported_modules(path: Path) -> set:
+    """The top-level names of every module `path` imports, at any depth of its code."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def project_graph() -> dict:
+    """module → the project's modules it imports."""
+    return {name: imported_modules(path) & set(MODULES) - {name} for name, path in MODULES.items()}
+
+
+def find_cycle(graph: dict):
+    """One import cycle as a list of modules, or None (depth-first search, three colours)."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for child in sorted(graph[node]):
+            if state.get(child) == "open":
+                return stack[stack.index(child):] + [child]
+            if child not in state:
+                cycle = visit(child)
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_function_level_imports_are_seen(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import os\n\ndef f():\n    import train\n    from evaluate import run\n")
+    assert imported_modules(path) == {"os", "train", "evaluate"}
+
+
+def test_no_import_cycle():
+    graph = project_graph()
+    assert {"train", "evaluate", "pipeline", "model"} <= set(graph)
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+@pytest.mark.parametrize("name", [m for m in METHOD_MODULES if m in MODULES])
+def test_method_modules_import_no_sibling(name):
+    assert project_graph()[name] == set(), f"{name}.py imports {project_graph()[name]}"
+
+
+def test_nothing_imports_a_script_from_below():
+    """Only scripts import scripts (evaluate.py and bench.py build on train.py, never the reverse)."""
+    graph = project_graph()
+    for name, imports in graph.items():
+        if name not in SCRIPTS:
+            assert not imports & set(SCRIPTS), f"{name}.py imports the script(s) {imports & set(SCRIPTS)}"
+    assert "evaluate" not in graph["train"] and "bench" not in graph["train"]
+
+
+def test_model_and_pipeline_sit_on_the_method_modules():
+    graph = project_graph()
+    assert graph["model"] <= set(METHOD_MODULES) | {"vit"}
+    assert graph["pipeline"] <= set(METHOD_MODULES) | {"model", "data"}
+
+
+def long_functions(path: Path) -> list:
+    """(name, lines) of every function or method in `path` longer than MAX_FUNCTION_LINES,
+    counted from its `def` (decorators excluded) to its last line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES:
+                found.append((node.name, lines))
+    return found
+
+
+def test_the_length_check_sees_a_long_function(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES + "\ndef g():\n    pass\n")
+    assert long_functions(path) == [("f", MAX_FUNCTION_LINES + 1)]
+
+
+@pytest.mark.parametrize("name", ["train", "evaluate", "data"])
+def test_functions_fit_on_a_screen(name):
+    assert long_functions(MODULES[name]) == []
