@@ -40,7 +40,8 @@ from cam import cam_to_label, multi_scale_cam, refine_cams_with_par
 from metrics import confusion_matrix, scores_table, segmentation_scores
 from model import AFANet
 from par import PAR
-from pipeline import afa_pseudo_label, denormalize, random_walk_cams, token_grid, upsample
+from pipeline import (AttentionAsAffinity, afa_pseudo_label, denormalize, random_walk_cams,
+                      token_grid, upsample)
 from train import (Config, ConfigError, check_compatible, check_config, exit_code,
                    load_checkpoint)
 from visualize import attention_figure, class_names_of, image_to_rgb, save_prediction
@@ -229,7 +230,7 @@ PSEUDO_LABELS = (("cam", "CAM"), ("cam_par", "CAM + PAR"), ("afa", "AFA (random 
 @torch.no_grad()
 def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: torch.Tensor,
                      cam_scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
-                     high: float = 0.55, radius: int = 8) -> dict:
+                     high: float = 0.55, radius: int = 8, propagate_with: str = "affinity") -> dict:
     """The labels of `PSEUDO_LABELS`, each (B, H, W), for images (B, 3, H, W) with their
     image-level labels cls_labels (B, C-1), the whole image as valid box.
 
@@ -237,11 +238,14 @@ def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: 
     arg-max of the random walk with background `low`, with the affinity the training step walks
     with (the largest CAM scale's; the in-training validation uses the release's eval-mode
     scale-1.0 affinity instead); "afa_par" the AFA pseudo label (§3.2), the segmentation target
-    after the switch; "seg" the seg branch at one scale.
+    after the switch; "seg" the seg branch at one scale. `propagate_with="attention"`: both walks
+    use the MHSA maps of the same blocks, scale and pass instead of the learned affinity
+    (pipeline.mhsa_affinity; paper Table 4, "AFA (prop. with MHSA)").
     """
     B, _, H, W = images.shape
     whole = torch.tensor([[0, H, 0, W]], device=images.device).expand(B, 4)  # (B, 4) valid box
-    cams, affinity = multi_scale_cam(model, images, cam_scales,
+    cam_model = AttentionAsAffinity(model) if propagate_with == "attention" else model
+    cams, affinity = multi_scale_cam(cam_model, images, cam_scales,
                                      partial_affinity=True)              # (B, C-1, H, W), (B, N, N)
     cams, affinity = cams.float(), affinity.float()
     pixels = denormalize(images.float())                                  # (B, 3, H, W) in [0, 1]
@@ -259,7 +263,8 @@ def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: 
 
 def pseudo_label_quality(model: AFANet, par: PAR, loader, num_classes: int, device,
                          cam_scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
-                         high: float = 0.55, radius: int = 8) -> dict:
+                         high: float = 0.55, radius: int = 8,
+                         propagate_with: str = "affinity") -> dict:
     """mIoU of each label of `pseudo_labels_of` over a split with masks, at each image's size.
 
     The image-level labels are the ground truth's. Pixels a label leaves ignored (255) are not
@@ -274,7 +279,7 @@ def pseudo_label_quality(model: AFANet, par: PAR, loader, num_classes: int, devi
         gt = batch["label"]                                                   # (B, H, W)
         labels = pseudo_labels_of(model, par, batch["image"].to(device),
                                   batch["cls_labels"].to(device), cam_scales, bkg_score, low,
-                                  high, radius)
+                                  high, radius, propagate_with)
         for k in keys:
             confs[k] += confusion_matrix(labels[k].cpu(), gt, num_classes)
         valid_pixels += int(((gt != IGNORE_INDEX) & (gt >= 0) & (gt < num_classes)).sum())
@@ -344,7 +349,7 @@ def predict_images(model: AFANet, paths: list, out_dir: str, device, scales=TEST
 # =============================================================================================
 # Run settings that may differ from the checkpoint's without changing the network.
 CONFIG_OVERRIDES = ("data_root", "cam_scales", "bkg_score", "low", "high", "radius", "par_iters",
-                    "num_figures")
+                    "propagate_with", "num_figures")
 # Flags that must match the checkpoint: a different value is an error, not a conversion.
 CONFIG_CHECKS = ("backbone", "num_classes")
 
@@ -496,10 +501,14 @@ def pseudo_label_report(model, cfg: Config, loader, device, names) -> dict:
     par = PAR(num_iter=cfg.par_iters).to(device)
     result = pseudo_label_quality(model, par, loader, cfg.num_classes, device,
                                   cam_scales=cfg.cam_scales, bkg_score=cfg.bkg_score,
-                                  low=cfg.low, high=cfg.high, radius=cfg.radius)
+                                  low=cfg.low, high=cfg.high, radius=cfg.radius,
+                                  propagate_with=cfg.propagate_with)
     split = loader.dataset.split
-    print(f"\npseudo labels on {split} ({len(loader.dataset)} images):\n{pseudo_table(result)}")
-    return {"pseudo_split": split, **{f"{k}_miou": result[f"{k}_miou"] for k, _ in PSEUDO_LABELS},
+    print(f"\npseudo labels on {split} ({len(loader.dataset)} images), random walk with the "
+          f"{'learned affinity' if cfg.propagate_with == 'affinity' else 'MHSA maps'}:\n"
+          f"{pseudo_table(result)}")
+    return {"pseudo_split": split, "propagate_with": cfg.propagate_with,
+            **{f"{k}_miou": result[f"{k}_miou"] for k, _ in PSEUDO_LABELS},
             "pseudo_labelled": result["labelled"],
             "pseudo_IoU": {k: dict(zip(names, v)) for k, v in result["IoU"].items()}}
 

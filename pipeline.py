@@ -3,15 +3,20 @@
     images ─► multi-scale CAM (§3.1) ─► PAR label (§3.3) ─► affinity labels ─► L_aff (§3.2)
                   │
                   └► random walk with the learned affinity (§3.2) ─► PAR ─► AFA pseudo label
-                                                                        ─► L_seg (§3.4)
+                                                                        ─► L_seg, L_reg (§3.4)
 
 `train.py` chains these stages in its step; the validation (`metrics.py`), the figures
 (`visualize.py`) and the pseudo-label table (`evaluate.py`) call the same functions, so what they
 measure is what the network trains on. The method itself lives below this module (`cam.py`,
-`par.py`, `attention_affinity.py`, `random_walk.py`, `model.py`); here it is put in order. The
-pseudo labels are made without gradient and in float32 whatever autocast surrounds the call
-(`--amp` covers the network's forward and backward only); `cam_bf16=True` runs the CAM passes
-alone in bfloat16.
+`par.py`, `attention_affinity.py`, `random_walk.py`, `crf_loss.py`, `model.py`); here it is put
+in order. The pseudo labels are made without gradient and in float32 whatever autocast surrounds
+the call (`--amp` covers the network's forward and backward only); `cam_bf16=True` runs the CAM
+passes alone in bfloat16.
+
+The paper's ablations (§4.3, Tables 3 and 4) change single stages: the seg branch supervised by
+the CAM label, the PAR label or the AFA label (`make_pseudo_labels(need_cam=..., need_afa=...)`),
+and the random walk with the raw multi-head self-attention instead of the learned affinity
+(`propagate_with="attention"`, `attention_affinity_of`).
 """
 from __future__ import annotations
 
@@ -21,11 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from attention_affinity import affinity_labels, window_mask
-from cam import multi_scale_cam, refine_cams_with_par, refine_propagated_with_par
+from cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par
+from crf_loss import DenseCRFLoss
 from data import IMAGENET_MEAN, IMAGENET_STD
 from random_walk import propagate
 
 ENCODER_STRIDE = 16  # the stride of the encoder's last stage: one token per 16 × 16 pixels
+# What the random walk propagates with (paper §3.2; Table 4's "AFA (prop. with MHSA)").
+PROPAGATE_WITH = ("affinity", "attention")
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
@@ -53,15 +61,17 @@ def label_precision(device_type: str, cam_bf16: bool = False):
 # Stages 1–3: CAM → PAR label (→ random walk → AFA label), without gradient
 # =============================================================================================
 class PseudoLabels(NamedTuple):
-    par: torch.Tensor            # (B, H, W) the CAM label refined with PAR (paper §3.3)
+    par: torch.Tensor | None     # (B, H, W) the CAM label refined with PAR (paper §3.3); None if not asked
     afa: torch.Tensor | None     # (B, H, W) the AFA pseudo label (paper §3.2); None if not asked
+    cam: torch.Tensor | None = None  # (B, H, W) the three-band CAM label (paper §3.1); None if not asked
 
 
 @torch.no_grad()
 def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tensor,
                        valid_box: torch.Tensor | None, *, scales=(1.0, 0.5, 1.5),
                        low: float = 0.35, high: float = 0.55, radius: int = 8,
-                       need_afa: bool = True, cam_bf16: bool = False,
+                       need_afa: bool = True, need_par: bool = True, need_cam: bool = False,
+                       propagate_with: str = "affinity", cam_bf16: bool = False,
                        decoder_stats: bool | None = None,
                        forward_cams: torch.Tensor | None = None) -> PseudoLabels:
     """The step's pseudo labels for images (B, 3, H, W) with cls_labels (B, C-1), valid_box (B, 4).
@@ -71,24 +81,99 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
     decoder's BatchNorm statistics; `decoder_stats=False` skips that, None leaves it to `cam`).
     `forward_cams` (B, C-1, h, w): the training forward's CAMs, reused at scale 1.0 when given
     (faster; other stochastic-depth draws, so other numbers).
+    need_par / need_afa / need_cam: which labels to make (the others are None): the PAR label,
+    the AFA label, the three-band CAM label (v ≤ low → 0, low < v ≤ high → 255, else the class;
+    255 outside the valid box). `propagate_with`: "affinity" (the learned affinity, paper §3.2)
+    or "attention" (the raw MHSA maps, see `attention_affinity_of`) for the random walk; both at
+    the largest scale, of the un-flipped images, from the same CAM pass.
     """
+    if propagate_with not in PROPAGATE_WITH:
+        raise ValueError(f"propagate_with must be one of {PROPAGATE_WITH}, got {propagate_with!r}")
     with label_precision(images.device.type):
         # --- Stage 1: multi-scale CAM, affinity at the largest scale (paper §3.1) --------------
+        cam_model = AttentionAsAffinity(model) if (need_afa and propagate_with == "attention") else model
         with label_precision(images.device.type, cam_bf16):
             cams, affinity = multi_scale_cam(
-                model, images, scales, decoder_stats=decoder_stats, partial_affinity=True,
+                cam_model, images, scales, decoder_stats=decoder_stats, partial_affinity=True,
                 forward_cams=forward_cams)                                 # (B, C-1, H, W), (B, N, N)
         cams, affinity = cams.float(), affinity.float()
+        cam_label = cam_to_label(cams, cls_labels, low=low, high=high,
+                                 valid_box=valid_box) if need_cam else None  # (B, H, W)
         # --- Stage 2: the CAM label refined with PAR (paper §3.3) ------------------------------
         pixels = denormalize(images.float())                                # (B, 3, H, W) in [0, 1]
         par_label = refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
-                                         valid_box=valid_box)              # (B, H, W)
+                                         valid_box=valid_box) if need_par else None  # (B, H, W)
         if not need_afa:
-            return PseudoLabels(par_label, None)
+            return PseudoLabels(par_label, None, cam_label)
         # --- Stage 3: random walk with the learned affinity, refined with PAR (paper §3.2) -----
         afa_label = afa_pseudo_label(par, pixels, cams, affinity, cls_labels, valid_box,
                                      max(scales), low, high, radius)       # (B, H, W)
-    return PseudoLabels(par_label, afa_label)
+    return PseudoLabels(par_label, afa_label, cam_label)
+
+
+# =============================================================================================
+# Propagation with the raw attention (paper §4.3, Table 4: "AFA (prop. with MHSA)")
+# =============================================================================================
+def mhsa_affinity(attn_logits, head_dim: int) -> torch.Tensor:
+    """The MHSA maps as an affinity (B, N, N): the paper's "propagation with MHSA" (Table 4).
+
+    attn_logits: the pre-softmax, unscaled logits q·kᵀ of the blocks that feed the AFA head, each
+    (B, nh, N, N) (or a (B, L·nh, N, N) stack); head_dim d = the per-head width of those blocks
+    (the last stage's embed dim / its heads). The definition, in float32:
+
+        A_l,m = softmax_j(q·kᵀ / √d)        each block l and head m, rows sum to 1,
+        Ā = mean over l and m of A_l,m,     (B, N, N)
+        affinity = (Ā + Āᵀ) / 2              symmetric, non-negative, in [0, 1].
+
+    The random walk then uses it as it uses the learned affinity (squared, windowed, columns
+    normalised): only the source of the pairwise scores changes.
+    """
+    if torch.is_tensor(attn_logits):
+        attn_logits = [attn_logits]
+    scale = head_dim ** -0.5
+    total, maps = 0, 0
+    for logits in attn_logits:                                             # (B, nh, N, N)
+        attention = (logits.float() * scale).softmax(dim=-1)              # (B, nh, N, N)
+        total = total + attention.sum(dim=1)                               # (B, N, N)
+        maps += logits.shape[1]
+    mean = total / maps                                                    # (B, N, N)
+    return (mean + mean.transpose(1, 2)) / 2                               # (B, N, N)
+
+
+def head_dim_of(model) -> int:
+    """The per-head width d of the encoder's last stage (whose blocks feed the AFA head)."""
+    return model.encoder.embed_dims[-1] // model.encoder.num_heads[-1]
+
+
+@torch.no_grad()
+def attention_affinity_of(model, x: torch.Tensor) -> torch.Tensor:
+    """`mhsa_affinity` of the model's `afa_blocks` last blocks for images x (B, 3, H, W): (B, N, N)
+    on the ⌈H/16⌉ × ⌈W/16⌉ grid, the same blocks, grid and pass as the learned affinity's."""
+    _, attn_logits = model.encoder(x, num_attn=model.afa_blocks)           # each (B, nh, N, N)
+    return mhsa_affinity(attn_logits, head_dim_of(model))
+
+
+class AttentionAsAffinity:
+    """`model` with its `cam(x)` returning the MHSA maps (`mhsa_affinity`) where AFANet's returns
+    the learned affinity: what `multi_scale_cam` needs to give the attention of the un-flipped
+    images at the largest scale from the very pass that gives the CAMs (same stochastic-depth
+    draws, same decoder statistics as `AFANet.cam`)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def cam(self, x, *, num_affinity=None, decoder_stats=True):
+        model = self.model
+        n = x.shape[0] if num_affinity is None else num_affinity
+        if n == 0:                          # no affinity asked: the model's own fast pass
+            return model.cam(x, num_affinity=0, decoder_stats=decoder_stats)
+        factored = None if n == x.shape[0] else n
+        features, attn = model.encoder(x, num_attn=model.afa_blocks, factored_images=factored)
+        if factored is not None:            # (q (n, nh, N, d), k (n, nh, N, d)) per block
+            attn = [q @ k.transpose(-2, -1) for q, k in attn]              # (n, nh, N, N) each
+        if decoder_stats and model.training:
+            model.decoder.update_batchnorm_statistics(features)
+        return model.classifier(features[-1]), mhsa_affinity(attn, head_dim_of(model))
 
 
 @torch.no_grad()
@@ -165,3 +250,40 @@ def upsample(logits: torch.Tensor, size: tuple) -> torch.Tensor:
     """Logits (B, C, h, w) → (B, C, H, W), bilinear, in float32: the losses are computed in fp32."""
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
+
+
+def valid_box_mask(valid_box: torch.Tensor | None, H: int, W: int,
+                   device=None) -> torch.Tensor:
+    """1 inside each image's valid box (top, bottom, left, right), ends exclusive: valid_box
+    (B, 4) → (B, H, W) float; None means the whole crop (B = 1). An empty box gives all zeros."""
+    if valid_box is None:
+        return torch.ones(1, H, W, device=device)
+    device = valid_box.device if device is None else device
+    top, bottom, left, right = valid_box.to(device).long().unbind(dim=1)  # (B,) each
+    rows = torch.arange(H, device=device)                                   # (H,)
+    cols = torch.arange(W, device=device)                                   # (W,)
+    inside_rows = (rows >= top[:, None]) & (rows < bottom[:, None])         # (B, H)
+    inside_cols = (cols >= left[:, None]) & (cols < right[:, None])         # (B, W)
+    return (inside_rows[:, :, None] & inside_cols[:, None, :]).float()      # (B, H, W)
+
+
+# L_reg with the release's layer: weight 1e-7, σ_rgb 15, σ_xy 100, at half resolution.
+DENSE_CRF_LOSS = DenseCRFLoss(weight=1e-7, sigma_rgb=15, sigma_xy=100, scale_factor=0.5)
+
+
+def reg_loss(seg_logits_up: torch.Tensor, images: torch.Tensor, valid_box: torch.Tensor | None,
+             seg_target: torch.Tensor) -> torch.Tensor:
+    """L_reg (paper §3.4), the dense-CRF energy loss of the release (crf_loss.DenseCRFLoss).
+
+    seg_logits_up: (B, C, H, W) seg logits upsampled to the crop (the same as L_seg's), their
+    softmax not detached; images (B, 3, H, W) normalised (denormalised here to RGB 0–255);
+    valid_box (B, 4) the ROI (None: the whole crop); seg_target (B, H, W) the step's seg target,
+    255 unlabelled.
+    Returns the scalar 1e-7 · E; the training loss adds `reg_weight` (0.01) of it.
+    """
+    H, W = seg_logits_up.shape[-2:]
+    probs = seg_logits_up.float().softmax(dim=1)                            # (B, C, H, W)
+    # RGB 0–255 (clamped: a no-op for real images, a guard for inputs that are not normalised pixels)
+    rgb = (denormalize(images.float()) * 255.0).clamp(0, 255)              # (B, 3, H, W)
+    roi = valid_box_mask(valid_box, H, W, device=images.device).expand(images.shape[0], H, W)
+    return DENSE_CRF_LOSS(rgb, probs, roi, seg_target)                      # (B, H, W) roi

@@ -18,10 +18,13 @@ needs (`synthetic` trains from scratch on a CPU, `COCO` follows the release's CO
 command-line flag overrides both. Importing this module starts nothing; the step's stages
 (`seg_loss`, `make_pseudo_labels`, ...) are importable from here as from pipeline.py.
 
-The authors' release differs from the paper: it leaves out the dense-CRF loss L_reg (paper §3.4)
-— so do we. As in the release, the CAM passes run in train mode on every iteration, the
-classification-only phase included, and update the decoder's BatchNorm statistics
-(`--no-cam-bn-stats` skips that: faster, other eval-mode numbers).
+The authors' final release differs from the paper: it leaves out the dense-CRF loss L_reg
+(paper §3.4), whose C++ filter would not build for users; here it is on (`--reg-weight 0.01`, the
+paper's full system, in plain PyTorch: crf_loss.py), and `--reg-weight 0` is that release. The
+switches `--seg-label`, `--aff-weight 0` and `--propagate-with` rerun the rows of the paper's
+ablation tables (ablation.py runs them all). As in the release, the CAM passes run in train mode
+on every iteration, the classification-only phase included, and update the decoder's BatchNorm
+statistics (`--no-cam-bn-stats` skips that: faster, other eval-mode numbers).
 """
 from __future__ import annotations
 
@@ -50,11 +53,12 @@ from tqdm import tqdm
 import data
 from attention_affinity import affinity_loss
 from metrics import format_metrics, metrics_table, validate
-from model import AFANet, load_mit_weights
+from model import AFANet
 from par import PAR
 from pipeline import (PseudoLabels, affinity_targets, afa_pseudo_label, cam_statistics_passes,  # noqa: F401
                       denormalize, label_precision, make_pseudo_labels, random_walk_cams,
-                      seg_loss, token_grid, upsample)
+                      reg_loss, seg_loss, token_grid, upsample)
+from pretrained import load_pretrained
 from visualize import class_names_of, training_figure
 
 
@@ -97,7 +101,19 @@ class Config:
     switch_iters: int = opt(6000, "the AFA pseudo label replaces the PAR label after this")
     aff_from_afa: bool = opt(False, "after the switch, affinity labels also from the AFA label (COCO)")
     seg_weight: float = opt(0.1, "weight of L_seg")
-    aff_weight: float = opt(0.1, "weight of L_aff")
+    aff_weight: float = opt(0.1, "weight of L_aff; 0 leaves the AFA head untrained (paper Table 3's "
+                                 "rows baseline and +PAR, Table 4's 'w/o AFA')")
+    reg_weight: float = opt(0.01, "weight of L_reg, the dense-CRF energy loss on the seg branch, on "
+                                  "after cam_iters (paper §3.4, Table 3's '+L_reg'); 0 = the "
+                                  "authors' final release, which dropped L_reg")
+    seg_label: str = opt("afa", "what supervises the seg branch after the switch: cam (the "
+                                "three-band CAM label, also before the switch: Table 3's "
+                                "'baseline'), par (the PAR label: Table 3's '+PAR'), afa (the AFA "
+                                "pseudo label: Table 3's '+AFA')")
+    propagate_with: str = opt("affinity", "the random walk's pairwise scores: affinity (the "
+                                          "learned affinity) or attention (the raw MHSA maps of "
+                                          "the same blocks, averaged over heads and blocks, made "
+                                          "symmetric: Table 4's 'AFA (prop. with MHSA)')")
     # --- pseudo labels (paper §3.1–3.3) ---------------------------------------------------------
     cam_scales: tuple = opt((1.0, 0.5, 1.5), "scales of the multi-scale CAM")
     cam_bn_stats: bool = opt(True, "the CAM passes update the decoder's BatchNorm statistics on "
@@ -209,6 +225,18 @@ def check_config(cfg: Config) -> None:
     if cfg.cam_iters > cfg.switch_iters:
         fail(f"--cam-iters {cfg.cam_iters} > --switch-iters {cfg.switch_iters}: the AFA label "
              "cannot replace the PAR label before pseudo labels are used at all")
+    if cfg.seg_label not in ("cam", "par", "afa"):
+        fail(f"--seg-label {cfg.seg_label}: choose cam, par or afa")
+    if cfg.propagate_with not in ("affinity", "attention"):
+        fail(f"--propagate-with {cfg.propagate_with}: choose affinity or attention")
+    if cfg.reg_weight < 0:
+        fail(f"--reg-weight {cfg.reg_weight}: give a weight >= 0 (0 turns L_reg off)")
+    if cfg.aff_weight == 0 and cfg.seg_label == "afa" and cfg.propagate_with == "affinity":
+        fail("--seg-label afa needs the learned affinity, which --aff-weight 0 leaves untrained; "
+             "pass --seg-label par (or cam), or a positive --aff-weight")
+    if cfg.aff_weight == 0 and cfg.aff_from_afa:
+        fail("--aff-from-afa takes affinity labels for L_aff, which --aff-weight 0 turns off; "
+             "drop --aff-from-afa or pass a positive --aff-weight")
     if cfg.num_classes < 2:
         fail("--num-classes counts background too: it must be at least 2")
 
@@ -278,20 +306,32 @@ def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Co
         zero = 0.0 * (out.seg_logits.float().sum() + out.affinity.float().sum())
         return StepOutput(cls_loss + zero, {"cls": cls_loss.detach()}, None)
     # --- stages 1–3: CAM → PAR label (→ random walk → AFA label), no gradient, float32 ---------
+    # The seg target (paper Table 3): the CAM label throughout for --seg-label cam (the baseline
+    # never sees PAR); otherwise the PAR label up to the switch, the --seg-label one after it.
+    # L_aff learns from the PAR label (the AFA label after the switch with --aff-from-afa); at
+    # --aff-weight 0 it stays in the graph with weight 0, on the seg target (no label made for it).
     switched = step > cfg.switch_iters
+    seg_kind = cfg.seg_label if (switched or cfg.seg_label == "cam") else "par"
+    aff_kind = ("afa" if (switched and cfg.aff_from_afa) else "par") if cfg.aff_weight else seg_kind
     labels = make_pseudo_labels(
         model, par, images, cls_labels, valid_box, scales=cfg.cam_scales, low=cfg.low,
-        high=cfg.high, radius=cfg.radius, need_afa=switched, cam_bf16=cfg.cam_bf16,
-        decoder_stats=cfg.cam_bn_stats,
+        high=cfg.high, radius=cfg.radius, need_afa="afa" in (seg_kind, aff_kind),
+        need_par="par" in (seg_kind, aff_kind), need_cam="cam" in (seg_kind, aff_kind),
+        propagate_with=cfg.propagate_with, cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
         forward_cams=out.cams.detach() if cfg.reuse_forward_cam else None)
-    seg_target = labels.afa if switched else labels.par
-    aff_source = labels.afa if (switched and cfg.aff_from_afa) else labels.par
+    seg_target, aff_source = getattr(labels, seg_kind), getattr(labels, aff_kind)  # (B, H, W) each
     # --- stage 4: affinity labels from the pseudo label, L_aff (paper §3.2) ---------------------
     aff_loss = affinity_loss(out.affinity.float(), affinity_targets(aff_source, cfg.radius))
     # --- L_seg: balanced cross entropy on the seg logits upsampled to the crop (paper §3.4) ----
-    seg = seg_loss(upsample(out.seg_logits, images.shape[-2:]), seg_target)   # (B, C, H, W) logits
+    seg_logits = upsample(out.seg_logits, images.shape[-2:])                   # (B, C, H, W)
+    seg = seg_loss(seg_logits, seg_target)
     loss = cls_loss + cfg.seg_weight * seg + cfg.aff_weight * aff_loss
     terms = {"cls": cls_loss.detach(), "seg": seg.detach(), "aff": aff_loss.detach()}
+    # --- L_reg: dense-CRF energy of the seg softmax, seg target as label, valid box as ROI (§3.4)
+    if cfg.reg_weight > 0:
+        reg = reg_loss(seg_logits, images, valid_box, seg_target)
+        loss = loss + cfg.reg_weight * reg
+        terms["reg"] = reg.detach()
     return StepOutput(loss, terms, labels)
 
 
@@ -588,11 +628,11 @@ def build_model(cfg: Config, device: torch.device, world: int) -> AFANet:
     model = AFANet(cfg.num_classes, backbone=cfg.backbone)
     if cfg.pretrained and not cfg.resume:
         try:
-            load_mit_weights(model.encoder, cfg.pretrained)
+            loaded = load_pretrained(model.encoder, cfg.pretrained)
         except (ValueError, FileNotFoundError, OSError) as e:
             raise ConfigError(f"--pretrained: {e}") from e
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"encoder initialised from {cfg.pretrained}")
+            print(f"encoder initialised from {cfg.pretrained} ({loaded})")
     if cfg.freeze_norm:
         freeze_encoder_norms(model)
     if world > 1 and device.type == "cuda":
@@ -811,7 +851,7 @@ def validate_and_save(run: Run, val_loader, val_set, step: int) -> dict:
     run.model.eval()
     scores = validate(run.model, val_loader, cfg.num_classes, device=run.device, world=run.world,
                       scales=cfg.cam_scales, bkg_score=cfg.bkg_score, low=cfg.low,
-                      radius=cfg.radius)
+                      radius=cfg.radius, propagate_with=cfg.propagate_with)
     metrics = {"step": step, **scores}
     run.history.append(metrics)
     if run.is_main:

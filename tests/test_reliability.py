@@ -496,11 +496,14 @@ def test_degenerate_crops_give_finite_losses_and_gradients(case, step, small_net
         ignore_all(monkeypatch)
     model.zero_grad(set_to_none=True)
     out = train.compute_losses(model, model, par, batch, step, cfg, train.contextlib.nullcontext)
-    assert set(out.terms) == {"cls", "seg", "aff"}
+    assert set(out.terms) == {"cls", "seg", "aff", "reg"}
     assert all(math.isfinite(v.item()) for v in out.terms.values()), out.terms
     if case == "all pseudo labels ignored":  # the terms without a labelled pixel or pair add 0
         assert out.terms["seg"].item() == 0.0 and out.terms["aff"].item() == 0.0
-        assert out.loss.item() == out.terms["cls"].item()
+        # L_reg needs no label: unlabelled pixels enter its energy ungated (paper §3.4)
+        assert out.terms["reg"].item() < 0
+        assert out.loss.item() == pytest.approx(out.terms["cls"].item()
+                                                + cfg.reg_weight * out.terms["reg"].item())
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
