@@ -11,7 +11,13 @@ One forward pass of `AFANet` gives everything the training step needs:
   affinity (B, N, N) over the stride-16 grid (§3.2, "Affinity from Attention").
 
 `load_mit_weights` loads SegFormer's ImageNet checkpoints (`mit_b0.pth`, `mit_b1.pth`) as released:
-the module attribute names below reproduce that checkpoint layout key for key.
+the module attribute names below reproduce that checkpoint layout key for key. It is
+`pretrained.load_pretrained`, which also reads the other layouts these weights ship in.
+
+`AFANet(..., backbone="vit_s16" | "vit_b16" | "vit_tiny16")` puts a plain ViT (`vit.py`) in the
+MiT's place, as ToCo and later work do: the classifier and the CAM read its last block's patch
+tokens, the AFA head its last `afa_blocks` blocks' attention over the patch tokens, and the same
+SegFormer decoder takes 4 evenly spaced blocks, all at stride 16 (why: `vit.py`'s docstring).
 
 As in the authors' release, and unlike the stock SegFormer encoder, the last stage keeps stride 16
 (strides (4, 2, 2, 1) instead of (4, 2, 2, 2)), and the classification logits use global max pooling.
@@ -34,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention_affinity import AffinityHead
+from pretrained import load_pretrained
+from vit import VIT_CONFIGS, VisionTransformer, vit
 
 # SegFormer's MiT family (Xie et al. 2021, Table 6): all share heads (1, 2, 5, 8), MLP ratio 4 and
 # spatial reduction (8, 4, 2, 1); they differ in width and depth.
@@ -326,74 +334,26 @@ def mit_b1(strides=(4, 2, 2, 1), **kwargs):
     return mit("mit_b1", strides=strides, **kwargs)
 
 
-def _describe_mit_state(state):
-    """Name the MiT configuration a state dict was saved from, from its widths and depths."""
-    embed_dims, depths = [], []
-    for stage in range(1, 5):
-        proj = state.get(f"patch_embed{stage}.proj.weight")
-        if proj is None or proj.ndim != 4:
-            return None
-        embed_dims.append(proj.shape[0])  # (C_i, C_{i-1}, k, k)
-        prefix = f"block{stage}."
-        depths.append(len({key.split(".")[1] for key in state if key.startswith(prefix)}))
-    for name, config in MIT_CONFIGS.items():
-        if tuple(config["embed_dims"]) == tuple(embed_dims) and tuple(config["depths"]) == tuple(depths):
-            return name
-    return f"a MiT with embed dims {embed_dims} and depths {depths}"
-
-
 def load_mit_weights(encoder, path):
     """Load SegFormer's ImageNet MiT checkpoint (`mit_b1.pth`, ...) into `encoder` in place.
 
-    Accepts a raw state dict or one wrapped under "state_dict" / "model". The ImageNet classifier
-    `head.*` is dropped; every other key must match the encoder exactly (names and shapes).
-    Raises FileNotFoundError for a missing file, ValueError for an unreadable or mismatched one.
+    Accepts a raw state dict or one wrapped under "state_dict" / "model", and the other layouts
+    of `pretrained.load_pretrained` (which this is). The ImageNet classifier `head.*` is dropped;
+    every other key must match the encoder exactly (names and shapes). Returns a short description
+    of what was loaded. Raises FileNotFoundError for a missing file, ValueError (one line) for an
+    unreadable or mismatched one.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MiT weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"cannot read MiT weights from {path} (truncated, or not a PyTorch "
-                         f"checkpoint of tensors): {error}") from error
-    if isinstance(state, dict):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-                break
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    state = {key: value for key, value in state.items() if not key.startswith("head.")}
+    return load_pretrained(encoder, path)
 
-    expected = encoder.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    mismatched = [f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-                  for key in expected if key in state and state[key].shape != expected[key].shape]
-    if missing or unexpected or mismatched:
-        def some(keys, limit=3):
-            return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
 
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys ({some(missing)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys ({some(unexpected)})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches, file vs model ({some(mismatched)})")
-        file_backbone = _describe_mit_state(state)
-        model_backbone = _describe_mit_state(expected)
-        message = f"{path} does not fit this encoder ({model_backbone or 'custom'}): " + "; ".join(problems) + "."
-        if file_backbone is None:
-            message += " It does not look like a SegFormer MiT checkpoint."
-        elif file_backbone != model_backbone:
-            message += f" The file seems to be for {file_backbone}"
-            if file_backbone in MIT_CONFIGS:
-                message += f": build the model with backbone={file_backbone!r} (--backbone {file_backbone})"
-            message += "."
-        raise ValueError(message)
-    encoder.load_state_dict(state, strict=True)
+def build_encoder(backbone, strides=(4, 2, 2, 1), drop_path_rate=0.1):
+    """The encoder named `backbone`: a MiT of `MIT_CONFIGS` (with its patch-embedding `strides`)
+    or a ViT of `vit.VIT_CONFIGS` (patch 16, every feature map at stride 16; `strides` unused)."""
+    if backbone in MIT_CONFIGS:
+        return mit(backbone, strides=strides, drop_path_rate=drop_path_rate)
+    if backbone in VIT_CONFIGS:
+        return vit(backbone, drop_path_rate=drop_path_rate)
+    raise ValueError(f"backbone must be one of {sorted(MIT_CONFIGS) + sorted(VIT_CONFIGS)}, got {backbone!r}")
 
 
 class LinearEmbedding(nn.Module):
@@ -493,7 +453,7 @@ class SegFormerHead(nn.Module):
 
 class AFAOutput(NamedTuple):
     cls_logits: torch.Tensor  # (B, C−1) image-level logits, global max pooling then classifier
-    seg_logits: torch.Tensor  # (B, C, H/4, W/4) decoder output
+    seg_logits: torch.Tensor  # (B, C, H/s, W/s) decoder output, s = 4 (MiT) or 16 (ViT)
     affinity: torch.Tensor  # (B, N, N) learned affinity in (0, 1), symmetric
     cams: torch.Tensor  # (B, C−1, h, w) classifier on the un-pooled stage-4 features, before ReLU
 
@@ -502,9 +462,11 @@ class AFANet(nn.Module):
     """The AFA network (paper §3, Fig. 2): MiT encoder, classifier, SegFormer decoder, AFA head.
 
     num_classes C counts the background; the classifier predicts the C−1 foreground classes.
-    `pretrained` is an optional path to SegFormer's ImageNet weights for `backbone`.
-    `afa_blocks` last blocks of the encoder (all in stage 4, where sr_ratio = 1) give their
-    attention logits, afa_blocks × nh maps of N × N, to the AFA head.
+    `backbone` is a MiT ("mit_b1", the paper's) or a plain ViT ("vit_s16", "vit_b16", "vit_tiny16");
+    `pretrained` is an optional path to its ImageNet weights, in any layout `load_pretrained` reads.
+    `afa_blocks` last blocks of the encoder give their attention logits, afa_blocks × nh maps of
+    N × N, to the AFA head: blocks of the MiT's stage 4 (where sr_ratio = 1), any blocks of a ViT
+    (over its patch tokens). `strides` applies to a MiT only.
     """
 
     def __init__(self, num_classes, backbone="mit_b1", pretrained=None, strides=(4, 2, 2, 1),
@@ -514,17 +476,21 @@ class AFANet(nn.Module):
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.backbone = backbone
         self.num_classes = num_classes
-        self.encoder = mit(backbone, strides=strides, drop_path_rate=drop_path_rate)
-        if not 1 <= afa_blocks <= self.encoder.depths[-1] or self.encoder.sr_ratios[-1] != 1:
-            raise ValueError(f"afa_blocks must be in [1, {self.encoder.depths[-1]}] (the stage-4 blocks, "
-                             f"whose attention is N × N), got {afa_blocks}")
+        self.encoder = build_encoder(backbone, strides=strides, drop_path_rate=drop_path_rate)
+        if isinstance(self.encoder, VisionTransformer):
+            square_blocks = self.encoder.depth  # every block attends over the N patch tokens
+        else:
+            square_blocks = self.encoder.depths[-1] if self.encoder.sr_ratios[-1] == 1 else 0  # stage 4
+        if not 1 <= afa_blocks <= square_blocks:
+            raise ValueError(f"afa_blocks must be in [1, {square_blocks}] (the last blocks, whose attention "
+                             f"is N × N), got {afa_blocks}")
         self.afa_blocks = afa_blocks
-        embed_dims = self.encoder.embed_dims
+        embed_dims = self.encoder.embed_dims  # a ViT's: its width D for each of its 4 maps
         self.classifier = nn.Conv2d(embed_dims[-1], num_classes - 1, kernel_size=1, bias=False)
         self.decoder = SegFormerHead(embed_dims, num_classes, embed_dim=decoder_dim)
         self.affinity_head = AffinityHead(afa_blocks * self.encoder.num_heads[-1])
         if pretrained is not None:
-            load_mit_weights(self.encoder, pretrained)
+            load_pretrained(self.encoder, pretrained)
 
     def _affinity(self, attn_logits):
         # the head takes the blocks' logits as a list: (B, afa_blocks·nh, N, N) once concatenated
@@ -585,7 +551,9 @@ class AFANet(nn.Module):
         """Parameters by learning-rate group (paper §4.1; the groups of the release): "encoder"
         (weights), "encoder_norm" (every encoder parameter whose name contains "norm": LayerNorms,
         learning rate 0 in the release's schedule), "heads" (classifier and AFA head) and
-        "decoder". Each parameter appears exactly once."""
+        "decoder". Each parameter appears exactly once.
+        In a ViT the norms are the blocks' norm1 / norm2 and the final norm; its class token
+        and position embedding are "encoder" weights."""
         encoder = [p for name, p in self.encoder.named_parameters() if "norm" not in name]
         encoder_norm = [p for name, p in self.encoder.named_parameters() if "norm" in name]
         heads = list(self.classifier.parameters()) + list(self.affinity_head.parameters())

@@ -92,7 +92,8 @@ def test_nothing_imports_a_script_from_below():
 
 def test_model_and_pipeline_sit_on_the_method_modules():
     graph = project_graph()
-    assert graph["model"] <= set(METHOD_MODULES) | {"vit"}
+    assert graph["model"] <= set(METHOD_MODULES) | {"vit", "pretrained"}
+    assert graph["pretrained"] <= {"vit"} and graph["vit"] == set()
     assert graph["pipeline"] <= set(METHOD_MODULES) | {"model", "data"}
 
 
