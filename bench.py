@@ -9,11 +9,12 @@ measures both in one run, on the same synthetic batch:
 - **full step**: `train.compute_losses` after the label switch (every stage on: CAM, PAR label,
   affinity labels, random walk, AFA label), then backward and the AdamW step — the step that
   gives the release's numbers, the CAM passes updating the decoder's BatchNorm statistics;
-- **network-only step**: the same forward, L_cls + 0.1·L_seg + 0.1·L_aff on fixed labels,
-  backward, AdamW;
+- **network-only step**: the same forward, L_cls + 0.1·L_seg + 0.1·L_aff + 0.01·L_reg on fixed
+  labels, backward, AdamW;
 - the cost of those BatchNorm statistics: the full step and a step of the classification-only
   phase (where the CAM passes run for the statistics alone), each with and without them;
-- each stage of the full step on its own (the functions train.py chains), to see where time goes;
+- each stage of the full step on its own (the functions train.py chains), to see where time goes,
+  with L_reg (the dense-CRF energy loss, paper §3.4) as its own stage and its share of the step;
 - PAR alone on one (1, 3, 160, 160) image with 3 masks, against the straightforward translation of
   paper §3.3 kept in tests/reference.py;
 - peak memory: RSS on CPU, max allocated on CUDA. Every configuration runs in a fresh process,
@@ -162,15 +163,17 @@ def training_step(s: Setup, step: int) -> None:
 
 
 def network_step(s: Setup, label: torch.Tensor, aff_label: torch.Tensor) -> None:
-    """The same network trained on labels given in advance: forward, the three losses, update."""
+    """The same network trained on labels given in advance: forward, the four losses, update."""
     images, cfg = s.batch["image"], s.cfg
     with s.autocast():
         out = s.model(images)
     cls_loss = F.multilabel_soft_margin_loss(out.cls_logits.float(), s.batch["cls_labels"])
-    seg = pipeline.seg_loss(pipeline.upsample(out.seg_logits, images.shape[-2:]), label)
+    seg_logits = pipeline.upsample(out.seg_logits, images.shape[-2:])         # (B, C, H, W)
+    seg = pipeline.seg_loss(seg_logits, label)
     aff = affinity_loss(out.affinity.float(), aff_label)
-    loss = cls_loss + cfg.seg_weight * seg + cfg.aff_weight * aff
-    torch.stack([cls_loss, seg, aff]).tolist()
+    reg = pipeline.reg_loss(seg_logits, images, s.batch["valid_box"], label)
+    loss = cls_loss + cfg.seg_weight * seg + cfg.aff_weight * aff + cfg.reg_weight * reg
+    torch.stack([cls_loss, seg, aff, reg]).tolist()
     train.update(s.optimizer, s.scaler, loss)
 
 
@@ -201,9 +204,12 @@ def staged_step(s: Setup, stage) -> None:
             afa_label = refine_propagated_with_par(s.par, pixels, *walked, cls_labels, box)
     with stage("losses"):
         aff_loss = affinity_loss(out.affinity.float(), pipeline.affinity_targets(par_label, cfg.radius))
-        seg = pipeline.seg_loss(pipeline.upsample(out.seg_logits, images.shape[-2:]), afa_label)
+        seg_logits = pipeline.upsample(out.seg_logits, images.shape[-2:])       # (B, C, H, W)
+        seg = pipeline.seg_loss(seg_logits, afa_label)
         loss = (F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_labels)
                 + cfg.seg_weight * seg + cfg.aff_weight * aff_loss)
+    with stage("L_reg"):  # its forward: the lattice and the filter; its backward is in "backward"
+        loss = loss + cfg.reg_weight * pipeline.reg_loss(seg_logits, images, box, afa_label)
     with stage("backward"):
         s.optimizer.zero_grad(set_to_none=True)
         (s.scaler.scale(loss) if s.scaler is not None else loss).backward()
@@ -321,6 +327,11 @@ def markdown_table(header: list, rows: list) -> list:
             *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
 
 
+def reg_share(row: dict, stages_key: str, step_key: str) -> float:
+    """The L_reg stage's time over the whole staged step's (both medians over the steps)."""
+    return row[stages_key]["L_reg"] / row[step_key]
+
+
 def format_report(result: dict) -> str:
     mode = "+".join(m for m in ("amp", "compile") if result[m]) or "eager"
     lines = [f"AFA training step, {result['backbone']}, batch {result['batch_size']}, "
@@ -360,6 +371,10 @@ def format_report(result: dict) -> str:
             ["stage"] + [str(r["crop"]) for r in result["stages"]],
             [[name] + [f"{sum(r['stages_s'].values()) if name == 'sum' else r['stages_s'][name]:.3f}"
                        for r in result["stages"]] for name in names + ["sum"]])
+        lines += ["", "L_reg's share of the staged full step (its forward; wall time, CPU time): "
+                  + ", ".join(f"crop {r['crop']} {reg_share(r, 'stages_s', 'step_s'):.1%}, "
+                              f"{reg_share(r, 'stages_cpu_s', 'cpu_s'):.1%}"
+                              for r in result["stages"])]
     par = result["par"]
     reference = par["par_reference_s"]
     lines += ["", f"PAR on {PAR_SHAPE} with {PAR_MASKS} masks: {par['par_s'] * 1000:.1f} ms"
@@ -423,7 +438,8 @@ def measure_crop(common: dict, crop: int, args, result: dict) -> None:
     if not args.no_stages:
         staged = run("stages")
         result["stages"].append({"crop": crop, "stages_s": staged["stages_s"],
-                                 "stages_cpu_s": staged["stages_cpu_s"]})
+                                 "stages_cpu_s": staged["stages_cpu_s"],
+                                 "step_s": staged["step_s"], "cpu_s": staged["cpu_s"]})
     # the staged step without options first: the reference these variants are timed against
     combinations = ([[]] + [[o] for o in args.options]
                     + ([args.options] if len(args.options) > 1 else []) if args.options else [])
