@@ -105,7 +105,7 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
                                          valid_box=valid_box) if need_par else None  # (B, H, W)
         if not need_afa:
             return PseudoLabels(par_label, None, cam_label)
-        # --- Stage 3: random walk with the learned affinity, refined with PAR (paper §3.2) -----
+        # --- Stage 3: random walk with the learned affinity (or the MHSA maps), PAR (§3.2) ----
         afa_label = afa_pseudo_label(par, pixels, cams, affinity, cls_labels, valid_box,
                                      max(scales), low, high, radius)       # (B, H, W)
     return PseudoLabels(par_label, afa_label, cam_label)
