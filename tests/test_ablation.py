@@ -40,6 +40,11 @@ def test_two_rows_run_evaluate_and_report(tiny_root, tmp_path, capsys):
         cells = [c.strip() for c in rows[title].split("|")[1:-1]]
         assert 0.0 <= float(cells[2]) <= 100.0 and cells[4] == paper_value
     assert "68.7" in rows["AFA"] and "66.3" in rows["AFA w/o propagation (CAM + PAR)"]
+    # the MHSA walk is measured on the afa row's own checkpoint, without a training run of its own
+    mhsa = [c.strip() for c in rows["AFA, propagation with MHSA"].split("|")[1:-1]]
+    assert mhsa[1] == "afa" and 0.0 <= float(mhsa[2]) <= 100.0 and mhsa[3] == "58.3"
+    metrics = json.loads((tmp_path / "ablation" / "afa" / "eval_mhsa" / "metrics.json").read_text())
+    assert metrics["propagate_with"] == "attention"
     # rows not run stay empty rather than inventing numbers
     assert rows["+ PAR"].split("|")[3].strip() == "–"
     assert os.path.isfile(tmp_path / "ablation" / "ablation.png")
