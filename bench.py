@@ -53,7 +53,7 @@ import pipeline
 import train
 from attention_affinity import affinity_loss
 from cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par
-from model import AFANet
+from model import BACKBONES, AFANet
 from par import PAR
 
 HERE = Path(__file__).resolve().parent
@@ -388,7 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--crops", type=int, nargs="+", default=[192, 320, 448], help="crop sizes")
     parser.add_argument("--batch-size", type=int, default=2, help="images per step")
-    parser.add_argument("--backbone", default="mit_b1", choices=["mit_b0", "mit_b1"])
+    parser.add_argument("--backbone", default="mit_b1", choices=BACKBONES)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps first (default 1; 2 with --compile)")

@@ -346,6 +346,9 @@ def load_mit_weights(encoder, path):
     return load_pretrained(encoder, path)
 
 
+BACKBONES = (*MIT_CONFIGS, *VIT_CONFIGS)  # every name `build_encoder` knows
+
+
 def build_encoder(backbone, strides=(4, 2, 2, 1), drop_path_rate=0.1):
     """The encoder named `backbone`: a MiT of `MIT_CONFIGS` (with its patch-embedding `strides`)
     or a ViT of `vit.VIT_CONFIGS` (patch 16, every feature map at stride 16; `strides` unused)."""

@@ -53,7 +53,7 @@ from tqdm import tqdm
 import data
 from attention_affinity import affinity_loss
 from metrics import format_metrics, metrics_table, validate
-from model import AFANet
+from model import BACKBONES, AFANet
 from par import PAR
 from pipeline import (PseudoLabels, affinity_targets, afa_pseudo_label, cam_statistics_passes,  # noqa: F401
                       denormalize, label_precision, make_pseudo_labels, random_walk_cams,
@@ -84,8 +84,10 @@ class Config:
     crop: int = opt(512, "training crop size (the release's launch script uses 512)")
     rescale: tuple = opt((0.5, 2.0), "random rescale range of the training images")
     # --- network --------------------------------------------------------------------------------
-    backbone: str = opt("mit_b1", "encoder: mit_b1 (paper) or mit_b0")
-    pretrained: str = opt("", "SegFormer ImageNet-1k weights for the encoder (mit_b1.pth)")
+    backbone: str = opt("mit_b1", "encoder: mit_b1 (paper), mit_b0, or a plain ViT: vit_s16, "
+                                  "vit_b16 (vit_tiny16 for tests)")
+    pretrained: str = opt("", "ImageNet weights for the encoder: SegFormer's mit_b1.pth, a Hugging "
+                              "Face nvidia/mit-b* file, timm/DeiT ViT weights (README)")
     # --- optimisation (paper §4.1) --------------------------------------------------------------
     iters: int = opt(20000, "training iterations")
     batch_size: int = opt(4, "images per iteration over all processes (paper: 2 GPUs × 2)")
@@ -210,8 +212,8 @@ def check_config(cfg: Config) -> None:
     """Contradictory or impossible settings end here, before anything is built."""
     def fail(msg):
         raise ConfigError(msg)
-    if cfg.backbone not in ("mit_b0", "mit_b1"):
-        fail(f"--backbone {cfg.backbone}: choose mit_b0 or mit_b1")
+    if cfg.backbone not in BACKBONES:
+        fail(f"--backbone {cfg.backbone}: choose one of {', '.join(BACKBONES)}")
     if cfg.iters < 1 or cfg.batch_size < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
         fail("--iters, --batch-size, --eval-every and --log-every must be positive")
     if cfg.crop < 32 or cfg.crop % 16:
