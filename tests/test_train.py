@@ -107,7 +107,7 @@ def test_flags_override_presets():
 
 @pytest.mark.parametrize("argv, words", [
     (["--crop", "100"], "multiple of 16"),
-    (["--backbone", "resnet50"], "mit_b0 or mit_b1"),
+    (["--backbone", "resnet50"], "choose one of mit_b0, mit_b1"),
     (["--cam-iters", "700", "--switch-iters", "600"], "--cam-iters"),
     (["--low", "0.6", "--high", "0.5"], "low <= high"),
     (["--rescale", "2", "1"], "--rescale"),
