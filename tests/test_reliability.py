@@ -26,6 +26,7 @@ from PIL import Image
 
 import data
 import train
+from model import mit_b0
 
 PROJECT = Path(__file__).resolve().parent.parent
 BROKEN = "syn_000001"  # the item a bad-input case breaks; it is in the first training batch
@@ -167,9 +168,18 @@ BAD_INPUTS = [  # id, setup(root, tmp) -> extra flags, what the message must say
      or ["--resume", t / "mit.pth"],
      r"checkpoint \S*/mit\.pth was not written by train\.py .*--pretrained"),
     ("pretrained with wrong keys",
-     lambda r, t: torch.save({"encoder.wrong.weight": torch.zeros(3)}, t / "wrong.pth")
-     or ["--pretrained", t / "wrong.pth"],
-     r"--pretrained: \S*/wrong\.pth does not fit this encoder .*unexpected keys \(encoder\.wrong\.weight\)"),
+     lambda r, t: torch.save({**mit_b0().state_dict(), "block9.wrong.weight": torch.zeros(3)},
+                             t / "wrong.pth") or ["--pretrained", t / "wrong.pth"],
+     r"--pretrained: \S*/wrong\.pth does not fit this encoder .*unexpected keys \(block9\.wrong\.weight\)"),
+    ("pretrained of another model",
+     lambda r, t: torch.save({"encoder.wrong.weight": torch.zeros(3)}, t / "other.pth")
+     or ["--pretrained", t / "other.pth"],
+     r"--pretrained: \S*/other\.pth does not fit this encoder \(mit_b0\): it does not look like a "
+     r"SegFormer MiT or ViT checkpoint"),
+    ("pretrained is a text file", lambda r, t: write(t / "notes.txt", b"mit_b1 weights: see the README\n")
+     + ["--pretrained", t / "notes.txt"],
+     r"--pretrained: cannot read MiT weights from \S*/notes\.txt: it is a text file, not a checkpoint "
+     r"\(it begins 'mit_b1 weights: see the README'\)$"),
     ("pretrained missing", lambda r, t: ["--pretrained", t / "none.pth"],
      r"--pretrained: .*not found: \S*/none\.pth"),
     ("work dir under a file", lambda r, t: write(t / "file.txt", b"") + ["--work-dir", t / "file.txt/wd"],
