@@ -60,3 +60,11 @@ def test_bad_rows_and_reserved_flags_are_one_line_errors(capsys):
     assert "no such row" in capsys.readouterr().err
     assert ablation.main(["--resume", "auto"]) == 2
     assert "--work-dir and --resume" in capsys.readouterr().err
+
+
+def test_built_in_data_gets_the_short_schedule_other_data_the_preset():
+    args, flags = ablation.parse_args([])
+    assert flags[:len(ablation.SYNTHETIC_SCHEDULE)] == list(ablation.SYNTHETIC_SCHEDULE)
+    assert args.eval_args == ablation.SYNTHETIC_EVAL_ARGS
+    args, flags = ablation.parse_args(["--data", "VOC2012", "--iters", "10"])
+    assert flags == ["--data", "VOC2012", "--iters", "10"] and args.eval_args == ""
