@@ -718,7 +718,9 @@ def train(cfg: Config) -> TrainResult:
     """Run the whole training (or its remainder, when resuming)."""
     rank, world, device = setup_distributed(cfg)
     log = print if rank == 0 else (lambda *a, **k: None)
-    check_new_run(cfg)                       # every process, before rank 0 writes anything
+    check_new_run(cfg)
+    if world > 1:
+        dist.barrier()                       # every process has looked before rank 0 writes
     if rank == 0:
         prepare_work_dir(cfg)
         log("config:\n" + "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(cfg).items()))

@@ -359,3 +359,25 @@ def test_resume_auto_takes_the_newest_checkpoint_of_any_kind(tmp_path):
     assert train.latest_checkpoint(str(tmp_path)) == str(folder / "interrupted_iter_35.pth")
     (folder / "iter_100.pth").write_bytes(b"x")         # by step, not by name: 100 > 35
     assert train.latest_checkpoint(str(tmp_path)) == str(folder / "iter_100.pth")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_process_looks_at_the_work_dir_before_rank_0_writes_into_it(rank, monkeypatch):
+    """Otherwise a slower rank finds rank 0's fresh config.json and refuses the run as an old one."""
+    events = []
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (rank, 2, torch.device("cpu")))
+    monkeypatch.setattr(train.dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(train, "check_new_run", lambda cfg: events.append("check"))
+    monkeypatch.setattr(train, "prepare_work_dir", lambda cfg: events.append("write"))
+
+    def load_datasets(cfg, rank, world):
+        raise Stop
+    monkeypatch.setattr(train, "load_datasets", load_datasets)
+    with pytest.raises(Stop):
+        train.train(Config(data="VOC2012"))
+    assert events == (["check", "barrier", "write", "barrier"] if rank == 0
+                      else ["check", "barrier", "barrier"])
