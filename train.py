@@ -158,8 +158,9 @@ PRESETS = {
     # differs from the paper (README, "The synthetic preset"): a larger learning rate, trainable
     # norms, milder rescaling, short phases, a stronger L_aff, a small encoder and crop. The CAM
     # passes leave the decoder's BatchNorm statistics alone (cam_bn_stats): in the 300
-    # classification-only iterations they alone would triple the step (0.85 s against 0.27 s on
-    # 2 cores) and push the run past 10 minutes; only eval-mode seg numbers depend on them.
+    # classification-only iterations they would more than triple the step (1.1 s, measured with
+    # other jobs running, against 0.30 s per iteration on 2 cores) and push the run past 10
+    # minutes; only eval-mode seg numbers depend on them.
     "synthetic": dict(data_root="data/synthetic", train_split="train", num_classes=6,
                       backbone="mit_b0", crop=128, rescale=(0.75, 1.5), batch_size=8,
                       iters=900, lr=1e-3, head_lr_mult=1.0, freeze_norm=False, warmup_iters=50,
