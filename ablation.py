@@ -214,7 +214,7 @@ def paper(value) -> str:
 def write_report(results: dict, work_dir: str, train_flags: list) -> str:
     """ablation.md: the paper's two tables with our numbers beside them."""
     lines = ["# Ablation: the paper's Tables 3 and 4, rerun", "",
-             f"Command: `python ablation.py {' '.join(train_flags)}`".rstrip() + "; numbers are "
+             f"train.py flags of every row: `{' '.join(train_flags) or '(none)'}`; numbers are "
              "mIoU (%). Ours are on the data the runs used; the paper's are PASCAL VOC 2012.", "",
              "## Segmentation (seg branch, val)", "",
              "| row | switches | ours | ours + CRF | paper | paper + CRF |",
