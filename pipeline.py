@@ -37,7 +37,8 @@ PROPAGATE_WITH = ("affinity", "attention")
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Normalised images (B, 3, H, W) back to RGB in [0, 1], the input PAR sees in the release."""
+    """Normalised images (B, 3, H, W) back to RGB in [0, 1], the input of PAR. (The release casts
+    to uint8 on the way, truncating: its values differ from these by less than 1/255.)"""
     mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images * std + mean) / 255.0
