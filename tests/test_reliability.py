@@ -354,8 +354,8 @@ def test_sigkill_during_saves_leaves_the_last_checkpoint_loadable(tmp_path):
     assert all(name.startswith(".") for name in leftovers), leftovers  # temporaries, never iter_*
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                    signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
 def test_first_signal_saves_and_exits_then_resume_auto_continues(signum, synthetic, tmp_path,
                                                                  capsys):
     """Ctrl-C, or SIGTERM (a cluster's time limit): the step ends, a checkpoint is saved, exit
