@@ -191,7 +191,7 @@ def parse_config(argv=None) -> Config:
     """Config = dataclass defaults ← preset of --data ← the flags given on the command line."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0] + "\n\nThe defaults depend on the preset chosen with "
-        "--data (synthetic when --data is not given); where the presets differ, each flag lists "
+        "--data (synthetic when --data is not given);\nwhere the presets differ, each flag lists "
         "its default per preset.", formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for f in dataclasses.fields(Config):
