@@ -891,12 +891,14 @@ def stop_nonfinite(run: Run, step: int, values: dict, buffers: list) -> None:
     with torch.no_grad():
         for b, kept in zip(run.model.buffers(), buffers):
             b.copy_(kept)
-    path = save(run, step, name=f"nonfinite_iter_{step}.pth")
+    name = f"nonfinite_iter_{step}.pth"
+    path = save(run, step, name=name) or os.path.join(run.cfg.work_dir, "checkpoints", name)
     if run.world > 1:
         dist.barrier()                          # the file is complete before anyone exits
+    where = f" (on one of the {run.world} processes; this one's losses)" if run.world > 1 else ""
     raise FloatingPointError(
-        f"non-finite loss at iteration {step}: {values}. The weights before this step are saved "
-        f"in {path}; lower --lr or try without --amp, then --resume it.")
+        f"non-finite loss at iteration {step}{where}: {values}. The weights before this step are "
+        f"saved in {path}; lower --lr or try without --amp, then --resume it.")
 
 
 def stop_on_signal(run: Run, bar, done: int, signum: int) -> None:
