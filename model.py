@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from attention_affinity import AffinityHead
 from pretrained import load_pretrained
-from vit import VIT_CONFIGS, VisionTransformer, vit
+from vit import VIT_CONFIGS, DropPath, VisionTransformer, vit  # DropPath: one copy, shared
 
 # SegFormer's MiT family (Xie et al. 2021, Table 6): all share heads (1, 2, 5, 8), MLP ratio 4 and
 # spatial reduction (8, 4, 2, 1); they differ in width and depth.
@@ -73,26 +73,6 @@ def init_segformer_weights(module):
         nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: during training, drop the whole residual branch of a sample with
-    probability `drop_prob` and rescale the kept ones by 1 / (1 − drop_prob)."""
-
-    def __init__(self, drop_prob=0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep_prob = 1.0 - self.drop_prob
-        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
-        mask = x.new_empty(mask_shape).bernoulli_(keep_prob)
-        return x * mask / keep_prob
-
-    def extra_repr(self):
-        return f"drop_prob={self.drop_prob}"
 
 
 class OverlapPatchEmbed(nn.Module):
