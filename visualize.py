@@ -201,8 +201,16 @@ def save_prediction(pred: torch.Tensor, rgb: np.ndarray, folder: str, name: str)
 def training_figure(model, par, dataset, indices, path: str, device, class_names,
                     scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
                     high: float = 0.55, radius: int = 8) -> None:
-    """One row per image: image | ground truth | CAM label | PAR label | AFA label | prediction,
-    and a legend of the class colours; the model in eval mode."""
+    """One row per image: image | ground truth | CAM label | PAR label | AFA label | prediction |
+    learned affinity and raw attention of one pixel (paper Fig. 3 and 4: the affinity of a pixel
+    on an object should cover that object, the attention it is learned from need not), then a
+    legend of the class colours and the heat maps' colour bar; the model in eval mode.
+
+    The pixel (marked +) is the centre of the largest ground-truth object. The affinity (a
+    sigmoid, in [0, 1]) and the attention (averaged over the AFA head's maps) are those the random
+    walk uses, at the largest CAM scale; the attention, a softmax over the tokens whose values
+    are small where it spreads, is drawn divided by its maximum.
+    """
     rows, shown = [], set()
     for i in indices:
         sample = dataset[i]
@@ -211,7 +219,7 @@ def training_figure(model, par, dataset, indices, path: str, device, class_names
         H, W = image.shape[-2:]
         box = torch.tensor([[0, H, 0, W]], device=device)                     # (1, 4)
         cams, affinity = multi_scale_cam(model, image, scales, partial_affinity=True)
-        cams, affinity = cams.float(), affinity.float()
+        cams, affinity = cams.float(), affinity.float()                   # (1, C-1, H, W), (1, N, N)
         pixels = denormalize(image)
         labels = [sample["label"].to(device),
                   cam_to_label(cams, cls_labels, bkg_score=bkg_score)[0],
@@ -221,11 +229,19 @@ def training_figure(model, par, dataset, indices, path: str, device, class_names
                                    low, high, radius)[0],
                   upsample(model(image).seg_logits, (H, W)).argmax(1)[0]]
         shown.update(int(k) for label in labels for k in label.unique())
-        rows.append([image_to_rgb(sample["image"])] + [colorize(x) for x in labels])
-    titles = ("image", "truth", "CAM", "CAM+PAR", "AFA+PAR", "seg")   # captions of the first row
+        rgb = image_to_rgb(sample["image"])
+        pixel = largest_object_centre(labels[0])
+        attention, grid, query = attention_rows(model, image, max(scales), pixel)
+        maps = [affinity[0, query], attention / attention.max().clamp_min(1e-12)]  # 2 × (N,)
+        rows.append([rgb] + [colorize(x) for x in labels]
+                    + [mark(blend(rgb, heat_map(token_row_map(m, grid, (H, W)))), pixel)
+                       for m in maps])
+    titles = ("image", "truth", "CAM", "CAM+PAR", "AFA+PAR", "seg", "affinity of +",
+              "attention/max")                                        # captions of the first row
     rows = [[(title if r == 0 else "", tile) for title, tile in zip(titles, row)]
             for r, row in enumerate(rows)]
-    save_panels(rows, path, footer=[legend(shown, class_names, panels_width(rows))])
+    width = panels_width(rows)
+    save_panels(rows, path, footer=[legend(shown, class_names, width), colour_bar(width)])
 
 
 # =============================================================================================

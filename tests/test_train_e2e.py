@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 import train
+import visualize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +55,13 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_synthetic, tmp_path):
     assert ckpt["step"] == 6 and ckpt["config"]["crop"] == 64
     assert json.loads((work_dir / "config.json").read_text())["iters"] == 6
 
+    # 2 rows of 8 panels (image, truth, CAM, CAM+PAR, AFA+PAR, seg, affinity and attention of a
+    # pixel), then the legend and the heat maps' colour bar
     figure = Image.open(work_dir / "figures" / "val_iter_6.png")
-    assert figure.width > 6 * 64 and figure.height > 2 * 64   # 2 rows of 6 panels
+    tile, pad, caption = 64, visualize.PAD, visualize.CAPTION
+    assert figure.width == 8 * (tile + pad) + pad
+    footer = figure.height - 2 * (tile + caption + pad) - pad
+    assert footer > visualize.colour_bar(8 * (tile + pad) - pad).shape[0] + caption
 
 
 def test_post_switch_step_uses_the_afa_label(tiny_synthetic, monkeypatch):
