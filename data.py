@@ -23,8 +23,8 @@ set and derived once into a cache.
 
 `make_synthetic` writes a small procedurally generated set in the same layout, designed to be
 learnable from scratch on a CPU in minutes (no pretrained weights): each class has its own shape,
-texture and colour family, objects cover 15–35% of the image, backgrounds are cluttered but
-low-saturated.
+texture and colour family, 1–3 objects cover 15–35% of the image; backgrounds, of three kinds and
+cluttered, are near-neutral around the normalisation mean, so they carry no class signal.
 
 Validation images keep their own size, so batch them one at a time (`batch_size=1`) unless, as
 in the synthetic set, all images have the same size. Training crops all have the crop size.
@@ -32,7 +32,6 @@ in the synthetic set, all images have the same size. Training crops all have the
 
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import json
 import logging
@@ -587,12 +586,21 @@ def build_dataset(name: str, root: str, split: str, **kwargs) -> SegmentationDat
 # =============================================================================================
 # The built-in synthetic data set
 # =============================================================================================
-SYNTHETIC_VERSION = 1  # bump whenever the generator's output changes: existing sets regenerate
+SYNTHETIC_VERSION = 2  # bump whenever the generator's output changes: existing sets regenerate
 SYNTHETIC_FOREGROUND_FRACTION = (0.15, 0.35)  # share of labelled object pixels per image
 _SYNTHETIC_MARKER = "synthetic.json"
-# Per foreground class (SYNTHETIC_CLASSES[1:]): its hue range in degrees — the colour family.
-# Shape and texture are in `_shape` and `_texture`; backgrounds stay low-saturated.
-_HUES = ((-15, 12), (200, 235), (95, 140), (42, 62), (275, 310))
+# Colours live around the normalisation mean (IMAGENET_MEAN): a colour is that mean, plus a
+# luminance offset (equal in R, G, B), plus a chroma vector in the plane orthogonal to grey. The
+# normalised image is then ≈ (luminance, chroma) / std. Backgrounds have small chroma in any
+# direction; each class has a large chroma at its own angle, the five angles 72° apart, so every
+# class colour lies equally far from every background. (With backgrounds at neutral grey instead,
+# normalisation turns grey into a blue-leaning colour, and the class owning blue is learned as
+# "no other class here" and fires on the background.)
+_CLASS_ANGLES = (0.0, 72.0, 144.0, 216.0, 288.0)  # chroma angle of each class, degrees
+_CLASS_ANGLE_JITTER = 12.0  # ± degrees around it, per object
+_CLASS_CHROMA = (60.0, 90.0)  # chroma radius of an object's colour, 0–255 scale
+_BACKGROUND_CHROMA = 14.0  # at most this in backgrounds and their clutter, any angle
+_BACKGROUND_KINDS = 3  # smooth noise; flat tiles; a two-region "horizon" (all with clutter)
 _TRIANGLE_AREA = 3 * math.sqrt(3) / 4  # equilateral, circumradius 1
 _CROSS_THICKNESS = 0.33  # arm half-width / arm half-length
 _RING_HOLE = 0.5  # inner radius / outer radius
@@ -603,6 +611,22 @@ _MAX_OVERLAP = 0.15  # share of a new object's area that may overlap the objects
 _VOID_INSIDE, _VOID_OUTSIDE = 1, 1  # the 255 band around each object, pixels inside / outside
 _RING_SECTORS = 10
 _MAX_LAYOUTS = 100  # layouts drawn per image before giving up (a handful suffice from 64 pixels up)
+# An orthonormal basis of the chroma plane (orthogonal to grey (1, 1, 1)) in RGB.
+_CHROMA_BASIS = np.array([[2, -1, -1], [0, 1, -1]], dtype=np.float64) / np.array(
+    [[math.sqrt(6)], [math.sqrt(2)]])
+
+
+def _colour(luminance, chroma: float, angle_degrees: float) -> np.ndarray:
+    """IMAGENET_MEAN + luminance (scalar or (..., 1)) + chroma at an angle: (..., 3), 0–255 scale."""
+    angle = math.radians(angle_degrees)
+    direction = math.cos(angle) * _CHROMA_BASIS[0] + math.sin(angle) * _CHROMA_BASIS[1]  # (3,)
+    return np.asarray(IMAGENET_MEAN) + luminance + chroma * direction
+
+
+def chroma_angle(rgb: np.ndarray) -> np.ndarray:
+    """Inverse of `_colour`'s angle: (..., 3) RGB → (...,) degrees in [0, 360)."""
+    centred = np.asarray(rgb, dtype=np.float64) - np.asarray(IMAGENET_MEAN)
+    return np.degrees(np.arctan2(centred @ _CHROMA_BASIS[1], centred @ _CHROMA_BASIS[0])) % 360
 
 
 def _shape(kind: int, u: np.ndarray, v: np.ndarray, r: float, aspect: float) -> np.ndarray:
@@ -654,27 +678,48 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC))  # (S, S)
 
 
-def _hsv(hue_degrees: float, saturation: float, value: float) -> np.ndarray:
-    return np.array(colorsys.hsv_to_rgb((hue_degrees / 360) % 1, saturation, value)) * 255
+def _background_colour(rng: np.random.Generator, luminance: float) -> np.ndarray:
+    """A near-neutral colour (chroma ≤ _BACKGROUND_CHROMA, any angle): (3,) on the 0–255 scale."""
+    return _colour(luminance, rng.uniform(0, _BACKGROUND_CHROMA), rng.uniform(0, 360))
 
 
 def _synthetic_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Low-saturated smooth noise with a few flat low-contrast lines and blobs: (S, S, 3) float."""
-    base = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.2), rng.uniform(0.35, 0.75))
-    luminance = 25 * _smooth_noise(rng, size, 4) + 12 * _smooth_noise(rng, size, 10)
-    tint = np.stack([6 * _smooth_noise(rng, size, 5) for _ in range(3)], axis=2)
-    background = np.clip(base + luminance[:, :, None] + tint, 0, 255).astype(np.uint8)  # (S, S, 3)
-    background = Image.fromarray(background)
+    """A near-neutral background of one of three kinds, with neutral clutter: (S, S, 3) float.
+
+    No class colour (chroma below every object's) and no class texture (no periodic pattern); the
+    kind is drawn independently of the objects, so every class meets every kind.
+    """
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # pixel centres, (S, S) each
+    kind, luminance = int(rng.integers(_BACKGROUND_KINDS)), rng.uniform(-50, 50)
+    if kind == 0:  # smooth noise
+        shading = 25 * _smooth_noise(rng, size, 4) + 12 * _smooth_noise(rng, size, 10)  # (S, S)
+        background = _background_colour(rng, luminance) + shading[:, :, None]
+    elif kind == 1:  # flat tiles: each pixel takes the tone of its nearest of a few random seeds
+        seeds = rng.uniform(0, size, (int(rng.integers(4, 10)), 2))  # (K, 2) as (y, x)
+        nearest = np.argmin((y[..., None] - seeds[:, 0]) ** 2 + (x[..., None] - seeds[:, 1]) ** 2,
+                            axis=-1)  # (S, S) seed index
+        tones = np.stack([_background_colour(rng, luminance + rng.uniform(-30, 30))
+                          for _ in seeds])  # (K, 3)
+        background = tones[nearest] + 6 * _smooth_noise(rng, size, 8)[:, :, None]
+    else:  # a horizon: two regions split by a slanted line, with a vertical gradient
+        angle, offset = rng.uniform(-0.4, 0.4), rng.uniform(-0.2, 0.2) * size
+        upper = (y - size / 2) < (x - size / 2) * math.tan(angle) + offset  # (S, S) bool
+        step = rng.choice([-1, 1]) * rng.uniform(15, 40)
+        gradient = rng.uniform(-30, 30) * (y / size - 0.5)  # (S, S)
+        background = np.where(upper[:, :, None], _background_colour(rng, luminance),
+                              _background_colour(rng, luminance + step))
+        background = background + (gradient + 8 * _smooth_noise(rng, size, 6))[:, :, None]
+    background = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))  # (S, S, 3)
     draw = ImageDraw.Draw(background)
 
     def clutter_colour():
-        shade = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), 1) / 255 * rng.uniform(-45, 45)
-        return tuple(int(c) for c in np.clip(base + shade + rng.uniform(-45, 45), 0, 255))
+        tone = _background_colour(rng, luminance + rng.uniform(-45, 45))
+        return tuple(int(c) for c in np.clip(tone, 0, 255))
 
-    for _ in range(rng.integers(3, 7)):
+    for _ in range(rng.integers(2, 6)):
         x0, y0, x1, y1 = rng.uniform(0, size, 4)
         draw.line((x0, y0, x1, y1), fill=clutter_colour(), width=int(rng.integers(1, 4)))
-    for _ in range(rng.integers(2, 5)):
+    for _ in range(rng.integers(1, 5)):
         cx, cy = rng.uniform(0, size, 2)
         rx, ry = rng.uniform(0.04, 0.15, 2) * size
         draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=clutter_colour())
@@ -688,7 +733,7 @@ def _synthetic_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
     low, high = SYNTHETIC_FOREGROUND_FRACTION
     for _ in range(_MAX_LAYOUTS):  # redraw the layout until the labelled share is in range
         num_objects = int(rng.integers(1, 4))
-        kinds = rng.choice(len(_HUES), num_objects, replace=False) + 1
+        kinds = rng.choice(len(_CLASS_ANGLES), num_objects, replace=False) + 1
         # Aim a little high: the void band takes the objects' outermost pixels.
         shares = rng.uniform(0.6, 1.4, num_objects)
         areas = rng.uniform(low + 0.03, high + 0.03) * size**2 * shares / shares.sum()
@@ -719,16 +764,17 @@ def _synthetic_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
             f"size {size} is too small for objects covering {low:.0%}–{high:.0%} of the image")
 
     for kind, u, v, r, inside in objects:
-        hue = rng.uniform(*_HUES[kind - 1])
-        primary = _hsv(hue, rng.uniform(0.55, 0.95), rng.uniform(0.55, 0.95))
-        secondary = primary * rng.uniform(0.35, 0.6)  # the darker tone of the texture
+        angle = _CLASS_ANGLES[kind - 1] + rng.uniform(-_CLASS_ANGLE_JITTER, _CLASS_ANGLE_JITTER)
+        luminance, chroma = rng.uniform(-30, 30), rng.uniform(*_CLASS_CHROMA)
+        primary = _colour(luminance, chroma, angle)
+        secondary = _colour(luminance - rng.uniform(35, 60), chroma * 0.7, angle)  # darker tone
         period = rng.uniform(0.06, 0.1) * size
         phase = rng.uniform(0, period, 2)
         pattern = _texture(kind, u + phase[0], v + phase[1], period)
-        # Brightness falls off across the object, so its interior is not one uniform colour.
-        direction, strength = rng.uniform(0, 2 * math.pi), rng.uniform(0.2, 0.45)
-        gain = 1 + strength * (u * math.cos(direction) + v * math.sin(direction)) / r  # (S, S)
-        colour = np.where(pattern[:, :, None], primary, secondary) * gain[:, :, None]
+        # Shading across the object (brighter on one side), so its interior is not one colour.
+        direction, strength = rng.uniform(0, 2 * math.pi), rng.uniform(15, 35)
+        shading = strength * (u * math.cos(direction) + v * math.sin(direction)) / r  # (S, S)
+        colour = np.where(pattern[:, :, None], primary, secondary) + shading[:, :, None]
         image[inside] = colour[inside]
     image += rng.normal(0, 3, image.shape)  # sensor-like noise, so no region is perfectly flat
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), label

@@ -1,7 +1,6 @@
 """Tests of data.py on tiny data sets written into tmp_path: readers, labels, caches,
 augmentation alignment, the synthetic generator, and one clear error per kind of bad input."""
 
-import colorsys
 import gc
 import logging
 import os
@@ -10,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -338,10 +338,6 @@ def test_augmentation_known_answer_and_reproducibility(tmp_path):
 
 
 # --- the synthetic data set -------------------------------------------------------------------
-def hue_degrees(rgb):
-    return np.array([colorsys.rgb_to_hsv(*(c / 255))[0] * 360 for c in rgb])
-
-
 def test_synthetic_reproducible_idempotent_and_as_designed(tmp_path, monkeypatch):
     first, second = tmp_path / "one", tmp_path / "two"
     data.make_synthetic(str(first), num_train=16, num_val=4, seed=5)
@@ -356,7 +352,7 @@ def test_synthetic_reproducible_idempotent_and_as_designed(tmp_path, monkeypatch
     assert train[0] == "syn_000000"
 
     low, high = data.SYNTHETIC_FOREGROUND_FRACTION
-    hues = {k: [] for k in range(1, 6)}
+    angles = {k: [] for k in range(1, 6)}
     for name in train + val:
         image = Image.open(first / "JPEGImages" / (name + ".jpg"))
         mask = Image.open(first / "SegmentationClassAug" / (name + ".png"))
@@ -367,12 +363,12 @@ def test_synthetic_reproducible_idempotent_and_as_designed(tmp_path, monkeypatch
         assert low <= ((ids > 0) & (ids < 255)).mean() <= high
         rgb = np.asarray(image, dtype=np.float64)
         for k in present - {0, 255}:
-            hues[k].append(np.median(hue_degrees(rgb[ids == k][::7])))
-    # Each class keeps to its colour family (hue ranges of the generator, JPEG-tolerant).
-    for k, (lo, hi) in enumerate(data._HUES, start=1):
-        assert hues[k], f"class {k} never drawn"
-        centred = (np.asarray(hues[k]) - lo + 180) % 360 - 180  # degrees past the range's start
-        assert (centred > -10).all() and (centred < hi - lo + 10).all(), (k, hues[k])
+            angles[k].append(np.median(data.chroma_angle(rgb[ids == k])))
+    # Each class keeps to its colour family: its chroma angle ± the jitter (JPEG-tolerant).
+    for k, centre in enumerate(data._CLASS_ANGLES, start=1):
+        assert angles[k], f"class {k} never drawn"
+        off = (np.asarray(angles[k]) - centre + 180) % 360 - 180  # degrees from the class's angle
+        assert (np.abs(off) < data._CLASS_ANGLE_JITTER + 8).all(), (k, angles[k])
 
     # Idempotent: the same call again does nothing ...
     def no_drawing(rng, size):
@@ -393,6 +389,81 @@ def test_synthetic_reproducible_idempotent_and_as_designed(tmp_path, monkeypatch
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
     assert batch["image"].shape == (5, 3, 64, 64) and batch["cls_labels"].shape == (5, 5)
     assert batch["valid_box"].shape == (5, 4) and (batch["cls_labels"].sum(1) >= 1).all()
+
+
+def synthetic_samples(count: int, seed: int = 123):
+    """(image (128, 128, 3) uint8, mask (128, 128)) pairs straight from the generator."""
+    return [data._synthetic_sample(np.random.default_rng([seed, i]), 128) for i in range(count)]
+
+
+def test_synthetic_classes_balanced():
+    """Each class is in about 2/5 of the images (1–3 distinct classes of 5 per image) and holds
+    about a fifth of the object pixels."""
+    samples = synthetic_samples(300)
+    present = np.array([[(mask == k).any() for k in range(1, 6)] for _, mask in samples])
+    pixels = np.array([[(mask == k).sum() for k in range(1, 6)] for _, mask in samples])
+    assert (np.abs(present.mean(0) - 0.4) < 0.07).all(), present.mean(0)
+    share = pixels.sum(0) / pixels.sum()
+    assert (np.abs(share - 0.2) < 0.06).all(), share
+
+
+def colour_statistics(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Features of the pixels of `region` (H, W) bool: luminance mean and spread, mean chroma
+    (2 numbers and its length), a chroma-angle histogram (12 bins, weighted by chroma length),
+    mean absolute horizontal and vertical gradients (texture)."""
+    normalised = (image - np.asarray(data.IMAGENET_MEAN)) / np.asarray(data.IMAGENET_STD)
+    luminance = normalised.mean(-1)                                           # (H, W)
+    chroma = normalised @ data._CHROMA_BASIS.T                                # (H, W, 2)
+    length, angle = np.hypot(*np.moveaxis(chroma, -1, 0)), np.arctan2(chroma[..., 1], chroma[..., 0])
+    bins = ((angle + np.pi) / (2 * np.pi) * 12).astype(int) % 12
+    histogram = np.bincount(bins[region], weights=length[region], minlength=12) / region.sum()
+    dx = np.abs(np.diff(luminance, axis=1))[region[:, 1:] & region[:, :-1]]
+    dy = np.abs(np.diff(luminance, axis=0))[region[1:] & region[:-1]]
+    return np.concatenate([[luminance[region].mean(), luminance[region].std(),
+                            length[region].mean(), dx.mean(), dy.mean()],
+                           chroma[region].mean(0), histogram])
+
+
+def held_out_auc(features: np.ndarray, labels: np.ndarray, train: int) -> np.ndarray:
+    """Per class, the ROC AUC on images [train:] of a logistic regression fitted on [:train]."""
+    mean, std = features[:train].mean(0), features[:train].std(0) + 1e-9
+    x = torch.tensor((features - mean) / std)                                 # (N, F)
+    y = torch.tensor(labels, dtype=torch.float64)                             # (N, 5)
+    weight = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200)
+
+    def loss():
+        optimizer.zero_grad()
+        value = F.binary_cross_entropy_with_logits(x[:train] @ weight + bias, y[:train]) \
+            + 1e-3 * weight.square().sum()
+        value.backward()
+        return value
+    optimizer.step(loss)
+    scores = (x[train:] @ weight + bias).detach().numpy()                     # (M, 5)
+    aucs = []
+    for k in range(y.shape[1]):
+        truth = labels[train:, k]
+        ranks = scores[:, k].argsort().argsort() + 1
+        positives, negatives = truth.sum(), len(truth) - truth.sum()
+        aucs.append((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    return np.array(aucs)
+
+
+def test_synthetic_backgrounds_carry_no_class_signal():
+    """A classifier that sees only background pixels (3 px away from every object) predicts the
+    image's classes at chance; the same classifier on the object pixels is near perfect."""
+    samples = synthetic_samples(450)
+    labels = np.array([[(mask == k).any() for k in range(1, 6)] for _, mask in samples])
+    background = [(mask == 0) & ~data._grow(mask != 0, 3) for _, mask in samples]
+    objects = [(mask > 0) & (mask != data.IGNORE_INDEX) for _, mask in samples]
+    on_background = np.stack([colour_statistics(image.astype(np.float64), region)
+                              for (image, _), region in zip(samples, background)])
+    on_objects = np.stack([colour_statistics(image.astype(np.float64), region)
+                           for (image, _), region in zip(samples, objects)])
+    chance = held_out_auc(on_background, labels, train=300)
+    assert (np.abs(chance - 0.5) < 0.15).all(), chance
+    assert (held_out_auc(on_objects, labels, train=300) > 0.95).all()
 
 
 # --- errors: each names the file ----------------------------------------------------------------
