@@ -62,9 +62,10 @@ def test_bad_rows_and_reserved_flags_are_one_line_errors(capsys):
     assert "--work-dir and --resume" in capsys.readouterr().err
 
 
-def test_built_in_data_gets_the_short_schedule_other_data_the_preset():
+def test_built_in_data_is_evaluated_at_its_own_size_other_data_with_the_protocol():
     args, flags = ablation.parse_args([])
-    assert flags[:len(ablation.SYNTHETIC_SCHEDULE)] == list(ablation.SYNTHETIC_SCHEDULE)
-    assert args.eval_args == ablation.SYNTHETIC_EVAL_ARGS
+    assert flags == [] and args.eval_args == ablation.SYNTHETIC_EVAL_ARGS
+    args, flags = ablation.parse_args(["--eval-args", "--long-side 256", "--iters", "10"])
+    assert flags == ["--iters", "10"] and args.eval_args == "--long-side 256"
     args, flags = ablation.parse_args(["--data", "VOC2012", "--iters", "10"])
     assert flags == ["--data", "VOC2012", "--iters", "10"] and args.eval_args == ""
