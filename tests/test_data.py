@@ -396,11 +396,16 @@ def synthetic_samples(count: int, seed: int = 123):
     return [data._synthetic_sample(np.random.default_rng([seed, i]), 128) for i in range(count)]
 
 
+def classes_present(samples) -> np.ndarray:
+    """(N, 5) bool: which foreground classes each sample's mask holds."""
+    return np.array([[(mask == k).any() for k in range(1, 6)] for _, mask in samples])
+
+
 def test_synthetic_classes_balanced():
     """Each class is in about 2/5 of the images (1–3 distinct classes of 5 per image) and holds
     about a fifth of the object pixels."""
     samples = synthetic_samples(300)
-    present = np.array([[(mask == k).any() for k in range(1, 6)] for _, mask in samples])
+    present = classes_present(samples)
     pixels = np.array([[(mask == k).sum() for k in range(1, 6)] for _, mask in samples])
     assert (np.abs(present.mean(0) - 0.4) < 0.07).all(), present.mean(0)
     share = pixels.sum(0) / pixels.sum()
@@ -454,7 +459,7 @@ def test_synthetic_backgrounds_carry_no_class_signal():
     """A classifier that sees only background pixels (3 px away from every object) predicts the
     image's classes at chance; the same classifier on the object pixels is near perfect."""
     samples = synthetic_samples(450)
-    labels = np.array([[(mask == k).any() for k in range(1, 6)] for _, mask in samples])
+    labels = classes_present(samples)
     background = [(mask == 0) & ~data._grow(mask != 0, 3) for _, mask in samples]
     objects = [(mask > 0) & (mask != data.IGNORE_INDEX) for _, mask in samples]
     on_background = np.stack([colour_statistics(image.astype(np.float64), region)
