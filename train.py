@@ -396,7 +396,16 @@ def shard_loader(dataset: Dataset, batch_size: int, rank: int, world: int, worke
     """This process's share of an evaluation set: items rank, rank + world, … (no repeats)."""
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      generator=torch.Generator())
+                      generator=torch.Generator(), worker_init_fn=leave_stop_signals_to_main)
+
+
+def leave_stop_signals_to_main(worker_id: int) -> None:
+    """In a DataLoader worker: ignore SIGINT / SIGTERM. `timeout`, SLURM and Ctrl-C signal the
+    whole process group; a worker killed by them would take the run down (a RuntimeError in the
+    next forward) before the main process could save. The main process stops its workers when
+    it exits."""
+    for signum in StopSignal.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 SYNTHETIC_HINT = "the synthetic preset is active; did you mean --data VOC2012?"
@@ -690,7 +699,7 @@ def make_loaders(cfg: Config, train_set, val_set, start_step: int, rank: int, wo
     loader = DataLoader(TrainStream(train_set, cfg.seed), batch_size=cfg.batch_size // world,
                         sampler=StepSampler(start_step, cfg.iters, cfg.batch_size, rank, world),
                         num_workers=cfg.workers, generator=torch.Generator(),
-                        persistent_workers=False, drop_last=False)
+                        worker_init_fn=leave_stop_signals_to_main, drop_last=False)
     return loader, shard_loader(val_set, cfg.val_batch_size, rank, world, cfg.workers)
 
 
@@ -762,34 +771,38 @@ def train(cfg: Config) -> TrainResult:
 
 def train_loop(run: Run, loader, val_loader, val_set, start_step: int) -> dict:
     """Steps start_step … iters−1: the step, its update, the log; validation and checkpoints
-    every eval_every; a stop after a non-finite loss or on SIGINT / SIGTERM. Returns the last
-    validation's scores."""
+    every eval_every; a stop after a non-finite loss, on SIGINT / SIGTERM, or when a data-loading
+    worker dies. Returns the last validation's scores."""
     cfg = run.cfg
     bar = tqdm(total=cfg.iters, initial=start_step, disable=not run.is_main, dynamic_ncols=True,
                desc="train")
     running, started = {}, time.time()
     metrics = run.history[-1] if run.history else {}
+    done, before = start_step, None  # steps completed; the state a step in progress started from
     stop = StopSignal.install()
     try:
         for step, batch in zip(range(start_step, cfg.iters), loader):
             batch = to_device(batch, run.device)
             set_lr(run.optimizer, step, cfg)
-            # The forward updates the norms' running statistics; keep them (a few hundred
-            # numbers) so that a non-finite step can be undone before its checkpoint is saved.
-            buffers = [b.clone() for b in run.model.buffers()]
+            before = StepStart.take(run.model)  # undone if the step cannot be completed
             out = compute_losses(run.net, run.model, run.par, batch, step, cfg, run.autocast)
             # One host sync per step: the loss values, for the log and the finiteness check.
             values = dict(zip(out.terms, torch.stack(list(out.terms.values())).tolist()))
             signum, finite = agree(run, stop.signum, all(map(math.isfinite, values.values())))
             if not finite:
-                stop_nonfinite(run, step, values, buffers)
-            update(run.optimizer, run.scaler, out.loss)
-            done = step + 1
+                stop_nonfinite(run, step, values, before)
+            with deferred(signal.SIGCHLD):  # a worker's death is reported after the update
+                update(run.optimizer, run.scaler, out.loss)
+                done, before = step + 1, None
             running = log_progress(run, bar, running, values, done, started)
             if done % cfg.eval_every == 0 or done == cfg.iters:
                 metrics = validate_and_save(run, val_loader, val_set, done)
             if signum:
                 stop_on_signal(run, bar, done, signum)
+    except RuntimeError as error:
+        if "DataLoader worker" not in str(error):
+            raise
+        stop_worker_died(run, done, before, error)
     finally:  # also on an error: the bar ends before the message, the signals are the caller's
         bar.close()
         stop.restore()
@@ -889,11 +902,44 @@ def write_metrics(work_dir: str, history: list) -> None:
     os.replace(tmp, path)
 
 
-def stop_nonfinite(run: Run, step: int, values: dict, buffers: list) -> None:
+class StepStart(NamedTuple):
+    """What a step changes before its update: the norms' running statistics (a few hundred
+    numbers) and the random state. Kept so that a step that cannot finish is undone before a
+    checkpoint is saved, and resuming from it repeats the step exactly."""
+    buffers: list
+    rng: dict
+
+    @classmethod
+    def take(cls, model: AFANet) -> StepStart:
+        return cls([b.clone() for b in model.buffers()], rng_state())
+
+    def restore(self, model: AFANet) -> None:
+        with torch.no_grad():
+            for b, kept in zip(model.buffers(), self.buffers):
+                b.copy_(kept)
+        set_rng_state(self.rng)
+
+
+@contextlib.contextmanager
+def deferred(signum: int):
+    """Hold back the Python handler of `signum` until the block is over (then run it once), so
+    that an exception it raises (DataLoader's on SIGCHLD) cannot cut an optimizer step in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signum, lambda s, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+        if caught and callable(previous):
+            previous(signum, caught[-1])
+
+
+def stop_nonfinite(run: Run, step: int, values: dict, before: StepStart) -> None:
     """Undo the step's statistics, save the weights from before it, stop with one line."""
-    with torch.no_grad():
-        for b, kept in zip(run.model.buffers(), buffers):
-            b.copy_(kept)
+    before.restore(run.model)
     name = f"nonfinite_iter_{step}.pth"
     path = save(run, step, name=name) or os.path.join(run.cfg.work_dir, "checkpoints", name)
     if run.world > 1:
@@ -915,6 +961,24 @@ def stop_on_signal(run: Run, bar, done: int, signum: int) -> None:
         print(f"\ninterrupted after iteration {done} ({signal.Signals(signum).name}); saved "
               f"{path}; continue with --resume auto (or --resume {path})", flush=True)
     raise SystemExit(128 + signum)
+
+
+class WorkerDied(Exception):
+    """A data-loading worker process died (most often killed by the system for lack of memory)."""
+
+
+def stop_worker_died(run: Run, done: int, before: StepStart | None, error: RuntimeError) -> None:
+    """Undo the step in progress, save the state after the last completed one, stop with one
+    line. Under DDP only rank 0 writes; another rank names the newest checkpoint there is."""
+    if before is not None:
+        before.restore(run.model)
+    path = save(run, done, name=f"interrupted_iter_{done}.pth")
+    saved = (f"the state after iteration {done} is saved in {path}" if path else
+             f"the newest checkpoint is {latest_checkpoint(run.cfg.work_dir)}")
+    what = one_line(error).rstrip(". ")
+    raise WorkerDied(
+        f"a data-loading worker died ({what}), most often because the system ran out of "
+        f"memory: lower --workers or --batch-size. {saved}; continue with --resume auto")
 
 
 class StopSignal:
@@ -951,7 +1015,7 @@ class StopSignal:
 # =============================================================================================
 # Command line
 # =============================================================================================
-USER_ERRORS = (ConfigError, data.DatasetError, FloatingPointError)
+USER_ERRORS = (ConfigError, data.DatasetError, FloatingPointError, WorkerDied)
 
 
 def one_line(error: Exception) -> str:

@@ -354,37 +354,97 @@ def test_sigkill_during_saves_leaves_the_last_checkpoint_loadable(tmp_path):
     assert all(name.startswith(".") for name in leftovers), leftovers  # temporaries, never iter_*
 
 
-@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow),
-                                    signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
-def test_first_signal_saves_and_exits_then_resume_auto_continues(signum, synthetic, tmp_path,
-                                                                 capsys):
-    """Ctrl-C, or SIGTERM (a cluster's time limit): the step ends, a checkpoint is saved, exit
-    128 + signal; --resume auto in the same work dir continues from it, its log cut there."""
-    work_dir = tmp_path / "wd"
-    log = work_dir / "log.jsonl"
-    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        process = subprocess.Popen(
-            [sys.executable, "train.py", *tiny(synthetic, work_dir, "--iters", 50, "--eval-every", 100)],
-            cwd=PROJECT, stdout=out, stderr=err)
-        deadline = time.time() + 240
-        while not (log.exists() and log.read_text().strip()) and process.poll() is None:
-            assert time.time() < deadline, "no log line"
-            time.sleep(0.1)
-        process.send_signal(signum)
-        process.wait(timeout=240)
-    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
-    assert process.returncode == 128 + signum, err
-    assert "Traceback" not in err
+def start_run(argv, tmp_path, **popen):
+    """`python train.py argv` as a process of its own (its own process group), output in files;
+    returns once the run has logged a step."""
+    out, err = open(tmp_path / "out.txt", "w"), open(tmp_path / "err.txt", "w")
+    process = subprocess.Popen([sys.executable, "train.py", *map(str, argv)], cwd=PROJECT,
+                               stdout=out, stderr=err, start_new_session=True, **popen)
+    log = Path(argv[argv.index("--work-dir") + 1]) / "log.jsonl"
+    deadline = time.time() + 240
+    while not (log.exists() and log.read_text().strip()) and process.poll() is None:
+        assert time.time() < deadline, "no log line"
+        time.sleep(0.1)
+    return process
+
+
+def finish(process, tmp_path):
+    """Exit code, stdout and stderr of a run started by `start_run`."""
+    process.wait(timeout=240)
+    return (process.returncode, (tmp_path / "out.txt").read_text(),
+            (tmp_path / "err.txt").read_text())
+
+
+def interrupted_checkpoint(work_dir):
     saved = [n for n in os.listdir(work_dir / "checkpoints") if n.startswith("interrupted_iter_")]
-    assert len(saved) == 1
+    assert len(saved) == 1, saved
     done = int(saved[0][len("interrupted_iter_"):-len(".pth")])
-    assert 1 <= done < 50 and f"interrupted after iteration {done}" in out
-    assert "--resume auto" in out
     path = work_dir / "checkpoints" / saved[0]
     assert train.load_checkpoint(str(path))["step"] == done
+    return done
+
+
+def without_time(work_dir):
+    return [{k: v for k, v in line.items() if k != "time"} for line in log_lines(work_dir)]
+
+
+@pytest.mark.parametrize("signum, whom", [
+    pytest.param(signal.SIGINT, "process", marks=pytest.mark.slow),
+    (signal.SIGTERM, "process"),
+    (signal.SIGTERM, "group"),
+    pytest.param(signal.SIGINT, "group", marks=pytest.mark.slow),
+], ids=["Ctrl-C", "SIGTERM", "SIGTERM to the group", "Ctrl-C to the group"])
+def test_first_signal_saves_and_exits_then_resume_auto_continues(signum, whom, synthetic,
+                                                                 tmp_path, capsys):
+    """Ctrl-C, or SIGTERM (a cluster's time limit): the step ends, a checkpoint is saved, exit
+    128 + signal; --resume auto in the same work dir continues from it, its log cut there, to
+    the same losses as a run that was never stopped. `timeout`, SLURM and a terminal's Ctrl-C
+    signal the whole process group, the data-loading workers too."""
+    work_dir = tmp_path / "wd"
+    # In warm-up the learning rate does not depend on --iters: runs of any length compare.
+    flags = ["--eval-every", 100, "--warmup-iters", 1000, "--workers", 2 if whom == "group" else 0]
+    process = start_run(tiny(synthetic, work_dir, "--iters", 50, *flags), tmp_path)
+    if whom == "group":
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    code, out, err = finish(process, tmp_path)
+    assert code == 128 + signum, err
+    assert "Traceback" not in err and "error" not in err
+    done = interrupted_checkpoint(work_dir)
+    assert 1 <= done < 50 and f"interrupted after iteration {done}" in out
+    assert "--resume auto" in out
+    code, err = run(tiny(synthetic, work_dir, "--resume", "auto", "--iters", done + 2, *flags),
+                    capsys)
+    assert code == 0, err
+    assert [line["step"] for line in log_lines(work_dir)] == list(range(1, done + 3))
+    if whom == "group":  # bit for bit the run that was never stopped
+        straight = tmp_path / "straight"
+        assert train.main([str(a) for a in tiny(synthetic, straight, "--iters", done + 2,
+                                                *flags)]) == 0
+        assert without_time(work_dir) == without_time(straight)
+
+
+def test_a_worker_killed_by_the_system_ends_in_one_line_and_a_checkpoint(synthetic, tmp_path,
+                                                                          capsys):
+    """A data-loading worker killed by the system (SIGKILL, as the out-of-memory killer sends):
+    one error line that says what happened and where the last completed step is saved."""
+    work_dir = tmp_path / "wd"
+    process = start_run(tiny(synthetic, work_dir, "--iters", 200, "--eval-every", 1000,
+                             "--workers", 2), tmp_path)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    assert len(children) == 2, children  # the two workers
+    os.kill(int(children[0]), signal.SIGKILL)
+    code, out, err = finish(process, tmp_path)
+    assert code == 2 and "Traceback" not in err, err
+    message = error_line(err)
+    assert message.startswith("a data-loading worker died (DataLoader worker"), message
+    assert "out of memory" in message and "--resume auto" in message
+    done = interrupted_checkpoint(work_dir)
+    assert f"the state after iteration {done} is saved in " in message
+    assert [line["step"] for line in log_lines(work_dir)][-1] == done
     code, err = run(tiny(synthetic, work_dir, "--resume", "auto", "--iters", done + 1), capsys)
     assert code == 0, err
-    assert [line["step"] for line in log_lines(work_dir)] == list(range(1, done + 2))
 
 
 # --- exact resume -----------------------------------------------------------------------------------
@@ -420,13 +480,10 @@ def test_resume_is_exact(straight_run, synthetic, tmp_path, workers):
     assert train.main(resume_flags(synthetic, resumed) + ["--resume", str(start),
                                                           "--workers", str(workers)]) == 0
 
-    def losses(work_dir):
-        return [{k: v for k, v in line.items() if k != "time"} for line in log_lines(work_dir)]
-
-    expected = losses(straight_run)[N:]
+    expected = without_time(straight_run)[N:]
     assert [line["step"] for line in expected] == list(range(N + 1, 2 * N + 1))
     assert {"cls", "seg", "aff"} <= set(expected[0])
-    assert losses(resumed) == expected
+    assert without_time(resumed) == expected
     final = f"checkpoints/iter_{2 * N}.pth"
     a, b = model_state(straight_run / final), model_state(resumed / final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
