@@ -983,7 +983,9 @@ def stop_worker_died(run: Run, done: int, before: StepStart | None, error: Runti
 
 class StopSignal:
     """The first SIGINT (Ctrl-C) or SIGTERM (a cluster's time limit or preemption) asks the loop
-    to finish its step, save a checkpoint and exit; a second one stops at once."""
+    to finish its step, save a checkpoint and exit; a second Ctrl-C stops at once. A second
+    SIGTERM changes nothing: torchrun passes its own SIGTERM on to the ranks that the group's
+    already reached, and SLURM follows its SIGTERM with a SIGKILL anyway."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
@@ -1001,10 +1003,13 @@ class StopSignal:
 
     def handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
-        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this iteration "
-                   "(send it again to stop at once)")
+        again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this iteration"
+                   f"{again}")
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():

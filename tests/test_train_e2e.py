@@ -163,3 +163,32 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tiny_syn
     done = int(saved[0][len("interrupted_iter_"):-len(".pth")])
     assert f"interrupted after iteration {done} (SIGTERM)" in out
     assert train.load_checkpoint(str(work_dir / "checkpoints" / saved[0]))["step"] == done
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchruns_process_group_stops_every_rank_after_the_same_step(tiny_synthetic,
+                                                                                tmp_path):
+    """`timeout`/SLURM signal torchrun, its ranks and their data-loading workers at once, and
+    torchrun passes a second SIGTERM on to the ranks: the run still saves and exits 143."""
+    script = tmp_path / "ddp_sigterm.py"
+    script.write_text(SIGTERM_SCRIPT)
+    work_dir = tmp_path / "ddp"
+    flags = tiny_flags(tiny_synthetic, work_dir, iters=200, eval_every=1000, num_figures=0,
+                       batch_size=4, workers=1)
+    proc = subprocess.Popen(torchrun(script, flags), cwd=ROOT, env=TORCHRUN_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    log = work_dir / "log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the run did not start"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    saved = [n for n in os.listdir(work_dir / "checkpoints") if n.startswith("interrupted_iter_")]
+    assert len(saved) == 1, err[-3000:]
+    done = int(saved[0][len("interrupted_iter_"):-len(".pth")])
+    assert f"interrupted after iteration {done} (SIGTERM)" in out
+    # torchrun itself prints a traceback of its SignalException; the ranks print none
+    assert "KeyboardInterrupt" not in err and "DataLoader worker" not in err, err[-3000:]
+    assert train.load_checkpoint(str(work_dir / "checkpoints" / saved[0]))["step"] == done
