@@ -52,13 +52,18 @@ class Row:
     extra_evals: tuple = ()               # (folder, evaluate.py flags): more tables of this run
 
 
+# A row's flags set everything it switches, whatever the preset implies: without the AFA head
+# there are no AFA labels to learn the affinity from (COCO's --aff-from-afa), and the full
+# system has L_reg at the paper's weight (the COCO preset, like the release's script, has none).
+NO_AFA = ("--aff-weight", "0", "--no-aff-from-afa")
 ROWS = (
-    Row("baseline", "baseline: CAM label", ("--seg-label", "cam", "--aff-weight", "0",
-                                            "--reg-weight", "0"), 46.7),
-    Row("par", "+ PAR", ("--seg-label", "par", "--aff-weight", "0", "--reg-weight", "0"), 56.2),
+    Row("baseline", "baseline: CAM label", ("--seg-label", "cam", *NO_AFA, "--reg-weight", "0"),
+        46.7),
+    Row("par", "+ PAR", ("--seg-label", "par", *NO_AFA, "--reg-weight", "0"), 56.2),
     Row("afa", "+ AFA", ("--seg-label", "afa", "--reg-weight", "0"), 62.6,
         extra_evals=(("eval_mhsa", ("--pseudo", "--propagate-with", "attention")),)),
-    Row("reg", "+ L_reg (full system)", (), 63.8, 66.0),
+    Row("reg", "+ L_reg (full system)", ("--seg-label", "afa", "--reg-weight", "0.01"), 63.8,
+        66.0),
 )
 
 # The paper's pseudo-label table: (title, row whose run measures it, evaluate.py key, paper mIoU)

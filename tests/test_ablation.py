@@ -6,6 +6,7 @@ import pytest
 
 import ablation
 import data
+import train
 
 TINY = ["--data", "synthetic", "--crop", "64", "--batch-size", "2", "--iters", "4",
         "--cam-iters", "1", "--switch-iters", "2", "--eval-every", "4", "--warmup-iters", "1",
@@ -69,3 +70,24 @@ def test_built_in_data_is_evaluated_at_its_own_size_other_data_with_the_protocol
     assert flags == ["--iters", "10"] and args.eval_args == "--long-side 256"
     args, flags = ablation.parse_args(["--data", "VOC2012", "--iters", "10"])
     assert flags == ["--data", "VOC2012", "--iters", "10"] and args.eval_args == ""
+
+
+# What each row must switch, whatever the preset: (seg_label, AFA head trained, L_reg on).
+ROW_MEANS = {"baseline": ("cam", False, False), "par": ("par", False, False),
+             "afa": ("afa", True, False), "reg": ("afa", True, True)}
+
+
+@pytest.mark.parametrize("preset", list(train.PRESETS))
+def test_every_row_runs_on_every_preset_and_switches_what_it_names(preset):
+    """The row's flags come after the user's and the preset's: COCO's --aff-from-afa goes with
+    the AFA head, and L_reg is on in the full-system row though COCO's preset leaves it off."""
+    assert {row.name for row in ablation.ROWS} == set(ROW_MEANS)
+    for row in ablation.ROWS:
+        cfg = train.parse_config(["--data", preset, *row.flags])  # passes the config checks
+        seg_label, afa_head, reg = ROW_MEANS[row.name]
+        assert cfg.seg_label == seg_label, row.name
+        assert (cfg.aff_weight > 0) == afa_head, row.name
+        assert not cfg.aff_from_afa or afa_head, row.name
+        assert (cfg.reg_weight > 0) == reg, row.name
+        if reg:
+            assert cfg.reg_weight == train.Config.reg_weight  # the paper's weight

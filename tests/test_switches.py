@@ -178,15 +178,6 @@ def test_contradictory_switches_are_one_line_errors(argv, words, capsys):
     assert capsys.readouterr().err.count("error: ") == 1
 
 
-def test_the_rows_switches_are_accepted():
-    for argv in (["--seg-label", "cam", "--aff-weight", "0", "--reg-weight", "0"],
-                 ["--seg-label", "par", "--aff-weight", "0"],
-                 ["--propagate-with", "attention", "--aff-weight", "0"]):   # no learned affinity used
-        train.parse_config(argv)
-    cfg = train.parse_config([])
-    assert (cfg.reg_weight, cfg.seg_label, cfg.propagate_with) == (0.01, "afa", "affinity")
-
-
 # --- --propagate-with attention: the raw MHSA maps -------------------------------------------------
 def naive_mhsa(attn_logits, head_dim):
     """The definition, element by element in float64: softmax(q·kᵀ/√d) per block and head,

@@ -93,7 +93,9 @@ def test_defaults_are_the_papers_and_presets_apply():
     assert voc.cam_scales == (1.0, 0.5, 1.5) and voc.freeze_norm
     coco = parse_config(["--data", "COCO"])
     assert (coco.num_classes, coco.iters, coco.par_iters, coco.switch_iters) == (81, 80000, 15, 15000)
-    assert coco.aff_from_afa
+    assert coco.aff_from_afa and coco.reg_weight == 0.0  # the release's COCO script: no L_reg
+    assert voc.reg_weight == 0.01 and not voc.aff_from_afa
+    assert parse_config(["--data", "COCO", "--reg-weight", "0.01"]).reg_weight == 0.01
     syn = parse_config([])
     assert syn.data == "synthetic" and syn.backbone == "mit_b0"
 
