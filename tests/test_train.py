@@ -388,3 +388,28 @@ def test_every_process_looks_at_the_work_dir_before_rank_0_writes_into_it(rank, 
         train.train(Config(data="VOC2012"))
     assert events == (["check", "barrier", "write", "barrier"] if rank == 0
                       else ["check", "barrier", "barrier"])
+
+
+# --- bf16 on a CPU without it; the speed line ----------------------------------------------------
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_warns(native, monkeypatch, capsys):
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    for argv, warned in ((["--amp"], "--amp"), (["--cam-bf16"], "--cam-bf16"), ([], None)):
+        train.warn_if_bf16_is_emulated(parse_config(argv), torch.device("cpu"))
+        err = capsys.readouterr().err
+        if native or warned is None:
+            assert err == ""
+        else:
+            assert err.startswith(f"warning: {warned}: this CPU has no bf16 instructions")
+            assert err.count("\n") == 1 and "slower" in err
+    train.warn_if_bf16_is_emulated(parse_config(["--amp"]), torch.device("cuda"))
+    assert capsys.readouterr().err == ""  # a GPU decides for itself
+
+
+def test_phase_times_average_per_phase():
+    times = train.PhaseTimes()
+    for phase, seconds in (("classification-only steps", 0.2), ("classification-only steps", 0.4),
+                           ("full steps", 1.5), ("validation", 8.0)):
+        times.add(phase, seconds)
+    assert times.summary() == ("classification-only steps 0.30 s/it (2), full steps 1.50 s/it (1), "
+                               "validation 8.00 s (1)")

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,9 +35,13 @@ def tiny_flags(root, work_dir, **overrides):
     return [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
 
 
-def test_every_stage_runs_and_writes_its_outputs(tiny_synthetic, tmp_path):
+def test_every_stage_runs_and_writes_its_outputs(tiny_synthetic, tmp_path, capsys):
     work_dir = tmp_path / "run"
     assert train.main(tiny_flags(tiny_synthetic, work_dir)) == 0
+    # the last line: seconds per phase, so that a slow machine can be told from a slow program
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"speed on this machine: classification-only steps \d+\.\d\d s/it \(2\), "
+                        r"full steps \d+\.\d\d s/it \(4\), validation \d+\.\d\d s \(2\)", last), last
 
     log = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
