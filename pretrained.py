@@ -4,7 +4,8 @@ The encoder starts from ImageNet weights (paper §4.1, "Implementation details")
 several layouts, and `load_pretrained(encoder, path)` reads them all: it reads the file, recognises
 the layout from its keys, renames the keys onto the encoder's own (the MiT of `model.py`, whose
 names are those of SegFormer's release, or the ViT of `vit.py`, whose names are timm's), drops what
-is not the encoder (an ImageNet classifier, a segmentation decoder) and loads the rest strictly:
+is not the encoder (an ImageNet classifier and, in timm's average-pooling ViTs, the `fc_norm` before
+it; a segmentation decoder) and loads the rest strictly:
 every tensor of the encoder must come from the file with its exact shape, and nothing else may be
 left over. Recognised layouts, with one of their keys:
 
@@ -70,8 +71,10 @@ LAYOUT_NAMES = {
     "timm_vit": "timm/DeiT ViT weights",
     "hf_vit": "Hugging Face ViT weights",
 }
-# Classifier heads that live inside the encoder's namespace in some layouts; dropped.
-HEAD_PREFIXES = ("head.", "head_dist.", "pre_logits.", "pooler.")
+# Classifier heads that live inside the encoder's namespace in some layouts; dropped. timm's ViTs
+# with average pooling (global_pool="avg") carry `fc_norm`, the LayerNorm of the pooled token
+# before the head: part of the classifier, since our ViT ends with its own per-token `norm`.
+HEAD_PREFIXES = ("head.", "head_dist.", "pre_logits.", "pooler.", "fc_norm.")
 
 # Renamings as (ours, theirs) pairs of prefixes of what follows the stage / block index in a key.
 HF_PATCH_RENAMES = (("norm.", "layer_norm."),)  # (ours, Hugging Face SegFormer)
@@ -115,6 +118,11 @@ def load_pretrained(encoder, path):
     # the encoder's part: the keys under the prefix, without a classifier head
     dropped = sorted({key.split(".")[0] for key in state if not key.startswith(prefix)})
     state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    if "fc_norm.weight" in state and "norm.weight" not in state and "norm.weight" in expected:
+        raise ValueError(f"{path} is a ViT with average pooling (timm's fc_norm normalises the pooled "
+                         f"token; the file has no final per-token norm), but this encoder ends with a "
+                         f"LayerNorm over every token; use the weights of a class-token ViT "
+                         f"(deit_*_patch16_224, timm's augreg vit_*_patch16_224)")
     dropped += sorted({key.split(".")[0] for key in state if key.startswith(HEAD_PREFIXES)})
     state = {key: value for key, value in state.items() if not key.startswith(HEAD_PREFIXES)}
     convert = {"mmseg": segformer_from_mmseg, "hf_segformer": segformer_from_hf, "hf_vit": vit_from_hf}

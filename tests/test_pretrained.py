@@ -264,6 +264,36 @@ def test_timm_vit_layout_loads_strictly(tmp_path, tiny, wrapper):
         assert torch.equal(value, state[key]), key
 
 
+def test_timm_vit_fc_norm_is_dropped_with_the_head(tmp_path):
+    """fc_norm (timm's LayerNorm of the pooled token before the head) is part of the classifier:
+    the file loads, into the same encoder as without those keys."""
+    state = random_state(timm_vit_shapes(192))
+    torch.save(state, tmp_path / "plain.pth")
+    generator = torch.Generator().manual_seed(7)
+    with_fc_norm = {**state, "fc_norm.weight": torch.randn(192, generator=generator),
+                    "fc_norm.bias": torch.randn(192, generator=generator)}
+    torch.save(with_fc_norm, tmp_path / "fc_norm.pth")
+    torch.manual_seed(1)
+    plain, loaded = vit_tiny16(), vit_tiny16()
+    load_pretrained(plain, tmp_path / "plain.pth")
+    description = load_pretrained(loaded, tmp_path / "fc_norm.pth")
+    assert "fc_norm.*" in description and "head.*" in description
+    assert plain.state_dict().keys() == loaded.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_timm_vit_with_average_pooling_and_no_final_norm_is_one_line(tmp_path, tiny):
+    """timm's global_pool="avg" ViTs have fc_norm in place of the final per-token norm."""
+    state = random_state(timm_vit_shapes(192))
+    state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
+    torch.save(state, tmp_path / "vit_avg.pth")
+    with pytest.raises(ValueError) as excinfo:
+        load_pretrained(tiny, tmp_path / "vit_avg.pth")
+    message = error_line(excinfo)
+    assert "vit_avg.pth" in message and "average pooling" in message and "deit_" in message
+
+
 def test_timm_vit_at_384_pixels_gets_its_position_embedding_resized(tmp_path, tiny):
     state = random_state(timm_vit_shapes(192, grid=24))  # a 384-pixel fine-tune: 24 × 24 grid
     torch.save(state, tmp_path / "vit_384.pth")
