@@ -40,18 +40,8 @@ from pathlib import Path
 
 import torch
 
+from model import MIT_CONFIGS
 from vit import PATCH_SIZE, VIT_CONFIGS, resample_position_embedding
-
-# The MiT sizes of SegFormer's released checkpoints (Xie et al. 2021, Table 6), to name the file:
-# embed dims and depths per stage (the same table as model.MIT_CONFIGS).
-SEGFORMER_RELEASES = {
-    "mit_b0": ((32, 64, 160, 256), (2, 2, 2, 2)),
-    "mit_b1": ((64, 128, 320, 512), (2, 2, 2, 2)),
-    "mit_b2": ((64, 128, 320, 512), (3, 4, 6, 3)),
-    "mit_b3": ((64, 128, 320, 512), (3, 4, 18, 3)),
-    "mit_b4": ((64, 128, 320, 512), (3, 8, 27, 3)),
-    "mit_b5": ((64, 128, 320, 512), (3, 6, 40, 3)),
-}
 
 # Each layout is recognised by one key, possibly after one of these prefixes; keys outside the
 # prefix (a classifier, a decoder) are not the encoder and are dropped.
@@ -186,7 +176,7 @@ def _mismatch_message(path, state, model_backbone, missing, unexpected, mismatch
         verdict = "it does not look like a SegFormer MiT or timm ViT checkpoint"
     elif file_backbone == model_backbone:
         verdict = f"the file is for {file_backbone} too, but its keys differ"
-    elif file_backbone in SEGFORMER_RELEASES or file_backbone in VIT_CONFIGS:
+    elif file_backbone in MIT_CONFIGS or file_backbone in VIT_CONFIGS:
         verdict = (f"the file seems to be for {file_backbone}: build the model with "
                    f"backbone={file_backbone!r} (--backbone {file_backbone})")
     else:
@@ -491,8 +481,8 @@ def describe_state(state):
                 return f"a MiT with {stage - 1} stages"
             embed_dims.append(proj.shape[0])  # (C_i, C_{i-1}, k, k)
             depths.append(len({key.split(".")[1] for key in state if key.startswith(f"block{stage}.")}))
-        for name, (dims, release_depths) in SEGFORMER_RELEASES.items():
-            if tuple(dims) == tuple(embed_dims) and tuple(release_depths) == tuple(depths):
+        for name, config in MIT_CONFIGS.items():  # SegFormer's sizes (Xie et al. 2021, Table 6)
+            if (tuple(config["embed_dims"]), tuple(config["depths"])) == (tuple(embed_dims), tuple(depths)):
                 return name
         return f"a MiT with embed dims {embed_dims} and depths {depths}"
     proj = state.get("patch_embed.proj.weight")
