@@ -1,4 +1,4 @@
-"""Load the ImageNet weights users download into this project's encoders: one loader, clear errors.
+"""Load the weights users download into this project's networks: one loader, clear errors.
 
 The encoder starts from ImageNet weights (paper §4.1, "Implementation details"). They ship in
 several layouts, and `load_pretrained(encoder, path)` reads them all: it reads the file, recognises
@@ -33,6 +33,13 @@ slightly.
 (`pip install safetensors`). Any other file — a text or HTML page saved in place of the weights, a
 Git LFS pointer, a checkpoint of another architecture — gives one line saying what it is and, where
 one of this project's backbones fits it, which `--backbone` to use.
+
+Trained networks of the authors' release (the whole network, not an ImageNet encoder) are the state
+dict of its DistributedDataParallel wrapper, saved by its training script, under "module.":
+`encoder.*` (the MiT, named as ours), `decoder.*` (SegFormer's head: `linear_c1` … `linear_c4.proj`,
+`linear_fuse.conv`, `linear_fuse.bn`, `linear_pred`, named as ours), `classifier.weight` and
+`attn_proj.*`, the AFA head, our `affinity_head.proj`. `afanet_from_release` renames such a state
+dict (with or without "module.") onto `model.AFANet`, `afanet_to_release` the other way.
 """
 import re
 import zipfile
@@ -466,6 +473,40 @@ def _merge_pieces(out, parts):
             out[target] = torch.cat([p[target][1] for p in parts], dim=0)
         else:
             out.update({p[target][0]: p[target][1] for p in parts if target in p})
+
+
+# ---------------------------------------------------------------- the authors' trained networks
+
+RELEASE_PREFIXES = ("module.", "")  # with DistributedDataParallel's prefix as saved, or stripped
+RELEASE_SIGNATURES = ("encoder.patch_embed1.proj.weight", "classifier.weight", "attn_proj.weight")
+RELEASE_RENAMES = (("affinity_head.proj.", "attn_proj."),)  # (ours, the release's); all else is equal
+
+
+def release_prefix(state):
+    """"module." or "" when `state` is a trained network of the authors' release with its keys under
+    that prefix (it holds every key of RELEASE_SIGNATURES there), else None."""
+    for prefix in RELEASE_PREFIXES:
+        if all(prefix + key in state for key in RELEASE_SIGNATURES):
+            return prefix
+    return None
+
+
+def afanet_from_release(state):
+    """A trained network of the authors' release -> the state dict of `model.AFANet`: the prefix of
+    `release_prefix` removed, `attn_proj.*` -> `affinity_head.proj.*`; encoder, decoder and
+    classifier keys stay as they are. Raises ValueError when `state` is not in that layout."""
+    prefix = release_prefix(state)
+    if prefix is None:
+        raise ValueError("not a trained network of the authors' release: it lacks "
+                         + ", ".join(f"[module.]{key}" for key in RELEASE_SIGNATURES))
+    return {_rename(key[len(prefix):] if key.startswith(prefix) else key, RELEASE_RENAMES): tensor
+            for key, tensor in state.items()}
+
+
+def afanet_to_release(state, prefix="module."):
+    """The state dict of a MiT `model.AFANet` -> the release's layout (the inverse of
+    `afanet_from_release`), e.g. for the release's test script, which strips "module." itself."""
+    return {prefix + _rename(key, RELEASE_RENAMES, inverse=True): tensor for key, tensor in state.items()}
 
 
 # ---------------------------------------------------------------- naming what a state dict holds

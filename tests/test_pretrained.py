@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from model import AFANet, mit_b0
-from pretrained import describe_state, load_pretrained, read_state_dict, segformer_from_hf, segformer_to_hf
+from pretrained import (afanet_from_release, afanet_to_release, describe_state, load_pretrained,
+                        read_state_dict, release_prefix, segformer_from_hf, segformer_to_hf)
 from vit import VisionTransformer, resample_position_embedding, vit_tiny16
 
 MIT_B0 = dict(hidden_sizes=(32, 64, 160, 256), depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1))
@@ -245,6 +246,66 @@ def test_afa_checkpoint_encoder_and_ddp_prefix_load(tmp_path, b0, b0_state):
     torch.save({f"module.{k}": v for k, v in b0_state.items()}, tmp_path / "ddp.pth")
     load_pretrained(b0, tmp_path / "ddp.pth")
     assert torch.equal(b0.block4[1].attn.kv.weight, b0_state["block4.1.attn.kv.weight"])
+
+
+# ---------------------------------------------------------------- the authors' trained networks
+
+def release_head_shapes(num_classes=21, embed_dims=(64, 128, 320, 512), decoder_dim=256, maps=16):
+    """What the release's trained WeTr holds besides its encoder, written out from its sources:
+    wetr/segformer_head.py (MLP.proj per stage, mmcv's ConvModule with SyncBN: conv without bias and
+    bn, the final 1×1 conv) and wetr/model_attn_aff.py (attn_proj 16 -> 1, classifier without bias)."""
+    shapes = {}
+    for stage, dim in enumerate(embed_dims, start=1):
+        shapes.update({f"decoder.linear_c{stage}.proj.weight": (decoder_dim, dim),
+                       f"decoder.linear_c{stage}.proj.bias": (decoder_dim,)})
+    shapes.update({"decoder.linear_fuse.conv.weight": (decoder_dim, 4 * decoder_dim, 1, 1),
+                   "decoder.linear_fuse.bn.weight": (decoder_dim,), "decoder.linear_fuse.bn.bias": (decoder_dim,),
+                   "decoder.linear_fuse.bn.running_mean": (decoder_dim,),
+                   "decoder.linear_fuse.bn.running_var": (decoder_dim,),
+                   "decoder.linear_fuse.bn.num_batches_tracked": (),
+                   "decoder.linear_pred.weight": (num_classes, decoder_dim, 1, 1),
+                   "decoder.linear_pred.bias": (num_classes,),
+                   "attn_proj.weight": (1, maps, 1, 1), "attn_proj.bias": (1,),
+                   "classifier.weight": (num_classes - 1, embed_dims[-1], 1, 1)})
+    return shapes
+
+
+def test_afanet_in_the_release_layout_has_the_release_keys():
+    model = AFANet(num_classes=21, backbone="mit_b0")
+    release = afanet_to_release(model.state_dict())
+    assert all(key.startswith("module.") for key in release)
+    shapes = {key[len("module."):]: tuple(value.shape) for key, value in release.items()}
+    encoder = {key: shape for key, shape in shapes.items() if key.startswith("encoder.")}
+    assert {key: shape for key, shape in shapes.items() if key not in encoder} == \
+        release_head_shapes(embed_dims=(32, 64, 160, 256))
+    assert encoder == {f"encoder.{key}": tuple(value.shape) for key, value in model.encoder.state_dict().items()}
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_release_layout_round_trip(prefix):
+    torch.manual_seed(0)
+    state = AFANet(num_classes=6, backbone="mit_b0").state_dict()
+    release = afanet_to_release(state, prefix)
+    assert release_prefix(release) == prefix
+    assert release[f"{prefix}attn_proj.weight"] is state["affinity_head.proj.weight"]
+    back = afanet_from_release(release)
+    assert back.keys() == state.keys() and all(back[key] is state[key] for key in state)
+
+
+def test_release_network_gives_its_encoder_to_pretrained(tmp_path, b0):
+    torch.manual_seed(0)
+    model = AFANet(num_classes=21, backbone="mit_b0")
+    torch.save(afanet_to_release(model.state_dict()), tmp_path / "wetr_iter_20000.pth")
+    assert "AFA checkpoint" in load_pretrained(b0, tmp_path / "wetr_iter_20000.pth")
+    assert all(torch.equal(value, model.encoder.state_dict()[key]) for key, value in b0.state_dict().items())
+
+
+def test_release_layout_is_not_guessed():
+    torch.manual_seed(0)
+    state = AFANet(num_classes=6, backbone="mit_b0").state_dict()  # our names: no attn_proj
+    assert release_prefix(state) is None and release_prefix(mit_b0().state_dict()) is None
+    with pytest.raises(ValueError, match="attn_proj"):
+        afanet_from_release(state)
 
 
 # ---------------------------------------------------------------- ViT layouts
