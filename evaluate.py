@@ -5,6 +5,7 @@
     python evaluate.py --checkpoint ... --pseudo             # pseudo-label quality on train
     python evaluate.py --checkpoint ... --image photos/      # masks and overlays of your images
     python evaluate.py --checkpoint ... --figures            # CAM / AFA / affinity / attention
+    python evaluate.py --checkpoint wetr_iter_18000.pth      # the authors' release (VOC2012; --data COCO)
 
 Segmentation (the paper's Table 1 protocol, as in the authors' test script): resize the long side
 to 512; at each scale run the image with its horizontal flip and average the two seg logits;
