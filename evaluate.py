@@ -5,6 +5,7 @@
     python evaluate.py --checkpoint ... --pseudo             # pseudo-label quality on train
     python evaluate.py --checkpoint ... --image photos/      # masks and overlays of your images
     python evaluate.py --checkpoint ... --figures            # CAM / AFA / affinity / attention
+    python evaluate.py --checkpoint wetr_iter_18000.pth      # the authors' release (VOC2012; --data COCO)
 
 Segmentation (the paper's Table 1 protocol, as in the authors' test script): resize the long side
 to 512; at each scale run the image with its horizontal flip and average the two seg logits;
@@ -14,7 +15,9 @@ compat 3, bilateral sxy 64 / srgb 5 / compat 4). Pseudo labels (the paper's Tabl
 split with masks, the mIoU of the CAM label, CAM + PAR, the AFA-propagated CAM, AFA + PAR (the
 training label) and the seg branch, made by the training pipeline's own functions (pipeline.py).
 The scores are metrics.py's, the figures visualize.py's; everything reads the run's configuration
-from the checkpoint that `train.py` wrote.
+from the checkpoint that `train.py` wrote. A trained network of the authors' release loads as it
+is (pretrained.afanet_from_release); its file holds the weights alone, so the configuration is the
+--data preset's (VOC2012 unless given) with the flags on top, and one line says what was assumed.
 
 The authors' release differs from the paper: its test script uses the scales (1.0, 0.5, 0.75),
 while the authors say the reported 66.0 mIoU used scales 0.5–1.5; we default to the script's.
@@ -38,12 +41,12 @@ from tqdm import tqdm
 import data
 from cam import cam_to_label, multi_scale_cam, refine_cams_with_par
 from metrics import confusion_matrix, scores_table, segmentation_scores
-from model import AFANet
+from model import BACKBONES, AFANet
 from par import PAR
 from pipeline import (AttentionAsAffinity, afa_pseudo_label, denormalize, random_walk_cams,
                       token_grid, upsample)
-from train import (Config, ConfigError, check_compatible, check_config, exit_code,
-                   load_checkpoint)
+from pretrained import RELEASE_SIGNATURES, afanet_from_release, describe_state, release_prefix
+from train import PRESETS, Config, ConfigError, check_compatible, check_config, exit_code
 from visualize import attention_figure, class_names_of, image_to_rgb, save_prediction
 
 IGNORE_INDEX = data.IGNORE_INDEX
@@ -358,7 +361,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
+    parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py, or a "
+                        "trained network of the authors' release (e.g. its wetr_iter_*.pth)")
+    parser.add_argument("--data", choices=list(PRESETS), help="for a file of the authors' release, "
+                        "which holds no configuration: the preset to assume (default: VOC2012; COCO "
+                        "for the release's COCO network); a checkpoint of train.py names its own")
     parser.add_argument("--split", help="split to evaluate (default: the checkpoint's val split; "
                                         "'train' with --pseudo, as in the paper)")
     parser.add_argument("--scales", type=float, nargs="+", default=TEST_SCALES,
@@ -388,8 +395,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in CONFIG_OVERRIDES + CONFIG_CHECKS:
         f = fields[name]
         kind = {"int": int, "float": float, "str": str, "tuple": float}[f.type]
-        what = ("must match the checkpoint" if name in CONFIG_CHECKS
-                else "default: the checkpoint's")
+        what = ("must match the checkpoint; for the authors' release, default: the --data preset's"
+                if name in CONFIG_CHECKS else "default: the checkpoint's")
         parser.add_argument("--" + name.replace("_", "-"), type=kind,
                             nargs="+" if f.type == "tuple" else None,
                             help=f"{f.metadata['help']} ({what})")
@@ -398,10 +405,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_checkpoint(ckpt: dict, args: argparse.Namespace) -> Config:
-    """The run's Config as saved in the checkpoint, with the flags given on top."""
+    """The run's Config as saved in the checkpoint, with the flags given on top; for the authors'
+    release (config None) the --data preset's (VOC2012 unless given), with the flags on top."""
     known = {f.name for f in dataclasses.fields(Config)}
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()
-             if k in known}
+    if ckpt["config"] is None:
+        name = args.data or "VOC2012"
+        saved = {**PRESETS[name], "data": name}
+    else:
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()
+                 if k in known}
+        if args.data is not None and args.data != saved.get("data"):
+            raise ConfigError(f"--data {args.data}: this checkpoint of train.py was trained with "
+                              f"data={saved.get('data')}; --data picks the preset for a file of the "
+                              f"authors' release only, which holds no configuration")
     given = {k: getattr(args, k) for k in CONFIG_OVERRIDES + CONFIG_CHECKS
              if getattr(args, k) is not None}
     cfg = Config(**{**saved, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}})
@@ -421,21 +437,69 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint at `path` as {"model": AFANet's state dict, "config": the run's Config fields,
+    ...}: as train.py saved it, or for a trained network of the authors' release (its weights
+    alone, renamed by `afanet_from_release`) with "config" None."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} does not exist; pass --checkpoint with a .pth written "
+                          f"by train.py (in its work_dir/checkpoints/) or by the authors' release")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt, "
+                          "truncated or not a PyTorch file — use an earlier checkpoint or download "
+                          "it again") from e
+    if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:
+        return ckpt
+    if isinstance(ckpt, dict) and release_prefix(ckpt) is not None:
+        return {"model": afanet_from_release(ckpt), "config": None}
+    release_keys = ", ".join(f"[module.]{key}" for key in RELEASE_SIGNATURES)
+    raise ConfigError(f"checkpoint {path} was not written by train.py (no 'model'/'config' entries) "
+                      f"nor by the authors' release (no {release_keys}), the two layouts known "
+                      f"here; for SegFormer ImageNet weights use train.py --pretrained instead")
+
+
 def load_model(path: str, args: argparse.Namespace, device) -> tuple:
-    """(AFANet in eval mode on `device`, its Config) from a checkpoint of train.py."""
-    ckpt = load_checkpoint(path, missing_hint="pass --checkpoint with a .pth written by train.py "
-                                              "(in its work_dir/checkpoints/)")
+    """(AFANet in eval mode on `device`, its Config) from a checkpoint of train.py or a trained
+    network of the authors' release (`read_checkpoint`)."""
+    ckpt = read_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, args)
-    check_compatible(ckpt, cfg, path)
+    if ckpt["config"] is None:
+        print(f"{path}: a network of the authors' release, which saves no configuration; assumed "
+              f"the {cfg.data} preset: backbone {cfg.backbone}, num_classes {cfg.num_classes} "
+              f"(--data, --backbone, --num-classes change it)")
+    else:
+        check_compatible(ckpt, cfg, path)
     model = AFANet(cfg.num_classes, backbone=cfg.backbone)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
+        if ckpt["config"] is None:
+            raise ConfigError(release_mismatch(path, ckpt["model"], cfg, e)) from e
         first = str(e).strip().split("\n")[0]
         raise ConfigError(f"checkpoint {path}: its weights do not fit AFANet(num_classes="
                           f"{cfg.num_classes}, backbone={cfg.backbone}) as its config says "
                           f"({first}); use a checkpoint written by train.py") from e
     return model.to(device).eval(), cfg
+
+
+def release_mismatch(path: str, state: dict, cfg: Config, error: RuntimeError) -> str:
+    """One line for a file of the authors' release that does not fit the network assumed: the
+    backbone and class count its tensors show, as the flags to pass."""
+    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    backbone = describe_state(encoder) or "an unknown encoder"
+    num_classes = state["classifier.weight"].shape[0] + 1          # (C-1, C_4, 1, 1)
+    if backbone not in BACKBONES:
+        fix = "; no backbone of this project fits it"
+    elif (backbone, num_classes) != (cfg.backbone, cfg.num_classes):
+        fix = f"; pass --backbone {backbone} --num-classes {num_classes}"
+    else:  # the sizes agree, the names do not: torch's first complaint says where
+        detail = next((line.strip() for line in str(error).strip().split("\n")[1:] if line.strip()), "")
+        fix = f", but its keys differ ({detail[:200]}{'...' if len(detail) > 200 else ''})"
+    return (f"checkpoint {path} (the authors' release) does not fit the AFANet(num_classes="
+            f"{cfg.num_classes}, backbone={cfg.backbone}) assumed ({cfg.data} preset and flags): "
+            f"it holds backbone {backbone} with num_classes {num_classes}{fix}")
 
 
 def load_split(cfg: Config, split: str, cache_dir: str):

@@ -10,9 +10,10 @@ One forward pass of `AFANet` gives everything the training step needs:
 - the AFA head turns the attention logits of the last `afa_blocks` blocks into a pairwise
   affinity (B, N, N) over the stride-16 grid (§3.2, "Affinity from Attention").
 
-`load_mit_weights` loads SegFormer's ImageNet checkpoints (`mit_b0.pth`, `mit_b1.pth`) as released:
-the module attribute names below reproduce that checkpoint layout key for key. It is
-`pretrained.load_pretrained`, which also reads the other layouts these weights ship in.
+The module attribute names below reproduce SegFormer's ImageNet checkpoints (`mit_b0.pth`,
+`mit_b1.pth`) key for key. This module builds networks and loads no file: the caller loads ImageNet
+weights into the built encoder with `pretrained.load_pretrained(model.encoder, path)`, which also
+reads the other layouts these weights ship in.
 
 `AFANet(..., backbone="vit_s16" | "vit_b16" | "vit_tiny16")` puts a plain ViT (`vit.py`) in the
 MiT's place, as ToCo and later work do: the classifier and the CAM read its last block's patch
@@ -32,7 +33,6 @@ Symbols: B batch, C classes incl. background, H×W input, H_i×W_i and C_i the g
 stage i, h×w the stage-4 grid, N = h·w tokens, N_q / N_kv query / key tokens, nh heads, d head width.
 """
 import math
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -40,7 +40,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention_affinity import AffinityHead
-from pretrained import load_pretrained
 from vit import VIT_CONFIGS, DropPath, VisionTransformer, vit  # DropPath: one copy, shared
 
 # SegFormer's MiT family (Xie et al. 2021, Table 6): all share heads (1, 2, 5, 8), MLP ratio 4 and
@@ -314,18 +313,6 @@ def mit_b1(strides=(4, 2, 2, 1), **kwargs):
     return mit("mit_b1", strides=strides, **kwargs)
 
 
-def load_mit_weights(encoder, path):
-    """Load SegFormer's ImageNet MiT checkpoint (`mit_b1.pth`, ...) into `encoder` in place.
-
-    Accepts a raw state dict or one wrapped under "state_dict" / "model", and the other layouts
-    of `pretrained.load_pretrained` (which this is). The ImageNet classifier `head.*` is dropped;
-    every other key must match the encoder exactly (names and shapes). Returns a short description
-    of what was loaded. Raises FileNotFoundError for a missing file, ValueError (one line) for an
-    unreadable or mismatched one.
-    """
-    return load_pretrained(encoder, path)
-
-
 BACKBONES = (*MIT_CONFIGS, *VIT_CONFIGS)  # every name `build_encoder` knows
 
 
@@ -445,14 +432,14 @@ class AFANet(nn.Module):
     """The AFA network (paper §3, Fig. 2): MiT encoder, classifier, SegFormer decoder, AFA head.
 
     num_classes C counts the background; the classifier predicts the C−1 foreground classes.
-    `backbone` is a MiT ("mit_b1", the paper's) or a plain ViT ("vit_s16", "vit_b16", "vit_tiny16");
-    `pretrained` is an optional path to its ImageNet weights, in any layout `load_pretrained` reads.
+    `backbone` is a MiT ("mit_b1", the paper's) or a plain ViT ("vit_s16", "vit_b16", "vit_tiny16"),
+    randomly initialised: load ImageNet weights into `encoder` afterwards (`pretrained.load_pretrained`).
     `afa_blocks` last blocks of the encoder give their attention logits, afa_blocks × nh maps of
     N × N, to the AFA head: blocks of the MiT's stage 4 (where sr_ratio = 1), any blocks of a ViT
     (over its patch tokens). `strides` applies to a MiT only.
     """
 
-    def __init__(self, num_classes, backbone="mit_b1", pretrained=None, strides=(4, 2, 2, 1),
+    def __init__(self, num_classes, backbone="mit_b1", strides=(4, 2, 2, 1),
                  afa_blocks=2, decoder_dim=256, drop_path_rate=0.1):
         super().__init__()
         if num_classes < 2:
@@ -472,8 +459,6 @@ class AFANet(nn.Module):
         self.classifier = nn.Conv2d(embed_dims[-1], num_classes - 1, kernel_size=1, bias=False)
         self.decoder = SegFormerHead(embed_dims, num_classes, embed_dim=decoder_dim)
         self.affinity_head = AffinityHead(afa_blocks * self.encoder.num_heads[-1])
-        if pretrained is not None:
-            load_pretrained(self.encoder, pretrained)
 
     def _affinity(self, attn_logits):
         # the head takes the blocks' logits as a list: (B, afa_blocks·nh, N, N) once concatenated

@@ -1,10 +1,11 @@
-"""Load the ImageNet weights users download into this project's encoders: one loader, clear errors.
+"""Load the weights users download into this project's networks: one loader, clear errors.
 
 The encoder starts from ImageNet weights (paper §4.1, "Implementation details"). They ship in
 several layouts, and `load_pretrained(encoder, path)` reads them all: it reads the file, recognises
 the layout from its keys, renames the keys onto the encoder's own (the MiT of `model.py`, whose
 names are those of SegFormer's release, or the ViT of `vit.py`, whose names are timm's), drops what
-is not the encoder (an ImageNet classifier, a segmentation decoder) and loads the rest strictly:
+is not the encoder (an ImageNet classifier and, in timm's average-pooling ViTs, the `fc_norm` before
+it; a segmentation decoder) and loads the rest strictly:
 every tensor of the encoder must come from the file with its exact shape, and nothing else may be
 left over. Recognised layouts, with one of their keys:
 
@@ -32,6 +33,13 @@ slightly.
 (`pip install safetensors`). Any other file — a text or HTML page saved in place of the weights, a
 Git LFS pointer, a checkpoint of another architecture — gives one line saying what it is and, where
 one of this project's backbones fits it, which `--backbone` to use.
+
+Trained networks of the authors' release (the whole network, not an ImageNet encoder) are the state
+dict of its DistributedDataParallel wrapper, saved by its training script, under "module.":
+`encoder.*` (the MiT, named as ours), `decoder.*` (SegFormer's head: `linear_c1` … `linear_c4.proj`,
+`linear_fuse.conv`, `linear_fuse.bn`, `linear_pred`, named as ours), `classifier.weight` and
+`attn_proj.*`, the AFA head, our `affinity_head.proj`. `afanet_from_release` renames such a state
+dict (with or without "module.") onto `model.AFANet`, `afanet_to_release` the other way.
 """
 import re
 import zipfile
@@ -39,18 +47,8 @@ from pathlib import Path
 
 import torch
 
+from model import MIT_CONFIGS
 from vit import PATCH_SIZE, VIT_CONFIGS, resample_position_embedding
-
-# The MiT sizes of SegFormer's released checkpoints (Xie et al. 2021, Table 6), to name the file:
-# embed dims and depths per stage (the same table as model.MIT_CONFIGS).
-SEGFORMER_RELEASES = {
-    "mit_b0": ((32, 64, 160, 256), (2, 2, 2, 2)),
-    "mit_b1": ((64, 128, 320, 512), (2, 2, 2, 2)),
-    "mit_b2": ((64, 128, 320, 512), (3, 4, 6, 3)),
-    "mit_b3": ((64, 128, 320, 512), (3, 4, 18, 3)),
-    "mit_b4": ((64, 128, 320, 512), (3, 8, 27, 3)),
-    "mit_b5": ((64, 128, 320, 512), (3, 6, 40, 3)),
-}
 
 # Each layout is recognised by one key, possibly after one of these prefixes; keys outside the
 # prefix (a classifier, a decoder) are not the encoder and are dropped.
@@ -70,8 +68,10 @@ LAYOUT_NAMES = {
     "timm_vit": "timm/DeiT ViT weights",
     "hf_vit": "Hugging Face ViT weights",
 }
-# Classifier heads that live inside the encoder's namespace in some layouts; dropped.
-HEAD_PREFIXES = ("head.", "head_dist.", "pre_logits.", "pooler.")
+# Classifier heads that live inside the encoder's namespace in some layouts; dropped. timm's ViTs
+# with average pooling (global_pool="avg") carry `fc_norm`, the LayerNorm of the pooled token
+# before the head: part of the classifier, since our ViT ends with its own per-token `norm`.
+HEAD_PREFIXES = ("head.", "head_dist.", "pre_logits.", "pooler.", "fc_norm.")
 
 # Renamings as (ours, theirs) pairs of prefixes of what follows the stage / block index in a key.
 HF_PATCH_RENAMES = (("norm.", "layer_norm."),)  # (ours, Hugging Face SegFormer)
@@ -115,6 +115,11 @@ def load_pretrained(encoder, path):
     # the encoder's part: the keys under the prefix, without a classifier head
     dropped = sorted({key.split(".")[0] for key in state if not key.startswith(prefix)})
     state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    if "fc_norm.weight" in state and "norm.weight" not in state and "norm.weight" in expected:
+        raise ValueError(f"{path} is a ViT with average pooling (timm's fc_norm normalises the pooled "
+                         f"token; the file has no final per-token norm), but this encoder ends with a "
+                         f"LayerNorm over every token; use the weights of a class-token ViT "
+                         f"(deit_*_patch16_224, timm's augreg vit_*_patch16_224)")
     dropped += sorted({key.split(".")[0] for key in state if key.startswith(HEAD_PREFIXES)})
     state = {key: value for key, value in state.items() if not key.startswith(HEAD_PREFIXES)}
     convert = {"mmseg": segformer_from_mmseg, "hf_segformer": segformer_from_hf, "hf_vit": vit_from_hf}
@@ -178,7 +183,7 @@ def _mismatch_message(path, state, model_backbone, missing, unexpected, mismatch
         verdict = "it does not look like a SegFormer MiT or timm ViT checkpoint"
     elif file_backbone == model_backbone:
         verdict = f"the file is for {file_backbone} too, but its keys differ"
-    elif file_backbone in SEGFORMER_RELEASES or file_backbone in VIT_CONFIGS:
+    elif file_backbone in MIT_CONFIGS or file_backbone in VIT_CONFIGS:
         verdict = (f"the file seems to be for {file_backbone}: build the model with "
                    f"backbone={file_backbone!r} (--backbone {file_backbone})")
     else:
@@ -470,6 +475,40 @@ def _merge_pieces(out, parts):
             out.update({p[target][0]: p[target][1] for p in parts if target in p})
 
 
+# ---------------------------------------------------------------- the authors' trained networks
+
+RELEASE_PREFIXES = ("module.", "")  # with DistributedDataParallel's prefix as saved, or stripped
+RELEASE_SIGNATURES = ("encoder.patch_embed1.proj.weight", "classifier.weight", "attn_proj.weight")
+RELEASE_RENAMES = (("affinity_head.proj.", "attn_proj."),)  # (ours, the release's); all else is equal
+
+
+def release_prefix(state):
+    """"module." or "" when `state` is a trained network of the authors' release with its keys under
+    that prefix (it holds every key of RELEASE_SIGNATURES there), else None."""
+    for prefix in RELEASE_PREFIXES:
+        if all(prefix + key in state for key in RELEASE_SIGNATURES):
+            return prefix
+    return None
+
+
+def afanet_from_release(state):
+    """A trained network of the authors' release -> the state dict of `model.AFANet`: the prefix of
+    `release_prefix` removed, `attn_proj.*` -> `affinity_head.proj.*`; encoder, decoder and
+    classifier keys stay as they are. Raises ValueError when `state` is not in that layout."""
+    prefix = release_prefix(state)
+    if prefix is None:
+        raise ValueError("not a trained network of the authors' release: it lacks "
+                         + ", ".join(f"[module.]{key}" for key in RELEASE_SIGNATURES))
+    return {_rename(key[len(prefix):] if key.startswith(prefix) else key, RELEASE_RENAMES): tensor
+            for key, tensor in state.items()}
+
+
+def afanet_to_release(state, prefix="module."):
+    """The state dict of a MiT `model.AFANet` -> the release's layout (the inverse of
+    `afanet_from_release`), e.g. for the release's test script, which strips "module." itself."""
+    return {prefix + _rename(key, RELEASE_RENAMES, inverse=True): tensor for key, tensor in state.items()}
+
+
 # ---------------------------------------------------------------- naming what a state dict holds
 
 def describe_state(state):
@@ -483,8 +522,8 @@ def describe_state(state):
                 return f"a MiT with {stage - 1} stages"
             embed_dims.append(proj.shape[0])  # (C_i, C_{i-1}, k, k)
             depths.append(len({key.split(".")[1] for key in state if key.startswith(f"block{stage}.")}))
-        for name, (dims, release_depths) in SEGFORMER_RELEASES.items():
-            if tuple(dims) == tuple(embed_dims) and tuple(release_depths) == tuple(depths):
+        for name, config in MIT_CONFIGS.items():  # SegFormer's sizes (Xie et al. 2021, Table 6)
+            if (tuple(config["embed_dims"]), tuple(config["depths"])) == (tuple(embed_dims), tuple(depths)):
                 return name
         return f"a MiT with embed dims {embed_dims} and depths {depths}"
     proj = state.get("patch_embed.proj.weight")

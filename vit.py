@@ -1,9 +1,10 @@
 """A plain Vision Transformer encoder for AFA (Dosovitskiy et al. 2021; DeiT, Touvron et al. 2021).
 
-The paper (§3.1) builds AFA on SegFormer's Mix Transformer; work since (ToCo, CVPR 2023, and
-others) learns the same affinity from attention on a plain ViT-B/16. This module is that encoder,
-written like the MiT in `model.py` so that `AFANet`'s heads, the multi-scale CAM, PAR and the random
-walk run on it unchanged:
+The paper (§3.1) builds AFA on SegFormer's Mix Transformer; the authors' follow-up, ToCo (CVPR
+2023), trains on a plain ViT-B/16 but learns no affinity from attention: its attention returns the
+post-softmax, scaled weights (class token included), which nothing reads, and its token-contrast
+loss works on the features. This module is a plain ViT encoder, written like the MiT in `model.py`
+so that `AFANet`'s heads, the multi-scale CAM, PAR and the random walk run on it unchanged:
 
 - a 16×16 stride-16 patch embedding, a class token and a learned position embedding, then `depth`
   pre-norm blocks x + Attention(LN(x)), x + MLP(LN(x)) (MLP ratio 4, GELU, qkv bias) and a LayerNorm;

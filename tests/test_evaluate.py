@@ -24,6 +24,7 @@ from metrics import confusion_matrix, segmentation_scores
 from attention_affinity import window_mask
 from cam import multi_scale_cam
 from model import AFANet
+from pretrained import afanet_to_release
 from par import PAR
 from random_walk import propagate
 from visualize import connected_components, largest_object_centre
@@ -465,6 +466,7 @@ def test_heat_maps_are_on_one_fixed_scale(tiny_run, monkeypatch, tmp_path):
     (["--image", "/nonexistent/photo.jpg"], "does not exist"),
     (["--scales", "1.0", "-0.5"], "positive"),
     (["--image", "{thin}", "--long-side", "0"], "minimum input side"),
+    (["--data", "COCO"], "--data COCO: this checkpoint of train.py was trained with data=synthetic"),
 ])
 def test_cli_user_errors_are_one_line(tiny_run, capsys, flags, message):
     thin = tiny_run["root"] / "thin.png"
@@ -486,6 +488,71 @@ def test_cli_missing_or_foreign_checkpoint(tiny_run, capsys):
     assert "not written by train.py" in capsys.readouterr().err
     with pytest.raises(train.ConfigError):
         evaluate.main(["--checkpoint", missing, "--debug"])
+
+
+# --- a trained network of the authors' release ------------------------------------------------------
+def release_file(tiny_run, prefix="module."):
+    """tiny_run's network saved as the release saves its own: the DDP wrapper's state dict."""
+    path = tiny_run["root"] / f"wetr_release{prefix.rstrip('.')}.pth"
+    torch.save(afanet_to_release(tiny_run["model"].state_dict(), prefix), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_release_checkpoint_predicts_as_the_original(tiny_run, prefix, capsys):
+    """The same network in the release's layout, with or without "module.", loads into the same
+    weights and gives the same predictions; the configuration comes from the flags' preset."""
+    path = release_file(tiny_run, prefix)
+    flags = ["--data", "synthetic", "--data-root", tiny_run["data_root"]]
+    model, cfg = evaluate.load_model(path, evaluate.parse_args(["--checkpoint", path, *flags]), "cpu")
+    assert "assumed the synthetic preset: backbone mit_b0, num_classes 6" in capsys.readouterr().out
+    assert (cfg.data, cfg.backbone, cfg.num_classes) == ("synthetic", "mit_b0", NUM_CLASSES)
+    original = tiny_run["model"].state_dict()
+    assert model.state_dict().keys() == original.keys()
+    assert all(torch.equal(value, original[key]) for key, value in model.state_dict().items())
+    images = torch.stack([sample["image"] for sample in evaluate.load_split(cfg, "val", None)])
+    assert torch.equal(multi_scale_seg_logits(model, images, long_side=0),
+                       multi_scale_seg_logits(tiny_run["model"], images, long_side=0))
+
+
+def test_release_checkpoint_on_the_command_line(tiny_run, capsys):
+    """The segmentation table and --image from a release file equal those of train.py's file."""
+    release = release_file(tiny_run)
+    data_flags = ["--data", "synthetic", "--data-root", tiny_run["data_root"]]
+    photo = tiny_run["root"] / "release_photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(photo)
+    results = {}
+    for name, checkpoint, extra in (("ours", tiny_run["checkpoint"], []), ("release", release, data_flags)):
+        out_dir = str(tiny_run["root"] / f"{name}_cli")
+        common = ["--checkpoint", checkpoint, "--out", out_dir, "--workers", "0", "--device", "cpu",
+                  "--long-side", "0", *extra]
+        assert evaluate.main(common) == 0
+        assert evaluate.main([*common, "--image", str(photo)]) == 0
+        with open(os.path.join(out_dir, "metrics.json")) as f:
+            miou = json.load(f)["mIoU"]
+        with Image.open(os.path.join(out_dir, "predictions", "release_photo.png")) as mask:
+            results[name] = (miou, np.asarray(mask).copy())
+    assert "the authors' release" in capsys.readouterr().out
+    assert results["release"][0] == results["ours"][0]
+    assert np.array_equal(results["release"][1], results["ours"][1])
+
+
+def test_release_checkpoint_of_another_backbone_names_the_flags(tiny_run, capsys):
+    """VOC2012's preset (mit_b1, 21 classes) is assumed by default; a mit_b0 file with 6 classes
+    says which flags fit it, in one line."""
+    code = evaluate.main(["--checkpoint", release_file(tiny_run), "--out", str(tiny_run["root"] / "errors"),
+                          "--device", "cpu"])
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, "pass --backbone mit_b0 --num-classes 6")
+
+
+def test_checkpoint_of_unknown_layout_names_the_known_ones(tiny_run, capsys):
+    path = str(tiny_run["root"] / "unknown.pth")
+    torch.save({"backbone.conv1.weight": torch.zeros(2, 3, 1, 1)}, path)
+    assert evaluate.main(["--checkpoint", path, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err, "not written by train.py")
+    assert "the authors' release" in err and "attn_proj" in err
 
 
 def test_cli_unreadable_image(tiny_run, capsys):

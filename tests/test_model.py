@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (AFANet, DropPath, MixTransformer, SegFormerHead, load_mit_weights, mit_b0,
-                   mit_b1)
+from model import AFANet, DropPath, MixTransformer, SegFormerHead, mit_b0, mit_b1
+from pretrained import load_pretrained
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -104,7 +104,7 @@ def test_segformer_initialisation():
 def test_matches_release_mix_transformer(tmp_path):
     """A tiny MiT of the authors' release (random weights, LayerNorms and biases randomised,
     spatial-reduction conv scaled down so that its LayerNorm's eps matters), saved in SegFormer's
-    checkpoint layout with a classifier head: loaded with load_mit_weights, our encoder reproduces
+    checkpoint layout with a classifier head: loaded with load_pretrained, our encoder reproduces
     its features and the logits of the last two blocks."""
     golden = np.load(GOLDEN / "mit_tiny.npz")
     config = {k[len("config."):]: golden[k].tolist() for k in golden.files if k.startswith("config.")}
@@ -115,7 +115,7 @@ def test_matches_release_mix_transformer(tmp_path):
     torch.save(state, path)
 
     encoder = MixTransformer(**config, drop_path_rate=0.0).eval()
-    load_mit_weights(encoder, path)
+    load_pretrained(encoder, path)
     images = torch.from_numpy(golden["input"]).float()  # (2, 3, 64, 96)
     expected_logits = torch.from_numpy(golden["attn_logits_last2"])  # (2 blocks, B, nh, N, N)
     with torch.no_grad():
@@ -219,7 +219,7 @@ def test_stochastic_depth_grows_linearly_over_blocks():
     assert rates == pytest.approx([0.1 * k / 7 for k in range(8)])  # 0 for the first, 0.1 for the last
 
 
-# ---------------------------------------------------------------- load_mit_weights
+# ---------------------------------------------------------------- SegFormer's ImageNet files
 
 def segformer_file(encoder, path, wrapper=None, head_classes=1000):
     """Write the encoder's weights as SegFormer does: its keys plus an ImageNet head."""
@@ -231,47 +231,47 @@ def segformer_file(encoder, path, wrapper=None, head_classes=1000):
 
 
 @pytest.mark.parametrize("wrapper", [None, "state_dict", "model"])
-def test_load_mit_weights_round_trip(tmp_path, wrapper):
+def test_load_segformer_weights_round_trip(tmp_path, wrapper):
     torch.manual_seed(0)
     source = mit_b0()
     path = segformer_file(source, tmp_path / "mit_b0.pth", wrapper)
     torch.manual_seed(1)
     target = mit_b0()
-    load_mit_weights(target, path)
+    load_pretrained(target, path)
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
 
 
-def test_load_mit_weights_wrong_keys(tmp_path):
+def test_load_segformer_weights_wrong_keys(tmp_path):
     state = dict(mit_b0().state_dict())
     state["block2.0.attn.query.weight"] = state.pop("block2.0.attn.q.weight")
     path = tmp_path / "renamed.pth"
     torch.save(state, path)
     with pytest.raises(ValueError) as error:
-        load_mit_weights(mit_b0(), path)
+        load_pretrained(mit_b0(), path)
     message = str(error.value)
     assert "renamed.pth" in message
     assert "block2.0.attn.q.weight" in message and "block2.0.attn.query.weight" in message
 
 
 @pytest.mark.parametrize("file_backbone, model_backbone", [("mit_b1", "mit_b0"), ("mit_b0", "mit_b1")])
-def test_load_mit_weights_wrong_backbone(tmp_path, file_backbone, model_backbone):
+def test_load_segformer_weights_wrong_backbone(tmp_path, file_backbone, model_backbone):
     factories = {"mit_b0": mit_b0, "mit_b1": mit_b1}
     path = segformer_file(factories[file_backbone](), tmp_path / "weights.pth")
     with pytest.raises(ValueError) as error:
-        load_mit_weights(factories[model_backbone](), path)
+        load_pretrained(factories[model_backbone](), path)
     message = str(error.value)
     assert "weights.pth" in message and "shape" in message
     assert f"--backbone {file_backbone}" in message
 
 
-def test_load_mit_weights_missing_and_corrupt_files(tmp_path):
+def test_load_segformer_weights_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent.pth"):
-        load_mit_weights(mit_b0(), tmp_path / "absent.pth")
+        load_pretrained(mit_b0(), tmp_path / "absent.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint" * 10)
     with pytest.raises(ValueError, match="corrupt.pth"):
-        load_mit_weights(mit_b0(), corrupt)
+        load_pretrained(mit_b0(), corrupt)
 
 
 # ---------------------------------------------------------------- decoder
@@ -446,11 +446,12 @@ def test_param_groups_cover_every_parameter_once(afanet):
     assert all(names[id(p)].startswith("decoder.") for p in groups["decoder"])
 
 
-def test_afanet_loads_pretrained_encoder(tmp_path):
+def test_afanet_encoder_takes_pretrained_weights(tmp_path):
     torch.manual_seed(0)
     source = mit_b0()
     path = segformer_file(source, tmp_path / "mit_b0.pth")
-    model = AFANet(num_classes=3, backbone="mit_b0", pretrained=path)
+    model = AFANet(num_classes=3, backbone="mit_b0")
+    load_pretrained(model.encoder, path)
     assert torch.equal(model.encoder.block4[1].attn.kv.weight, source.block4[1].attn.kv.weight)
 
 

@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from model import MIT_CONFIGS, AFANet, mit_b0
-from pretrained import (SEGFORMER_RELEASES, describe_state, load_pretrained, read_state_dict,
-                        segformer_from_hf, segformer_to_hf)
+from model import AFANet, mit_b0
+from pretrained import (afanet_from_release, afanet_to_release, describe_state, load_pretrained,
+                        read_state_dict, release_prefix, segformer_from_hf, segformer_to_hf)
 from vit import VisionTransformer, resample_position_embedding, vit_tiny16
 
 MIT_B0 = dict(hidden_sizes=(32, 64, 160, 256), depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1))
@@ -248,8 +248,64 @@ def test_afa_checkpoint_encoder_and_ddp_prefix_load(tmp_path, b0, b0_state):
     assert torch.equal(b0.block4[1].attn.kv.weight, b0_state["block4.1.attn.kv.weight"])
 
 
-def test_release_table_matches_model_configs():
-    assert {name: (c["embed_dims"], c["depths"]) for name, c in MIT_CONFIGS.items()} == SEGFORMER_RELEASES
+# ---------------------------------------------------------------- the authors' trained networks
+
+def release_head_shapes(num_classes=21, embed_dims=(64, 128, 320, 512), decoder_dim=256, maps=16):
+    """What the release's trained WeTr holds besides its encoder, written out from its sources:
+    wetr/segformer_head.py (MLP.proj per stage, mmcv's ConvModule with SyncBN: conv without bias and
+    bn, the final 1×1 conv) and wetr/model_attn_aff.py (attn_proj 16 -> 1, classifier without bias)."""
+    shapes = {}
+    for stage, dim in enumerate(embed_dims, start=1):
+        shapes.update({f"decoder.linear_c{stage}.proj.weight": (decoder_dim, dim),
+                       f"decoder.linear_c{stage}.proj.bias": (decoder_dim,)})
+    shapes.update({"decoder.linear_fuse.conv.weight": (decoder_dim, 4 * decoder_dim, 1, 1),
+                   "decoder.linear_fuse.bn.weight": (decoder_dim,), "decoder.linear_fuse.bn.bias": (decoder_dim,),
+                   "decoder.linear_fuse.bn.running_mean": (decoder_dim,),
+                   "decoder.linear_fuse.bn.running_var": (decoder_dim,),
+                   "decoder.linear_fuse.bn.num_batches_tracked": (),
+                   "decoder.linear_pred.weight": (num_classes, decoder_dim, 1, 1),
+                   "decoder.linear_pred.bias": (num_classes,),
+                   "attn_proj.weight": (1, maps, 1, 1), "attn_proj.bias": (1,),
+                   "classifier.weight": (num_classes - 1, embed_dims[-1], 1, 1)})
+    return shapes
+
+
+def test_afanet_in_the_release_layout_has_the_release_keys():
+    model = AFANet(num_classes=21, backbone="mit_b0")
+    release = afanet_to_release(model.state_dict())
+    assert all(key.startswith("module.") for key in release)
+    shapes = {key[len("module."):]: tuple(value.shape) for key, value in release.items()}
+    encoder = {key: shape for key, shape in shapes.items() if key.startswith("encoder.")}
+    assert {key: shape for key, shape in shapes.items() if key not in encoder} == \
+        release_head_shapes(embed_dims=(32, 64, 160, 256))
+    assert encoder == {f"encoder.{key}": tuple(value.shape) for key, value in model.encoder.state_dict().items()}
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_release_layout_round_trip(prefix):
+    torch.manual_seed(0)
+    state = AFANet(num_classes=6, backbone="mit_b0").state_dict()
+    release = afanet_to_release(state, prefix)
+    assert release_prefix(release) == prefix
+    assert release[f"{prefix}attn_proj.weight"] is state["affinity_head.proj.weight"]
+    back = afanet_from_release(release)
+    assert back.keys() == state.keys() and all(back[key] is state[key] for key in state)
+
+
+def test_release_network_gives_its_encoder_to_pretrained(tmp_path, b0):
+    torch.manual_seed(0)
+    model = AFANet(num_classes=21, backbone="mit_b0")
+    torch.save(afanet_to_release(model.state_dict()), tmp_path / "wetr_iter_20000.pth")
+    assert "AFA checkpoint" in load_pretrained(b0, tmp_path / "wetr_iter_20000.pth")
+    assert all(torch.equal(value, model.encoder.state_dict()[key]) for key, value in b0.state_dict().items())
+
+
+def test_release_layout_is_not_guessed():
+    torch.manual_seed(0)
+    state = AFANet(num_classes=6, backbone="mit_b0").state_dict()  # our names: no attn_proj
+    assert release_prefix(state) is None and release_prefix(mit_b0().state_dict()) is None
+    with pytest.raises(ValueError, match="attn_proj"):
+        afanet_from_release(state)
 
 
 # ---------------------------------------------------------------- ViT layouts
@@ -262,6 +318,36 @@ def test_timm_vit_layout_loads_strictly(tmp_path, tiny, wrapper):
     assert "timm/DeiT ViT" in description and "vit_tiny16" in description and "resized" not in description
     for key, value in tiny.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_timm_vit_fc_norm_is_dropped_with_the_head(tmp_path):
+    """fc_norm (timm's LayerNorm of the pooled token before the head) is part of the classifier:
+    the file loads, into the same encoder as without those keys."""
+    state = random_state(timm_vit_shapes(192))
+    torch.save(state, tmp_path / "plain.pth")
+    generator = torch.Generator().manual_seed(7)
+    with_fc_norm = {**state, "fc_norm.weight": torch.randn(192, generator=generator),
+                    "fc_norm.bias": torch.randn(192, generator=generator)}
+    torch.save(with_fc_norm, tmp_path / "fc_norm.pth")
+    torch.manual_seed(1)
+    plain, loaded = vit_tiny16(), vit_tiny16()
+    load_pretrained(plain, tmp_path / "plain.pth")
+    description = load_pretrained(loaded, tmp_path / "fc_norm.pth")
+    assert "fc_norm.*" in description and "head.*" in description
+    assert plain.state_dict().keys() == loaded.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_timm_vit_with_average_pooling_and_no_final_norm_is_one_line(tmp_path, tiny):
+    """timm's global_pool="avg" ViTs have fc_norm in place of the final per-token norm."""
+    state = random_state(timm_vit_shapes(192))
+    state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
+    torch.save(state, tmp_path / "vit_avg.pth")
+    with pytest.raises(ValueError) as excinfo:
+        load_pretrained(tiny, tmp_path / "vit_avg.pth")
+    message = error_line(excinfo)
+    assert "vit_avg.pth" in message and "average pooling" in message and "deit_" in message
 
 
 def test_timm_vit_at_384_pixels_gets_its_position_embedding_resized(tmp_path, tiny):
