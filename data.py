@@ -36,6 +36,7 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ def voc_palette(n: int = 256) -> list[int]:
 class Layout:
     """Where a data set's files are: patterns relative to its root, formatted with split, name."""
 
-    name: str  # the data set's name, in its caches' file names and its progress lines
+    name: str  # the data set's name, in its caches' file names, its messages and DOWNLOAD_HELP
     image: str  # e.g. "JPEGImages/{name}.jpg"; its first folder marks a data set root
     mask: str  # index PNG of the same size as the image
     split_list: str = "ImageSets/Segmentation/{split}.txt"  # one image name per line
@@ -109,30 +110,18 @@ class Layout:
     # The authors' lists hold only images with a labelled object (COCO: 82,081 of 82,783 train,
     # 40,137 of 40,504 val images): evaluation skips the others too, not only training.
     annotated_only: bool = False
-    how_to_get: str = ""  # where the data set comes from, said when its root is not found
-    how_to_get_masks: str = ""  # what its masks are and where they come from, when they are absent
 
     def path(self, root: str, pattern: str, split: str, name: str = "") -> str:
         """`pattern` (one of the fields above) for one split and image name, under `root`."""
         return os.path.join(root, pattern.format(split=split, name=name))
 
 
-_OR_SYNTHETIC = "; or generate the built-in synthetic set with make_synthetic(root)"
 VOC_LAYOUT = Layout(
     name="voc",
     image="JPEGImages/{name}.jpg",
     mask="SegmentationClassAug/{name}.png",
     root_candidates=("", "VOC2012", os.path.join("VOCdevkit", "VOC2012")),
     derivable_splits=(("train_aug", ("val",)),),  # paper §4.1: the 10,582 SBD masks not in val
-    how_to_get="Get VOC 2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar, "
-    "plus SegmentationClassAug.zip (the SBD-augmented masks) unpacked into VOCdevkit/VOC2012"
-    f"{_OR_SYNTHETIC}",
-    how_to_get_masks="the SBD-augmented masks (index PNGs of the 10,582 train_aug and 1,449 val "
-    "images; VOC's own SegmentationClass holds only 2,913) are missing: get "
-    "SegmentationClassAug.zip, the SBD masks in VOC format, widely mirrored (e.g. "
-    "https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip), and unpack it beside "
-    "JPEGImages; VOC 2012 itself is VOCtrainval_11-May-2012.tar from "
-    "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/",
 )
 COCO_LAYOUT = Layout(
     name="coco",
@@ -140,22 +129,11 @@ COCO_LAYOUT = Layout(
     mask="SegmentationClass/{split}/{name}.png",
     derivable_splits=(("train", ()), ("val", ())),  # one mask folder per split
     annotated_only=True,
-    how_to_get="Get COCO 2014 (train2014.zip, val2014.zip and annotations_trainval2014.zip from "
-    "http://images.cocodataset.org/) and convert it: python prepare_coco.py --coco-root <download> "
-    "--out <this folder> writes JPEGImages/{train,val} and the masks SegmentationClass/{train,val}"
-    f"{_OR_SYNTHETIC}",
-    how_to_get_masks="the VOC-style masks are missing: convert COCO 2014's "
-    "instances_{train,val}2014.json into index PNGs (ids 0–80, 0 background) in "
-    "SegmentationClass/{train,val}: python prepare_coco.py --coco-root <download> --out <this folder>",
 )
 SYNTHETIC_LAYOUT = Layout(  # VOC's file patterns; its own name for its caches and messages
     name="synthetic",
     image=VOC_LAYOUT.image,
     mask=VOC_LAYOUT.mask,
-    how_to_get="Generate it with make_synthetic(root) (train.py does so when --data-root does "
-    "not exist)",
-    how_to_get_masks="the synthetic set is incomplete: delete the folder and generate it again "
-    "with make_synthetic(root) (train.py does so when --data-root does not exist)",
 )
 DATASETS = {  # name → (layout, class names)
     "voc": (VOC_LAYOUT, VOC_CLASSES),
@@ -165,24 +143,63 @@ DATASETS = {  # name → (layout, class names)
 _ALIASES = {"voc2012": "voc", "coco2014": "coco"}
 
 
+# =============================================================================================
+# Where a data set comes from: the help its "not found" errors give
+# =============================================================================================
+class DownloadHelp(NamedTuple):
+    root: str  # where the data set comes from, said when its root is not found
+    masks: str  # what its masks are and where they come from, said when they are absent
+
+
+_OR_SYNTHETIC = "; or generate the built-in synthetic set with make_synthetic(root)"
+_VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"
+_VOC_TAR = "VOCtrainval_11-May-2012.tar"
+_SBD_MASKS_URL = "https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip"
+_PREPARE_COCO = "python prepare_coco.py --coco-root <download> --out <this folder>"
+_REGENERATE = "make_synthetic(root) (train.py does so when --data-root does not exist)"
+DOWNLOAD_HELP = {  # layout name → its help; a layout of the user's gets none
+    "voc": DownloadHelp(
+        root=f"Get VOC 2012: {_VOC_URL}{_VOC_TAR}, plus SegmentationClassAug.zip (the "
+        f"SBD-augmented masks) unpacked into VOCdevkit/VOC2012{_OR_SYNTHETIC}",
+        masks="the SBD-augmented masks (index PNGs of the 10,582 train_aug and 1,449 val images; "
+        "VOC's own SegmentationClass holds only 2,913) are missing: get SegmentationClassAug.zip, "
+        f"the SBD masks in VOC format, widely mirrored (e.g. {_SBD_MASKS_URL}), and unpack it "
+        f"beside JPEGImages; VOC 2012 itself is {_VOC_TAR} from {_VOC_URL}",
+    ),
+    "coco": DownloadHelp(
+        root="Get COCO 2014 (train2014.zip, val2014.zip and annotations_trainval2014.zip from "
+        f"http://images.cocodataset.org/) and convert it: {_PREPARE_COCO} writes "
+        "JPEGImages/{train,val} and the masks SegmentationClass/{train,val}" + _OR_SYNTHETIC,
+        masks="the VOC-style masks are missing: convert COCO 2014's instances_{train,val}2014.json "
+        "into index PNGs (ids 0–80, 0 background) in SegmentationClass/{train,val}: "
+        + _PREPARE_COCO,
+    ),
+    "synthetic": DownloadHelp(
+        root=f"Generate it with {_REGENERATE}",
+        masks="the synthetic set is incomplete: delete the folder and generate it again with "
+        f"{_REGENERATE}",
+    ),
+}
+
+
 def resolve_root(root: str, layout: Layout) -> str:
     """The folder under `root` (itself, or one of the layout's candidates) that holds the images;
-    a DatasetError saying what is missing when it holds no images or no masks."""
+    a DatasetError saying what is missing, and where to get it, when it holds no images or no
+    masks."""
+    source = DOWNLOAD_HELP.get(layout.name, DownloadHelp(root="", masks=""))
     marker = layout.image.split("/")[0]
     for candidate in layout.root_candidates:
         folder = os.path.normpath(os.path.join(root, candidate))
         if os.path.isdir(os.path.join(folder, marker)):
             mask_folder = layout.mask.split("/")[0]
             if not os.path.isdir(os.path.join(folder, mask_folder)):
-                raise DatasetError(
-                    f"{folder} has no {mask_folder} folder: {layout.how_to_get_masks}")
+                raise DatasetError(f"{folder} has no {mask_folder} folder: {source.masks}")
             return folder
     looked = ", ".join(os.path.join(root, c, marker) for c in layout.root_candidates)
     state = "does not exist" if not os.path.exists(root) else f"has no {marker} folder"
     raise DatasetError(
         f"dataset root {root} {state} (looked for {looked}). Expected layout: "
-        f"root/{layout.image}, root/{layout.mask}, root/{layout.split_list}. "
-        f"{layout.how_to_get}."
+        f"root/{layout.image}, root/{layout.mask}, root/{layout.split_list}. {source.root}."
     )
 
 
