@@ -27,9 +27,9 @@ _SYNTHETIC_MARKER = "synthetic.json"
 # luminance offset (equal in R, G, B), plus a chroma vector in the plane orthogonal to grey. The
 # normalised image is then ≈ (luminance, chroma) / std. Backgrounds have small chroma in any
 # direction; each class has a large chroma at its own angle, the five angles 72° apart, so every
-# class colour lies equally far from every background. (With backgrounds at neutral grey instead,
-# normalisation turns grey into a blue-leaning colour, and the class owning blue is learned as
-# "no other class here" and fires on the background.)
+# class colour lies equally far from every background. A neutral grey background would not do:
+# normalisation turns grey into a blue-leaning colour, which a from-scratch "blue" feature cannot
+# tell from a blue class (docs/demo_study.md, round 1).
 _CLASS_ANGLES = (0.0, 72.0, 144.0, 216.0, 288.0)  # chroma angle of each class, degrees
 _CLASS_ANGLE_JITTER = 12.0  # ± degrees around it, per object
 _CLASS_CHROMA = (60.0, 90.0)  # chroma radius of an object's colour, 0–255 scale
