@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import synthetic
 from cam import cam_to_label, multi_scale_cam, refine_cams_with_par
 from metrics import confusion_matrix, scores_table, segmentation_scores
 from model import BACKBONES, AFANet
@@ -505,7 +506,7 @@ def release_mismatch(path: str, state: dict, cfg: Config, error: RuntimeError) -
 def load_split(cfg: Config, split: str, cache_dir: str):
     """A split with its masks, unaugmented, at the images' own size."""
     if cfg.data == "synthetic" and not os.path.isdir(cfg.data_root):
-        data.make_synthetic(cfg.data_root)  # as train.py does: the same seeded set, seconds
+        synthetic.make_synthetic(cfg.data_root)  # as train.py does: the same seeded set
     return data.build_dataset(cfg.data, cfg.data_root, split, train=False,
                               num_classes=cfg.num_classes, cache_dir=cache_dir)
 

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import data
+import synthetic
 from attention_affinity import affinity_loss
 from metrics import format_metrics, metrics_table, validate
 from model import BACKBONES, AFANet
@@ -422,7 +423,7 @@ def build_datasets(cfg: Config):
     in a --data-root of the user's, most likely means a forgotten --data: the error says so."""
     cache_dir = os.path.join(cfg.work_dir, "cache")
     if cfg.data == "synthetic" and not os.path.isdir(cfg.data_root):
-        data.make_synthetic(cfg.data_root)  # seconds, once; a set made with other sizes is kept
+        synthetic.make_synthetic(cfg.data_root)  # once; a set made with other sizes is kept
     common = dict(num_classes=cfg.num_classes, cache_dir=cache_dir)
     try:
         train_set = data.build_dataset(cfg.data, cfg.data_root, cfg.train_split, train=True,

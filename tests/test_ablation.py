@@ -5,7 +5,7 @@ import os
 import pytest
 
 import ablation
-import data
+import synthetic
 import train
 
 TINY = ["--data", "synthetic", "--crop", "64", "--batch-size", "2", "--iters", "4",
@@ -16,7 +16,7 @@ TINY = ["--data", "synthetic", "--crop", "64", "--batch-size", "2", "--iters", "
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    data.make_synthetic(str(root), num_train=8, num_val=4, size=64)
+    synthetic.make_synthetic(str(root), num_train=8, num_val=4, size=64)
     return str(root)
 
 

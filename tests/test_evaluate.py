@@ -17,6 +17,7 @@ import data
 import evaluate
 import metrics
 import pipeline
+import synthetic
 import train
 import visualize
 from evaluate import multi_scale_seg_logits
@@ -232,7 +233,7 @@ def test_connected_components_and_largest_object_centre():
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data_root = str(root / "synthetic")
-    data.make_synthetic(data_root, num_train=6, num_val=3, size=SIZE)
+    synthetic.make_synthetic(data_root, num_train=6, num_val=3, size=SIZE)
     torch.manual_seed(0)
     model = AFANet(NUM_CLASSES, backbone="mit_b0")
     cfg = train.Config(**{**train.PRESETS["synthetic"], "data_root": data_root,
@@ -592,7 +593,7 @@ def test_cli_crf_in_worker_processes(tiny_run):
 def test_checkpoint_written_by_train_py(tmp_path):
     """Two iterations of train.py, then the pseudo-label table from its checkpoint."""
     data_root = str(tmp_path / "synthetic")
-    data.make_synthetic(data_root, num_train=4, num_val=2, size=SIZE)
+    synthetic.make_synthetic(data_root, num_train=4, num_val=2, size=SIZE)
     work_dir = str(tmp_path / "run")
     assert train.main(["--data-root", data_root, "--work-dir", work_dir, "--iters", "2",
                        "--batch-size", "2", "--crop", "64", "--workers", "0", "--eval-every", "2",

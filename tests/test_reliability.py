@@ -27,6 +27,7 @@ from PIL import Image
 import data
 import train
 from model import mit_b0
+from synthetic import make_synthetic
 
 PROJECT = Path(__file__).resolve().parent.parent
 BROKEN = "syn_000001"  # the item a bad-input case breaks; it is in the first training batch
@@ -35,8 +36,7 @@ BROKEN = "syn_000001"  # the item a bad-input case breaks; it is in the first tr
 # --- a tiny data set and run -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return data.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), num_train=16, num_val=2,
-                               size=64)
+    return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), num_train=16, num_val=2, size=64)
 
 
 def tiny(root, work_dir, *extra):

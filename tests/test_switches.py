@@ -13,6 +13,7 @@ import data
 import evaluate
 import metrics
 import pipeline
+import synthetic
 import train
 from cam import cam_to_label, multi_scale_cam
 from crf_loss import DenseCRFLoss
@@ -255,7 +256,7 @@ def test_validation_walks_with_attention_when_asked(net, monkeypatch):
 def test_evaluate_pseudo_reads_propagate_with_from_the_checkpoint(propagate_with, tmp_path,
                                                                   monkeypatch, net):
     data_root = str(tmp_path / "synthetic")
-    data.make_synthetic(data_root, num_train=2, num_val=1, size=64)
+    synthetic.make_synthetic(data_root, num_train=2, num_val=1, size=64)
     cfg = Config(**{**train.PRESETS["synthetic"], "data_root": data_root, "val_batch_size": 2,
                     "cam_scales": (1.0, 1.5), "propagate_with": propagate_with})
     checkpoint = str(tmp_path / "tiny.pth")

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import synthetic
 import train
 import visualize
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    data.make_synthetic(str(root), num_train=16, num_val=4, size=64)
+    synthetic.make_synthetic(str(root), num_train=16, num_val=4, size=64)
     return root
 
 

@@ -329,9 +329,9 @@ def test_tiny_vit_trains_through_every_stage_of_train_py(tmp_path):
     import json
     import math
 
-    import data
+    import synthetic
     import train
-    data.make_synthetic(str(tmp_path / "synthetic"), num_train=8, num_val=2, size=64)
+    synthetic.make_synthetic(str(tmp_path / "synthetic"), num_train=8, num_val=2, size=64)
     flags = dict(data="synthetic", data_root=tmp_path / "synthetic", work_dir=tmp_path / "run", crop=64,
                  batch_size=2, iters=3, cam_iters=1, switch_iters=2, eval_every=3, warmup_iters=1,
                  workers=0, val_batch_size=2, num_figures=1, log_every=1, backbone="vit_tiny16")
