@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from cam import cam_to_label, multi_scale_cam, refine_cams_with_par
+from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par
 from metrics import confusion_matrix, scores_table, segmentation_scores
 from model import AFANet
 from par import PAR
@@ -245,8 +245,8 @@ def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: 
     B, _, H, W = images.shape
     whole = torch.tensor([[0, H, 0, W]], device=images.device).expand(B, 4)  # (B, 4) valid box
     cam_model = AttentionAsAffinity(model) if propagate_with == "attention" else model
-    cams, affinity = multi_scale_cam(cam_model, images, cam_scales,
-                                     partial_affinity=True)              # (B, C-1, H, W), (B, N, N)
+    cams, affinity = multi_scale_cam_partial_affinity(cam_model, images,
+                                                      cam_scales)  # (B, C-1, H, W), (B, N, N)
     cams, affinity = cams.float(), affinity.float()
     pixels = denormalize(images.float())                                  # (B, 3, H, W) in [0, 1]
     largest = max(cam_scales)

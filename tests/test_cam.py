@@ -1,7 +1,6 @@
 """Tests for cam.py: multi-scale CAMs, CAM labels and their PAR refinement (paper §3.1–3.3)."""
 
 import copy
-import types
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par
+from cam import (_argmax, cam_to_label, multi_scale_cam, multi_scale_cam_partial_affinity,
+                 refine_cams_with_par, refine_propagated_with_par)
 from model import AFANet
 from par import PAR
 
@@ -213,16 +213,16 @@ def decoder_batchnorm_state(model):
     return bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
 
 
-@pytest.mark.parametrize("partial_affinity", [False, True])
-def test_multi_scale_cam_in_train_mode_updates_decoder_batchnorm_as_the_release(partial_affinity):
+@pytest.mark.parametrize("cam_function", [multi_scale_cam, multi_scale_cam_partial_affinity])
+def test_multi_scale_cam_in_train_mode_updates_decoder_batchnorm_as_the_release(cam_function):
     torch.manual_seed(0)
     model = AFANet(num_classes=5, backbone="mit_b0", drop_path_rate=0.0).train()
     release, skipped = copy.deepcopy(model), copy.deepcopy(model)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     before = decoder_batchnorm_state(model)
     # AFANet.cam's default: the statistics see every pass
-    multi_scale_cam(model, images, partial_affinity=partial_affinity)
-    multi_scale_cam(skipped, images, decoder_stats=False)
+    cam_function(model, images)
+    cam_function(skipped, images, decoder_stats=False)
     with torch.no_grad():
         release_multi_scale_batchnorm(release, images, (1.0, 0.5, 1.5))
     (mean, var, count), expected = decoder_batchnorm_state(model), decoder_batchnorm_state(release)
@@ -243,16 +243,22 @@ def test_multi_scale_cam_fast_variants_equal_the_plain_computation(afanet):
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         forward_cams = afanet(images).cams  # (2, 4, 4, 4), the un-flipped images at scale 1.0
-    plain = types.SimpleNamespace(cam=lambda x: afanet.cam(x))  # nothing but cam(x): no shortcut
-    plain_cams, plain_affinity = multi_scale_cam(plain, images)
+    plain_cams, plain_affinity = multi_scale_cam(afanet, images)
     assert plain_affinity.shape == (2, 36, 36)  # the 96 × 96 input at scale 1.5, un-flipped half
-    for options in (dict(partial_affinity=True), dict(forward_cams=forward_cams),
-                    dict(partial_affinity=True, forward_cams=forward_cams)):
-        cams, affinity = multi_scale_cam(afanet, images, **options)
+    for options in (dict(), dict(forward_cams=forward_cams)):
+        cams, affinity = multi_scale_cam_partial_affinity(afanet, images, **options)
         torch.testing.assert_close(cams, plain_cams, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(affinity, plain_affinity, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="forward_cams"):
-        multi_scale_cam(afanet, images, forward_cams=forward_cams[:, :, :2])
+        multi_scale_cam_partial_affinity(afanet, images, forward_cams=forward_cams[:, :, :2])
+
+
+def test_argmax_over_channels_equals_torch_argmax_with_ties():
+    x = torch.randint(0, 3, (2, 2, 4, 9, 11)).float()  # many ties: the first maximum must win
+    for dim in (1, 2):
+        assert torch.equal(_argmax(x, dim), x.argmax(dim=dim))
+    x = torch.rand(3, 5, 7)
+    assert torch.equal(_argmax(x, 0), x.argmax(dim=0))
 
 
 # ---------------------------------------------------------------- argument checks
