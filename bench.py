@@ -52,7 +52,8 @@ import data
 import pipeline
 import train
 from attention_affinity import affinity_loss
-from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par, refine_propagated_with_par
+from cam import (cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed,
+                 refine_propagated_with_par)
 from model import BACKBONES, AFANet
 from par import PAR
 
@@ -195,8 +196,8 @@ def staged_step(s: Setup, stage) -> None:
             cam_to_label(cams, cls_labels, low=cfg.low, high=cfg.high, valid_box=box)
         with stage("PAR label"):
             pixels = pipeline.denormalize(images.float())
-            par_label = refine_cams_with_par(s.par, pixels, cams, cls_labels, low=cfg.low,
-                                             high=cfg.high, valid_box=box)
+            par_label = refine_cams_with_par_packed(s.par, pixels, cams, cls_labels, low=cfg.low,
+                                                    high=cfg.high, valid_box=box)
         with stage("random walk"):
             walked = [pipeline.random_walk_cams(cams, affinity, cls_labels, max(cfg.cam_scales),
                                                 t, cfg.radius) for t in (cfg.low, cfg.high)]

@@ -9,9 +9,10 @@ is passed in.
 
 As in the authors' release, the background is a constant score channel (t = 0.35 or t = 0.55), and
 each refined label combines a high- and a low-threshold result (high says background -> ignore;
-both say background -> background). The release refines the CAM label one image at a time; here
-all images go through PAR at once (the same labels, up to a few near-tied pixels). The release
-fails on a valid box thinner than the PAR downsampling factor; here such a box is labelled.
+both say background -> background). The CAM label is refined one image at a time, as in the
+release; training runs all images through PAR at once (`refine_cams_with_par_packed`, the same
+labels). The release fails on a valid box thinner than the PAR downsampling factor; here such a
+box is labelled.
 
 Symbols: B batch, C classes incl. background, K kept channels, H×W crop, h×w a CAM grid,
 N = h·w tokens.
@@ -249,32 +250,76 @@ def refine_cams_with_par(par, images, cams, cls_labels, low=0.35, high=0.55, val
                          down_scale=2, ignore_index=255):
     """PAR-refined CAM label (B, H, W) int64 from images (B, 3, H, W) and cams (B, C-1, H, W).
 
-    For t in (high, low): prepend a background channel of value t; downsample it and the image by
-    `down_scale`; softmax over background + present classes; PAR; upsample to H × W; arg-max. The
-    two results combine as in `_combine_high_low`; pixels outside valid_box (B, 4) -> ignore.
+    Per image, for t in (high, low): prepend a background channel of value t to the CAMs of the
+    present classes; downsample it and the image by `down_scale`; softmax over background +
+    present classes; PAR; upsample to H × W; arg-max. The two results combine as in
+    `_combine_high_low`; pixels outside valid_box (B, 4) -> ignore. Both thresholds go through
+    one PAR call, stacked along the channels, so the image kernel is computed once.
 
-    Batched over images: each image keeps K = 1 + max_b(#present classes) channels, the present
-    ones in class order and padding slots set to probability 0 (PAR is linear per channel, so they
-    stay 0 and never win the arg-max). Both thresholds go through one PAR call, stacked along the
-    channels, so the image kernel is computed once.
+    Training uses the faster `refine_cams_with_par_packed` below (the same labels).
     """
+    B, H, W, inside_box = _check_refine(images, cams, cls_labels, valid_box, down_scale)
+    small_images, small_cams, small_background = _downsample_for_par(images, cams, high, low, down_scale)
+    h, w = small_cams.shape[-2:]
+    present = _with_background(cls_labels)  # (B, C)
+
+    label = torch.empty(B, 2, H, W, dtype=torch.long, device=cams.device)  # (B, 2, H, W): high, low
+    for b in range(B):
+        keys = present[b].nonzero()[:, 0]  # (K,) background + present class ids, in order
+        K = keys.numel()
+        foreground = small_cams[b, keys[1:] - 1]  # (K-1, h, w), class k is CAM channel k - 1
+        logits = torch.stack([torch.cat([small_background[0, i:i + 1], foreground])  # (K, h, w)
+                              for i in range(2)])  # (2, K, h, w), 0: high, 1: low
+        probs = logits.softmax(dim=1).view(1, 2 * K, h, w)  # (1, 2K, h, w)
+        refined = par(small_images[b:b + 1], probs)  # (1, 2K, h, w)
+        refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)  # (1, 2K, H, W)
+        label[b] = keys[_argmax(refined.view(2, K, H, W), dim=1)]  # (2, H, W) class ids
+    label_high, label_low = label.unbind(dim=1)  # (B, H, W) each
+    return _combine_high_low(label_high, label_low, inside_box, ignore_index)
+
+
+def _check_refine(images, cams, cls_labels, valid_box, down_scale):
+    """Checks the arguments of the CAM-label refinement; returns B, H, W and the valid-box mask
+    (B, H, W)."""
     _check_4d("images", images, "(B, 3, H, W)")
     _check_4d("cams", cams, "(B, C-1, H, W)")
     B, _, H, W = images.shape
     if cams.shape[0] != B or cams.shape[-2:] != (H, W):
         raise ValueError(f"cams must be (B, C-1, H, W) = ({B}, C-1, {H}, {W}), got {tuple(cams.shape)}")
-    num_foreground = cams.shape[1]
-    _check_cls_labels(cls_labels, B, num_foreground)
+    _check_cls_labels(cls_labels, B, cams.shape[1])
     _check_down_scale(down_scale, H, W)
-    inside_box = _box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
-    h, w = H // down_scale, W // down_scale
+    return B, H, W, _box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
 
+
+def _downsample_for_par(images, cams, high, low, down_scale):
+    """PAR's inputs at 1/down_scale: images (B, 3, h, w), cams (B, C-1, h, w) and the two constant
+    background planes (1, 2, h, w) of values high and low, all bilinear."""
+    H, W = images.shape[-2:]
+    h, w = H // down_scale, W // down_scale
     small_images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)  # (B, 3, h, w)
     small_cams = F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)  # (B, C-1, h, w)
     # The constant background planes are resized too (not just set to t) so that they carry the
     # same rounding as the release's, which resizes them together with the CAMs.
     background = cams.new_tensor([high, low]).view(1, 2, 1, 1).expand(1, 2, H, W)  # (1, 2, H, W)
     small_background = F.interpolate(background, size=(h, w), mode="bilinear", align_corners=False)  # (1, 2, h, w)
+    return small_images, small_cams, small_background
+
+
+# ---- speed paths: same numbers, less work -----------------------------------------------------
+
+@torch.no_grad()
+def refine_cams_with_par_packed(par, images, cams, cls_labels, low=0.35, high=0.55, valid_box=None,
+                                down_scale=2, ignore_index=255):
+    """`refine_cams_with_par` for all images in one PAR call: the same arguments and labels.
+
+    Each image keeps K = 1 + max_b(#present classes) channel slots, its present classes first in
+    class order, the padding slots set to probability 0 (a softmax logit of −∞). PAR is linear per
+    channel, so padding stays 0 and never wins the arg-max, and each image's present channels
+    are refined as in the loop of `refine_cams_with_par`: the same labels.
+    """
+    B, H, W, inside_box = _check_refine(images, cams, cls_labels, valid_box, down_scale)
+    small_images, small_cams, small_background = _downsample_for_par(images, cams, high, low, down_scale)
+    h, w = small_cams.shape[-2:]
 
     # Pack background + present classes into K slots: stable sort puts present classes first, in order.
     present = _with_background(cls_labels)  # (B, C)

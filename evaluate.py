@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par
+from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed
 from metrics import confusion_matrix, scores_table, segmentation_scores
 from model import AFANet
 from par import PAR
@@ -252,8 +252,8 @@ def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: 
     largest = max(cam_scales)
     return {
         "cam": cam_to_label(cams, cls_labels, bkg_score=bkg_score),
-        "cam_par": refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
-                                        valid_box=whole),
+        "cam_par": refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=low, high=high,
+                                               valid_box=whole),
         "afa": random_walk_cams(cams, affinity, cls_labels, largest, low, radius).argmax(1),
         "afa_par": afa_pseudo_label(par, pixels, cams, affinity, cls_labels, whole, largest,
                                     low, high, radius),

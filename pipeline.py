@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from attention_affinity import affinity_labels, window_mask
-from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par, refine_propagated_with_par
+from cam import (cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed,
+                 refine_propagated_with_par)
 from crf_loss import DenseCRFLoss
 from data import IMAGENET_MEAN, IMAGENET_STD
 from random_walk import propagate
@@ -103,8 +104,8 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
                                  valid_box=valid_box) if need_cam else None  # (B, H, W)
         # --- Stage 2: the CAM label refined with PAR (paper §3.3) ------------------------------
         pixels = denormalize(images.float())                                # (B, 3, H, W) in [0, 1]
-        par_label = refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
-                                         valid_box=valid_box) if need_par else None  # (B, H, W)
+        par_label = refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=low, high=high,
+                                                valid_box=valid_box) if need_par else None  # (B, H, W)
         if not need_afa:
             return PseudoLabels(par_label, None, cam_label)
         # --- Stage 3: random walk with the learned affinity (or the MHSA maps), PAR (§3.2) ----
@@ -159,7 +160,7 @@ class AttentionAsAffinity:
     """`model` with its `cam_with_partial_affinity(x, n)` returning the MHSA maps (`mhsa_affinity`)
     where AFANet's returns the learned affinity: what `multi_scale_cam_partial_affinity` needs to
     give the attention of the un-flipped images at the largest scale from the very pass that gives
-    the CAMs (same stochastic-depth draws, same decoder statistics as `AFANet.cam_with_partial_affinity`)."""
+    the CAMs (same stochastic-depth draws, same decoder statistics as AFANet's)."""
 
     def __init__(self, model):
         self.model = model

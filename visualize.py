@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par
+from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed
 from pipeline import afa_pseudo_label, denormalize, random_walk_cams, token_grid, upsample
 
 IGNORE_INDEX = data.IGNORE_INDEX
@@ -223,8 +223,8 @@ def training_figure(model, par, dataset, indices, path: str, device, class_names
         pixels = denormalize(image)
         labels = [sample["label"].to(device),
                   cam_to_label(cams, cls_labels, bkg_score=bkg_score)[0],
-                  refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
-                                       valid_box=box)[0],
+                  refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=low, high=high,
+                                              valid_box=box)[0],
                   afa_pseudo_label(par, pixels, cams, affinity, cls_labels, box, max(scales),
                                    low, high, radius)[0],
                   upsample(model(image).seg_logits, (H, W)).argmax(1)[0]]

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cam import (_argmax, cam_to_label, multi_scale_cam, multi_scale_cam_partial_affinity,
-                 refine_cams_with_par, refine_propagated_with_par)
+                 refine_cams_with_par, refine_cams_with_par_packed, refine_propagated_with_par)
 from model import AFANet
 from par import PAR
 
@@ -61,16 +61,17 @@ def test_cam_to_label_box_mask_is_per_image():
 
 # ---------------------------------------------------------------- refine_cams_with_par
 
-def test_refine_cams_with_par_matches_release_golden():
+@pytest.mark.parametrize("refine", [refine_cams_with_par, refine_cams_with_par_packed])
+def test_refine_cams_with_par_matches_release_golden(refine):
     golden = load_golden("refine_cams_with_par")
-    label = refine_cams_with_par(PAR(), golden["images"], golden["cams"], golden["cls_labels"],
-                                 low=0.35, high=0.55, valid_box=golden["valid_box"])
+    label = refine(PAR(), golden["images"], golden["cams"], golden["cls_labels"],
+                   low=0.35, high=0.55, valid_box=golden["valid_box"])
     assert label.dtype == torch.int64 and label.shape == golden["label"].shape
     # refined labels may differ on a handful of near-tied pixels
     assert (label == golden["label"]).float().mean() >= 0.999
 
 
-def test_refine_cams_with_par_batched_equals_one_image_at_a_time():
+def test_refine_cams_with_par_packed_equals_one_image_at_a_time():
     # different numbers of present classes per image exercise the padded channel slots
     generator = torch.Generator().manual_seed(0)
     B, num_foreground, H, W = 3, 6, 26, 30
@@ -79,10 +80,11 @@ def test_refine_cams_with_par_batched_equals_one_image_at_a_time():
     cls_labels = torch.tensor([[0, 1, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.float32)
     valid_box = torch.tensor([[0, 26, 0, 30], [2, 20, 3, 30], [5, 26, 0, 25]])
     par = PAR()
-    batched = refine_cams_with_par(par, images, cams, cls_labels, valid_box=valid_box)
+    batched = refine_cams_with_par_packed(par, images, cams, cls_labels, valid_box=valid_box)
+    assert torch.equal(batched, refine_cams_with_par(par, images, cams, cls_labels, valid_box=valid_box))
     for b in range(B):
-        single = refine_cams_with_par(par, images[b:b + 1], cams[b:b + 1], cls_labels[b:b + 1],
-                                      valid_box=valid_box[b:b + 1])
+        single = refine_cams_with_par_packed(par, images[b:b + 1], cams[b:b + 1], cls_labels[b:b + 1],
+                                             valid_box=valid_box[b:b + 1])
         assert torch.equal(batched[b:b + 1], single)
     assert set(batched[0].unique().tolist()) <= {0, 2, 5, 6, IGNORE}
     assert set(batched[1].unique().tolist()) <= {0, IGNORE}  # background only
