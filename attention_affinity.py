@@ -65,9 +65,9 @@ class AffinityHead(nn.Module):
     last bit). In AFANet num_maps is twice the heads of the last stage: the last two blocks, all
     their heads.
 
-    `forward` is that computation. Two variants give the same affinity with less memory, for the
-    encoder's per-block logits: `forward_row_blocks` (no gradient; S a block of rows at a time) and
-    `forward_factored` (the logits as factors q, k, never formed).
+    `forward` is that computation. Below it, two speed paths give the same affinity with less
+    memory: `forward_row_blocks` (no gradient; S a block of rows at a time) and `forward_factored`
+    (the logits as factors q, k, never formed).
     """
 
     def __init__(self, num_maps):
@@ -78,42 +78,28 @@ class AffinityHead(nn.Module):
         nn.init.kaiming_normal_(self.proj.weight, a=math.sqrt(5), mode="fan_out")
 
     def forward(self, attn_logits):
-        """attn_logits (B, num_maps, N, N), pre-softmax -> affinity (B, N, N) in (0, 1).
-
-        A sequence, the encoder's per-block logits, is read as their concatenation: see
-        `forward_blocks`.
-        """
-        if not torch.is_tensor(attn_logits):
-            return self.forward_blocks(attn_logits)
+        """attn_logits (B, num_maps, N, N), pre-softmax -> affinity (B, N, N) in (0, 1)."""
         self._check_maps([attn_logits])
         symmetric = attn_logits + attn_logits.transpose(-2, -1)  # S = A + Aᵀ  (B, num_maps, N, N)
         logits = self.proj(symmetric)  # (B, 1, N, N), Σ_m w_m S_m + b
         return torch.sigmoid(logits).squeeze(1)  # (B, N, N)
 
-    # -------------------------------------------------------------------------------------------
-    # the same affinity from the encoder's per-block logits, with less memory
-    # -------------------------------------------------------------------------------------------
+    def _check_maps(self, maps):
+        """maps: a non-empty sequence of (B, m_i, N, N) tensors with Σ m_i = num_maps."""
+        if not maps or any(not torch.is_tensor(m) or m.dim() != 4 or m.shape[0] != maps[0].shape[0]
+                           or m.shape[2] != m.shape[3] or m.shape[2] != maps[0].shape[2] for m in maps) \
+                or sum(m.shape[1] for m in maps) != self.num_maps:
+            raise ValueError(f"attn_logits must have shape (B, {self.num_maps}, N, N) (or be a sequence "
+                             f"of (B, m_i, N, N) with sum m_i = {self.num_maps}), "
+                             f"got {[tuple(m.shape) if torch.is_tensor(m) else type(m).__name__ for m in maps]}")
 
-    def forward_blocks(self, attn_logits):
-        """attn_logits: a sequence, per block, of its logits (B, m_i, N, N) with Σ m_i = num_maps,
-        read as their concatenation, or of factored logits (q (B, m_i, N, d), k (B, m_i, N, d)),
-        A = q·kᵀ. -> affinity (B, N, N).
-
-        Tensors: with gradient, `forward` on the concatenation; without, `forward_row_blocks`.
-        Factors: `forward_factored`.
-        """
-        maps = list(attn_logits)
-        if maps and all(isinstance(m, (tuple, list)) for m in maps):
-            return self.forward_factored([q for q, _ in maps], [k for _, k in maps])
-        self._check_maps(maps)
-        if torch.is_grad_enabled() and any(m.requires_grad for m in maps):
-            return self.forward(torch.cat(maps, dim=1))  # (B, num_maps, N, N) -> (B, N, N)
-        return self.forward_row_blocks(maps)
+    # ---- speed paths: same numbers, less work ------------------------------------------------
 
     @torch.no_grad()
     def forward_row_blocks(self, maps, block_elements=None):
-        """`forward` of the concatenated maps (a sequence of (B, m_i, N, N)), without gradient,
-        holding neither the concatenation nor S whole (each num_maps · N² per image).
+        """`forward` of the concatenated maps (a sequence of (B, m_i, N, N), Σ m_i = num_maps, the
+        encoder's per-block logits), without gradient, holding neither the concatenation nor S
+        whole (each num_maps · N² per image).
 
         Rows r of S are rows r of A plus rows r of Aᵀ (columns r of A), and the 1×1 convolution
         acts on each pair (i, j) alone, so each block of rows of the logits comes from that block of
@@ -164,15 +150,6 @@ class AffinityHead(nn.Module):
         L = weighted @ flat_keys.transpose(1, 2)  # (B, N, N), Σ_m w_m q_m k_mᵀ
         logits = (L + L.transpose(1, 2)).add_(self.proj.bias.to(L.dtype))  # (B, N, N)
         return torch.sigmoid(logits)  # (B, N, N)
-
-    def _check_maps(self, maps):
-        """maps: a non-empty sequence of (B, m_i, N, N) tensors with Σ m_i = num_maps."""
-        if not maps or any(not torch.is_tensor(m) or m.dim() != 4 or m.shape[0] != maps[0].shape[0]
-                           or m.shape[2] != m.shape[3] or m.shape[2] != maps[0].shape[2] for m in maps) \
-                or sum(m.shape[1] for m in maps) != self.num_maps:
-            raise ValueError(f"attn_logits must have shape (B, {self.num_maps}, N, N) (or be a sequence "
-                             f"of (B, m_i, N, N) with sum m_i = {self.num_maps}), "
-                             f"got {[tuple(m.shape) if torch.is_tensor(m) else type(m).__name__ for m in maps]}")
 
 
 # S = A + Aᵀ a block of rows at a time, in blocks of about this many elements (64 MB in float32).

@@ -52,7 +52,8 @@ import data
 import pipeline
 import train
 from attention_affinity import affinity_loss
-from cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par
+from cam import (cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed,
+                 refine_propagated_with_par)
 from model import BACKBONES, AFANet
 from par import PAR
 
@@ -63,7 +64,7 @@ PAR_MASKS = 3
 # Options of the full step that change its numbers (off in training), timed on request.
 OPTIONS = {
     "reuse_forward_cam": "the multi-scale CAM reuses the training forward's scale-1.0 CAMs "
-                         "(multi_scale_cam(forward_cams=...))",
+                         "(multi_scale_cam_partial_affinity(forward_cams=...))",
     "bf16_cam": "the multi-scale CAM alone runs under bf16 autocast",
     "no_cam_bn_stats": "the CAM passes leave the decoder's BatchNorm statistics alone "
                        "(--no-cam-bn-stats)",
@@ -187,16 +188,16 @@ def staged_step(s: Setup, stage) -> None:
     with torch.no_grad(), pipeline.label_precision(images.device.type):
         with stage("multi-scale CAM"), pipeline.label_precision(images.device.type, cfg.cam_bf16):
             forward_cams = out.cams.detach() if cfg.reuse_forward_cam else None
-            cams, affinity = multi_scale_cam(s.model, images, cfg.cam_scales,
-                                             decoder_stats=cfg.cam_bn_stats, partial_affinity=True,
-                                             forward_cams=forward_cams)
+            cams, affinity = multi_scale_cam_partial_affinity(s.model, images, cfg.cam_scales,
+                                                              decoder_stats=cfg.cam_bn_stats,
+                                                              forward_cams=forward_cams)
             cams, affinity = cams.float(), affinity.float()
         with stage("CAM label"):
             cam_to_label(cams, cls_labels, low=cfg.low, high=cfg.high, valid_box=box)
         with stage("PAR label"):
             pixels = pipeline.denormalize(images.float())
-            par_label = refine_cams_with_par(s.par, pixels, cams, cls_labels, low=cfg.low,
-                                             high=cfg.high, valid_box=box)
+            par_label = refine_cams_with_par_packed(s.par, pixels, cams, cls_labels, low=cfg.low,
+                                                    high=cfg.high, valid_box=box)
         with stage("random walk"):
             walked = [pipeline.random_walk_cams(cams, affinity, cls_labels, max(cfg.cam_scales),
                                                 t, cfg.radius) for t in (cfg.low, cfg.high)]

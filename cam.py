@@ -9,9 +9,10 @@ is passed in.
 
 As in the authors' release, the background is a constant score channel (t = 0.35 or t = 0.55), and
 each refined label combines a high- and a low-threshold result (high says background -> ignore;
-both say background -> background). The release refines the CAM label one image at a time; here
-all images go through PAR at once (the same labels, up to a few near-tied pixels). The release
-fails on a valid box thinner than the PAR downsampling factor; here such a box is labelled.
+both say background -> background). The CAM label is refined one image at a time, as in the
+release; training runs all images through PAR at once (`refine_cams_with_par_packed`, the same
+labels). The release fails on a valid box thinner than the PAR downsampling factor; here such a
+box is labelled.
 
 Symbols: B batch, C classes incl. background, K kept channels, H×W crop, h×w a CAM grid,
 N = h·w tokens.
@@ -102,8 +103,7 @@ def _check_down_scale(down_scale, H, W):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None,
-                    partial_affinity=False, forward_cams=None):
+def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None):
     """Multi-scale, flip-augmented CAMs normalised to [0, 1], and the affinity at the largest scale.
 
     images (B, 3, H, W); `model.cam(x)` must return (cams (2B, C-1, h, w) before ReLU, affinity
@@ -117,54 +117,32 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None
     `model.cam(x, decoder_stats=...)` (AFANet's: in train mode, whether the decoder's BatchNorm
     statistics see each CAM pass, as in the release; False is faster).
 
-    Two faster ways to the same result (see `_fast_scale_pass`), off by default:
-    partial_affinity: the model's `cam` takes `num_affinity` (AFANet's does) and is asked for the
-    affinity of the un-flipped images at the largest scale only — the same values up to float
-    rounding (~1e-6), without computing affinities that are thrown away.
-    forward_cams: (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the caller
-    already has (the training forward's `cams`); the scale-1.0 pass then runs on the mirrored images
-    only. Equal in eval mode; in train mode the forward drew its own stochastic-depth masks, and
-    the decoder's BatchNorm sees the mirrors alone at that scale, so the numbers change. Not used
-    when scale 1.0 is the largest (its affinity is needed).
-
+    Training uses the faster `multi_scale_cam_partial_affinity` below (the same values).
     The authors' release always evaluates scale 1.0, even when it is not among `scales`; here the
     given scales are used as they are (identical for the default scales).
     """
+    B, H, W, scales = _check_multi_scale(images, scales)
+    options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
+    cams, affinity = 0, None
+    for s in scales:
+        scaled = _resize(images, s)  # (B, 3, sH, sW)
+        both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
+        scale_cams, scale_affinity = model.cam(both, **options)  # (2B, C-1, h, w), (2B, N, N)
+        if s == max(scales) and affinity is None:
+            affinity = scale_affinity[:B]  # (B, N, N), the un-flipped images
+        del scale_affinity  # at (2B, N, N) it may be large; free it before the next scale
+        cams = cams + _flip_max(scale_cams, B, H, W)  # (B, C-1, H, W)
+    return _normalise(cams), affinity
+
+
+def _check_multi_scale(images, scales):
+    """Checks the multi-scale CAM's arguments; returns B, H, W and the scales as a tuple."""
     _check_4d("images", images, "(B, 3, H, W)")
     scales = tuple(scales)
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
     B, _, H, W = images.shape
-    if forward_cams is not None:
-        _check_4d("forward_cams", forward_cams, "(B, C-1, h, w)")
-        if forward_cams.shape[0] != B:
-            raise ValueError(f"forward_cams must be (B, C-1, h, w) with B = {B}, got {tuple(forward_cams.shape)}")
-    options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
-    largest = max(scales)
-
-    cams, affinity = 0, None
-    for s in scales:
-        scaled = _resize(images, s)  # (B, 3, sH, sW)
-        keep_affinity = s == largest and affinity is None
-        if partial_affinity or forward_cams is not None:
-            scale_cams, scale_affinity = _fast_scale_pass(model, scaled, s, keep_affinity, options,
-                                                          partial_affinity, forward_cams)
-        else:
-            both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
-            scale_cams, scale_affinity = model.cam(both, **options)  # (2B, C-1, h, w), (2B, N, N)
-        if scale_cams.dim() != 4 or scale_cams.shape[0] != 2 * B:
-            raise ValueError(
-                f"model.cam must return cams (2B, C-1, h, w) with 2B = {2 * B}, got {tuple(scale_cams.shape)}"
-            )
-        if keep_affinity:
-            affinity = scale_affinity[:B]  # (B, N, N), the un-flipped images
-        del scale_affinity  # at (2B, N, N) it may be large; free it before the next scale
-        scale_cams = F.interpolate(scale_cams, size=(H, W), mode="bilinear", align_corners=False)  # (2B, C-1, H, W)
-        # max(CAM, un-flipped CAM of the mirrored image), then ReLU
-        cams = cams + torch.maximum(scale_cams[:B], scale_cams[B:].flip(-1)).relu()  # (B, C-1, H, W)
-    cams = cams - cams.amin(dim=(2, 3), keepdim=True)  # per image and class: subtract the min ...
-    cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + CAM_NORM_EPS)  # ... divide by the max (+ eps)
-    return cams, affinity
+    return B, H, W, scales
 
 
 def _resize(images, s):
@@ -178,29 +156,64 @@ def _resize(images, s):
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)  # (B, 3, sH, sW)
 
 
-def _fast_scale_pass(model, scaled, s, keep_affinity, options, partial_affinity, forward_cams):
-    """One scale of `multi_scale_cam`, faster: (cams (2B, C-1, h, w), affinity (B, N, N) or None).
+def _flip_max(scale_cams, B, H, W):
+    """One scale's CAMs of the images and their mirrors, (2B, C-1, h, w) -> (B, C-1, H, W):
+    upsampled to H × W, max(CAM, un-flipped CAM of the mirrored image), then ReLU."""
+    if scale_cams.dim() != 4 or scale_cams.shape[0] != 2 * B:
+        raise ValueError(
+            f"model.cam must return cams (2B, C-1, h, w) with 2B = {2 * B}, got {tuple(scale_cams.shape)}"
+        )
+    scale_cams = F.interpolate(scale_cams, size=(H, W), mode="bilinear", align_corners=False)  # (2B, C-1, H, W)
+    return torch.maximum(scale_cams[:B], scale_cams[B:].flip(-1)).relu()  # (B, C-1, H, W)
 
-    The plain pass is `model.cam(cat(scaled, mirrored))`, whose affinity is used only at the largest
-    scale and only for the un-flipped half, so returning just that part changes nothing.
+
+def _normalise(cams):
+    """Per image and class: subtract the min, divide by the max (+ eps). (B, C-1, H, W)."""
+    cams = cams - cams.amin(dim=(2, 3), keepdim=True)
+    return cams / (cams.amax(dim=(2, 3), keepdim=True) + CAM_NORM_EPS)
+
+
+# ---- speed paths: same numbers, less work -----------------------------------------------------
+
+@torch.no_grad()
+def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None,
+                                     forward_cams=None):
+    """`multi_scale_cam`, asking `model.cam_with_partial_affinity(x, n)` (AFANet's) for the
+    affinity of the un-flipped images at the largest scale only, n = 0 at the other scales: the
+    plain pass uses no other affinity, so the same values up to float rounding (~1e-6), without
+    computing affinities that are thrown away. Same arguments and returns, and:
+
+    forward_cams: (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the caller
+    already has (the training forward's `cams`); the scale-1.0 pass then runs on the mirrored images
+    only. Equal in eval mode; in train mode the forward drew its own stochastic-depth masks, and
+    the decoder's BatchNorm sees the mirrors alone at that scale, so the numbers change. Not used
+    when scale 1.0 is the largest (its affinity is needed).
     """
-    B = scaled.shape[0]
-    if forward_cams is not None and s == 1.0 and not keep_affinity:
-        # The forward's CAMs are the un-flipped half of this pass (exactly so in eval mode).
-        mirrored = scaled.flip(-1)  # (B, 3, H, W)
-        if partial_affinity:
-            mirrored_cams, _ = model.cam(mirrored, num_affinity=0, **options)  # (B, C-1, h, w)
+    B, H, W, scales = _check_multi_scale(images, scales)
+    if forward_cams is not None:
+        _check_4d("forward_cams", forward_cams, "(B, C-1, h, w)")
+        if forward_cams.shape[0] != B:
+            raise ValueError(f"forward_cams must be (B, C-1, h, w) with B = {B}, got {tuple(forward_cams.shape)}")
+    options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
+    cams, affinity = 0, None
+    for s in scales:
+        scaled = _resize(images, s)  # (B, 3, sH, sW)
+        keep_affinity = s == max(scales) and affinity is None
+        if forward_cams is not None and s == 1.0 and not keep_affinity:
+            # The forward's CAMs are the un-flipped half of this pass (exactly so in eval mode).
+            mirrored_cams, _ = model.cam_with_partial_affinity(scaled.flip(-1), 0, **options)  # (B, C-1, h, w)
+            if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
+                raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
+                                 f"got {tuple(forward_cams.shape)}")
+            scale_cams = torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams])  # (2B, C-1, h, w)
         else:
-            mirrored_cams, _ = model.cam(mirrored, **options)  # (B, C-1, h, w)
-        if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
-            raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
-                             f"got {tuple(forward_cams.shape)}")
-        return torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams]), None  # (2B, C-1, h, w)
-    both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW)
-    if partial_affinity:
-        # AFANet.cam(num_affinity=n): the affinity of the first n images only, from the factored logits.
-        return model.cam(both, num_affinity=B if keep_affinity else 0, **options)  # (2B, C-1, h, w), (n, N, N)
-    return model.cam(both, **options)  # (2B, C-1, h, w), (2B, N, N)
+            both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
+            scale_cams, scale_affinity = model.cam_with_partial_affinity(
+                both, B if keep_affinity else 0, **options)  # (2B, C-1, h, w), (B or 0, N, N)
+            if keep_affinity:
+                affinity = scale_affinity  # (B, N, N), the un-flipped images
+        cams = cams + _flip_max(scale_cams, B, H, W)  # (B, C-1, H, W)
+    return _normalise(cams), affinity
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,32 +250,76 @@ def refine_cams_with_par(par, images, cams, cls_labels, low=0.35, high=0.55, val
                          down_scale=2, ignore_index=255):
     """PAR-refined CAM label (B, H, W) int64 from images (B, 3, H, W) and cams (B, C-1, H, W).
 
-    For t in (high, low): prepend a background channel of value t; downsample it and the image by
-    `down_scale`; softmax over background + present classes; PAR; upsample to H × W; arg-max. The
-    two results combine as in `_combine_high_low`; pixels outside valid_box (B, 4) -> ignore.
+    Per image, for t in (high, low): prepend a background channel of value t to the CAMs of the
+    present classes; downsample it and the image by `down_scale`; softmax over background +
+    present classes; PAR; upsample to H × W; arg-max. The two results combine as in
+    `_combine_high_low`; pixels outside valid_box (B, 4) -> ignore. Both thresholds go through
+    one PAR call, stacked along the channels, so the image kernel is computed once.
 
-    Batched over images: each image keeps K = 1 + max_b(#present classes) channels, the present
-    ones in class order and padding slots set to probability 0 (PAR is linear per channel, so they
-    stay 0 and never win the arg-max). Both thresholds go through one PAR call, stacked along the
-    channels, so the image kernel is computed once.
+    Training uses the faster `refine_cams_with_par_packed` below (the same labels).
     """
+    B, H, W, inside_box = _check_refine(images, cams, cls_labels, valid_box, down_scale)
+    small_images, small_cams, small_background = _downsample_for_par(images, cams, high, low, down_scale)
+    h, w = small_cams.shape[-2:]
+    present = _with_background(cls_labels)  # (B, C)
+
+    label = torch.empty(B, 2, H, W, dtype=torch.long, device=cams.device)  # (B, 2, H, W): high, low
+    for b in range(B):
+        keys = present[b].nonzero()[:, 0]  # (K,) background + present class ids, in order
+        K = keys.numel()
+        foreground = small_cams[b, keys[1:] - 1]  # (K-1, h, w), class k is CAM channel k - 1
+        logits = torch.stack([torch.cat([small_background[0, i:i + 1], foreground])  # (K, h, w)
+                              for i in range(2)])  # (2, K, h, w), 0: high, 1: low
+        probs = logits.softmax(dim=1).view(1, 2 * K, h, w)  # (1, 2K, h, w)
+        refined = par(small_images[b:b + 1], probs)  # (1, 2K, h, w)
+        refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)  # (1, 2K, H, W)
+        label[b] = keys[_argmax(refined.view(2, K, H, W), dim=1)]  # (2, H, W) class ids
+    label_high, label_low = label.unbind(dim=1)  # (B, H, W) each
+    return _combine_high_low(label_high, label_low, inside_box, ignore_index)
+
+
+def _check_refine(images, cams, cls_labels, valid_box, down_scale):
+    """Checks the arguments of the CAM-label refinement; returns B, H, W and the valid-box mask
+    (B, H, W)."""
     _check_4d("images", images, "(B, 3, H, W)")
     _check_4d("cams", cams, "(B, C-1, H, W)")
     B, _, H, W = images.shape
     if cams.shape[0] != B or cams.shape[-2:] != (H, W):
         raise ValueError(f"cams must be (B, C-1, H, W) = ({B}, C-1, {H}, {W}), got {tuple(cams.shape)}")
-    num_foreground = cams.shape[1]
-    _check_cls_labels(cls_labels, B, num_foreground)
+    _check_cls_labels(cls_labels, B, cams.shape[1])
     _check_down_scale(down_scale, H, W)
-    inside_box = _box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
-    h, w = H // down_scale, W // down_scale
+    return B, H, W, _box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
 
+
+def _downsample_for_par(images, cams, high, low, down_scale):
+    """PAR's inputs at 1/down_scale: images (B, 3, h, w), cams (B, C-1, h, w) and the two constant
+    background planes (1, 2, h, w) of values high and low, all bilinear."""
+    H, W = images.shape[-2:]
+    h, w = H // down_scale, W // down_scale
     small_images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)  # (B, 3, h, w)
     small_cams = F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)  # (B, C-1, h, w)
     # The constant background planes are resized too (not just set to t) so that they carry the
     # same rounding as the release's, which resizes them together with the CAMs.
     background = cams.new_tensor([high, low]).view(1, 2, 1, 1).expand(1, 2, H, W)  # (1, 2, H, W)
     small_background = F.interpolate(background, size=(h, w), mode="bilinear", align_corners=False)  # (1, 2, h, w)
+    return small_images, small_cams, small_background
+
+
+# ---- speed paths: same numbers, less work -----------------------------------------------------
+
+@torch.no_grad()
+def refine_cams_with_par_packed(par, images, cams, cls_labels, low=0.35, high=0.55, valid_box=None,
+                                down_scale=2, ignore_index=255):
+    """`refine_cams_with_par` for all images in one PAR call: the same arguments and labels.
+
+    Each image keeps K = 1 + max_b(#present classes) channel slots, its present classes first in
+    class order, the padding slots set to probability 0 (a softmax logit of −∞). PAR is linear per
+    channel, so padding stays 0 and never wins the arg-max, and each image's present channels
+    are refined as in the loop of `refine_cams_with_par`: the same labels.
+    """
+    B, H, W, inside_box = _check_refine(images, cams, cls_labels, valid_box, down_scale)
+    small_images, small_cams, small_background = _downsample_for_par(images, cams, high, low, down_scale)
+    h, w = small_cams.shape[-2:]
 
     # Pack background + present classes into K slots: stable sort puts present classes first, in order.
     present = _with_background(cls_labels)  # (B, C)

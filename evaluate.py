@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from cam import cam_to_label, multi_scale_cam, refine_cams_with_par
+from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed
 from metrics import confusion_matrix, scores_table, segmentation_scores
 from model import BACKBONES, AFANet
 from par import PAR
@@ -249,15 +249,15 @@ def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: 
     B, _, H, W = images.shape
     whole = torch.tensor([[0, H, 0, W]], device=images.device).expand(B, 4)  # (B, 4) valid box
     cam_model = AttentionAsAffinity(model) if propagate_with == "attention" else model
-    cams, affinity = multi_scale_cam(cam_model, images, cam_scales,
-                                     partial_affinity=True)              # (B, C-1, H, W), (B, N, N)
+    cams, affinity = multi_scale_cam_partial_affinity(cam_model, images,
+                                                      cam_scales)  # (B, C-1, H, W), (B, N, N)
     cams, affinity = cams.float(), affinity.float()
     pixels = denormalize(images.float())                                  # (B, 3, H, W) in [0, 1]
     largest = max(cam_scales)
     return {
         "cam": cam_to_label(cams, cls_labels, bkg_score=bkg_score),
-        "cam_par": refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
-                                        valid_box=whole),
+        "cam_par": refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=low, high=high,
+                                               valid_box=whole),
         "afa": random_walk_cams(cams, affinity, cls_labels, largest, low, radius).argmax(1),
         "afa_par": afa_pseudo_label(par, pixels, cams, affinity, cls_labels, whole, largest,
                                     low, high, radius),

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from cam import cam_to_label, multi_scale_cam
+from cam import cam_to_label, multi_scale_cam_partial_affinity
 from data import IGNORE_INDEX
 from pipeline import attention_affinity_of, random_walk_cams, upsample
 
@@ -111,7 +111,7 @@ def validation_labels(model, images: torch.Tensor, cls_labels: torch.Tensor,
     H, W = images.shape[-2:]
     out = model(images)                                                    # scale 1.0, eval mode
     seg = upsample(out.seg_logits, (H, W)).argmax(1)                       # (B, H, W)
-    cams, _ = multi_scale_cam(model, images, scales, partial_affinity=True)  # (B, C-1, H, W)
+    cams, _ = multi_scale_cam_partial_affinity(model, images, scales)      # (B, C-1, H, W)
     cams = cams.float()
     cam_label = cam_to_label(cams, cls_labels, bkg_score=bkg_score)        # (B, H, W)
     affinity = out.affinity if propagate_with == "affinity" else attention_affinity_of(model, images)

@@ -110,21 +110,15 @@ class Attention(nn.Module):
             # the release builds this one with the PyTorch default eps, unlike the block norms
             self.norm = nn.LayerNorm(dim, eps=PATCH_NORM_EPS)
 
-    def forward(self, x, H, W, return_logits=True, factored_images=None):
+    def forward(self, x, H, W):
         """x (B, N_q, C) on an H×W grid -> (out (B, N_q, C), logits (B, nh, N_q, N_kv)).
 
         out = proj(softmax(q·kᵀ/√d)·v) per head; the logits q·kᵀ are returned unscaled and before
         softmax. The release returns, for sr_ratio > 1, the logits average-pooled over the query
         grid to (B, nh, N_kv, N_kv); here they are returned in full, (B, nh, N_q, N_kv). AFA uses
         only stage-4 blocks, where sr_ratio = 1 and both agree.
-
-        Where the logits are not needed whole, `forward_fused` gives the same output faster:
-        `return_logits=False` returns None in their place; `factored_images` = n returns the logits
-        of the first n images as their factors (q, k) (see `forward_fused`).
         """
         q, k, v = self.queries_keys_values(x, H, W)  # (B, nh, N_q, d), (B, nh, N_kv, d), (B, nh, N_kv, d)
-        if not return_logits or factored_images is not None:
-            return self.forward_fused(q, k, v, factored_images if return_logits else None)
         logits = q @ k.transpose(-2, -1)  # (B, nh, N_q, N_kv), q·kᵀ
         attn = (logits * self.scale).softmax(dim=-1)  # softmax(q·kᵀ/√d)
         out = attn @ v  # (B, nh, N_q, d)
@@ -149,17 +143,21 @@ class Attention(nn.Module):
         B, nh, N, d = out.shape
         return self.proj(out.transpose(1, 2).reshape(B, N, nh * d))  # (B, N_q, C)
 
-    def forward_fused(self, q, k, v, factored_images=None):
-        """`forward` from q (B, nh, N_q, d), k, v (B, nh, N_kv, d) without forming the logits:
-        PyTorch's fused kernel computes softmax(q·kᵀ/√d)·v with the same 1/√d scale, so the output
-        is the same up to float rounding. Returns (out (B, N_q, C), None), or with
-        `factored_images` = n, (out, (q[:n] (n, nh, N_q, d), k[:n] (n, nh, N_kv, d))), the
-        logits of the first n images as factors, logits = q·kᵀ.
-        """
-        out = self.merge_heads(F.scaled_dot_product_attention(q, k, v))  # (B, N_q, C)
-        if factored_images is None:
-            return out, None
-        return out, (q[:factored_images], k[:factored_images])
+    # ---- speed paths: same numbers, less work ------------------------------------------------
+
+    def forward_fused(self, x, H, W):
+        """`forward`'s out (B, N_q, C) alone, by PyTorch's fused kernel, which computes
+        softmax(q·kᵀ/√d)·v with the same 1/√d scale without forming the logits: the same output
+        up to float rounding."""
+        q, k, v = self.queries_keys_values(x, H, W)  # (B, nh, N_q, d), (B, nh, N_kv, d), (B, nh, N_kv, d)
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v))  # (B, N_q, C)
+
+    def forward_factored(self, x, H, W):
+        """`forward` with the logits as their factors: (out (B, N_q, C), q (B, nh, N_q, d),
+        k (B, nh, N_kv, d)), logits = q·kᵀ. The out of `forward_fused`, and q, k are the very
+        tensors `forward` multiplies, so q·kᵀ gives its logits."""
+        q, k, v = self.queries_keys_values(x, H, W)  # (B, nh, N_q, d), (B, nh, N_kv, d), (B, nh, N_kv, d)
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v)), q, k  # (B, N_q, C), q, k
 
 
 class DWConv(nn.Module):
@@ -200,13 +198,26 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.mlp = MixFFN(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, H, W, return_logits=True, factored_images=None):
-        """x (B, N, C) -> (x (B, N, C), attention logits (B, nh, N, N_kv) or None); see Attention."""
-        attn_out, logits = self.attn(self.norm1(x), H, W, return_logits=return_logits,
-                                     factored_images=factored_images)
-        x = x + self.drop_path(attn_out)
-        x = x + self.drop_path(self.mlp(self.norm2(x), H, W))
-        return x, logits
+    def forward(self, x, H, W):
+        """x (B, N, C) -> (x (B, N, C), attention logits (B, nh, N, N_kv)); see Attention."""
+        attn_out, logits = self.attn(self.norm1(x), H, W)  # (B, N, C), (B, nh, N, N_kv)
+        return self.mlp_residual(x + self.drop_path(attn_out), H, W), logits
+
+    def mlp_residual(self, x, H, W):
+        """The block's second half: x (B, N, C) -> x + MixFFN(LN(x))."""
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+    # ---- speed paths: same numbers, less work ------------------------------------------------
+
+    def forward_fused(self, x, H, W):
+        """`forward`'s x (B, N, C) alone, through `Attention.forward_fused` (the same output)."""
+        return self.mlp_residual(x + self.drop_path(self.attn.forward_fused(self.norm1(x), H, W)), H, W)
+
+    def forward_factored(self, x, H, W):
+        """`forward` with the logits as factors: (x (B, N, C), q (B, nh, N, d), k (B, nh, N_kv, d)),
+        logits = q·kᵀ, through `Attention.forward_factored` (the same values)."""
+        attn_out, q, k = self.attn.forward_factored(self.norm1(x), H, W)  # (B, N, C), q, k
+        return self.mlp_residual(x + self.drop_path(attn_out), H, W), q, k
 
 
 class MixTransformer(nn.Module):
@@ -256,18 +267,34 @@ class MixTransformer(nn.Module):
         return [(getattr(self, f"patch_embed{s}"), getattr(self, f"block{s}"), getattr(self, f"norm{s}"))
                 for s in range(1, len(self.embed_dims) + 1)]
 
-    def forward(self, x, num_attn=None, factored_images=None):
+    def forward(self, x, num_attn=None):
         """x (B, in_chans, H, W) -> (features, attn_logits).
 
         features: 4 maps (B, C_i, H_i, W_i). attn_logits: the pre-softmax, unscaled logits q·kᵀ
         (B, nh, N_q, N_kv), one per block in order — of all blocks when `num_attn` is None, of the
-        last `num_attn` blocks otherwise (the others then run the fused attention kernel, which
-        gives the same outputs faster; AFA needs only the last two). With `factored_images` = n,
-        every block runs the fused kernel and the entries are the logits of the first n images in
-        factored form, pairs (q (n, nh, N_q, d), k (n, nh, N_kv, d)) with logits = q·kᵀ: the
-        multi-scale CAM needs the affinity of the un-flipped half of its batch only, and the
-        AFA head computes it from the factors without forming the N × N maps.
+        last `num_attn` blocks otherwise (the others then run `Block.forward_fused`, which gives
+        the same outputs faster; AFA needs only the last two).
         """
+        first_logit_block = self._first_logit_block(x, num_attn)
+        B = x.shape[0]
+        features, attn_logits = [], []
+        block_index = 0
+        for patch_embed, blocks, norm in self.stages():
+            x, H, W = patch_embed(x)  # (B, N_i, C_i), N_i = H_i·W_i
+            for block in blocks:
+                if block_index >= first_logit_block:
+                    x, logits = block(x, H, W)  # (B, N_i, C_i), (B, nh, N_i, N_kv)
+                    attn_logits.append(logits)
+                else:
+                    x = block.forward_fused(x, H, W)  # (B, N_i, C_i)
+                block_index += 1
+            x = norm(x)
+            x = x.transpose(1, 2).reshape(B, -1, H, W)  # (B, C_i, H_i, W_i)
+            features.append(x)
+        return features, attn_logits
+
+    def _first_logit_block(self, x, num_attn):
+        """The index of the first block whose logits `num_attn` asks for; checks x and num_attn."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         num_blocks = sum(self.depths)
@@ -275,25 +302,36 @@ class MixTransformer(nn.Module):
             num_attn = num_blocks
         if not 0 <= num_attn <= num_blocks:
             raise ValueError(f"num_attn must be in [0, {num_blocks}] or None, got {num_attn}")
-        if factored_images is not None and not 0 <= factored_images <= x.shape[0]:
-            raise ValueError(f"factored_images must be in [0, {x.shape[0]}] or None, got {factored_images}")
-        first_logit_block = num_blocks - num_attn
+        return num_blocks - num_attn
 
+    # ---- speed paths: same numbers, less work ------------------------------------------------
+
+    def forward_factored(self, x, num_attn):
+        """`forward` with the logits in factored form: x (B, in_chans, H, W) -> (features, queries,
+        keys), queries[i] (B, nh, N_q, d) and keys[i] (B, nh, N_kv, d) of the last `num_attn`
+        blocks, their logits = q·kᵀ. Every block runs the fused kernel (`Block.forward_fused`,
+        `Block.forward_factored`), so the features are `forward`'s and q, k the tensors whose
+        product is its logits: the AFA head reads the affinity off the factors without forming the
+        N × N maps (`AffinityHead.forward_factored`).
+        """
+        first_logit_block = self._first_logit_block(x, num_attn)
         B = x.shape[0]
-        features, attn_logits = [], []
+        features, queries, keys = [], [], []
         block_index = 0
         for patch_embed, blocks, norm in self.stages():
             x, H, W = patch_embed(x)  # (B, N_i, C_i), N_i = H_i·W_i
             for block in blocks:
-                want_logits = block_index >= first_logit_block
-                x, logits = block(x, H, W, return_logits=want_logits, factored_images=factored_images)
-                if want_logits:
-                    attn_logits.append(logits)
+                if block_index >= first_logit_block:
+                    x, q, k = block.forward_factored(x, H, W)  # (B, N_i, C_i), q, k
+                    queries.append(q)
+                    keys.append(k)
+                else:
+                    x = block.forward_fused(x, H, W)  # (B, N_i, C_i)
                 block_index += 1
             x = norm(x)
             x = x.transpose(1, 2).reshape(B, -1, H, W)  # (B, C_i, H_i, W_i)
             features.append(x)
-        return features, attn_logits
+        return features, queries, keys
 
 
 def mit(name, strides=(4, 2, 2, 1), **kwargs):
@@ -385,10 +423,16 @@ class SegFormerHead(nn.Module):
         """Run the decoder on features (4 maps (B, C_i, H_i, W_i)) up to and including its
         BatchNorm, for the side effect alone: in train mode the BatchNorm's running mean and
         variance take this batch in, as a full `forward` would (what follows the BatchNorm, ReLU,
-        Dropout2d and the last conv, cannot change them). Returns nothing.
+        Dropout2d and the last conv, cannot change them). Returns nothing."""
+        self.linear_fuse.bn(self.linear_fuse.conv(self.embed(features)))  # (B, embed_dim, H_1, W_1), discarded
 
-        The BatchNorm's input is `linear_fuse.conv(embed(features))`, computed the cheaper way of
-        `fused_by_stage` (the same up to float rounding)."""
+    # ---- speed paths: same numbers, less work ------------------------------------------------
+
+    @torch.no_grad()
+    def update_batchnorm_statistics_fused(self, features):
+        """`update_batchnorm_statistics`, the BatchNorm's input computed by `fused_by_stage`, which
+        equals `linear_fuse.conv(embed(features))` up to float rounding without the
+        4·embed_dim-channel map at stride 4. Returns nothing."""
         self.linear_fuse.bn(self.fused_by_stage(features))  # (B, embed_dim, H_1, W_1), discarded
 
     def fused_by_stage(self, features):
@@ -460,20 +504,17 @@ class AFANet(nn.Module):
         self.decoder = SegFormerHead(embed_dims, num_classes, embed_dim=decoder_dim)
         self.affinity_head = AffinityHead(afa_blocks * self.encoder.num_heads[-1])
 
-    def _affinity(self, attn_logits):
-        # the head takes the blocks' logits as a list: (B, afa_blocks·nh, N, N) once concatenated
-        return self.affinity_head(attn_logits[-self.afa_blocks:])  # (B, N, N)
-
     def forward(self, x):
         """x (B, 3, H, W) -> AFAOutput(cls_logits, seg_logits, affinity, cams)."""
-        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks)
+        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks)  # each (B, nh, N, N)
         top = features[-1]  # (B, C_4, h, w)
         pooled = F.adaptive_max_pool2d(top, 1)  # (B, C_4, 1, 1), global max pooling
         cls_logits = self.classifier(pooled).flatten(1)  # (B, C−1)
+        affinity = self.affinity_head(torch.cat(attn_logits, dim=1))  # (B, afa_blocks·nh, N, N) -> (B, N, N)
         return AFAOutput(cls_logits=cls_logits, seg_logits=self.decoder(features),
-                         affinity=self._affinity(attn_logits), cams=self.classifier(top))
+                         affinity=affinity, cams=self.classifier(top))
 
-    def cam(self, x, *, num_affinity=None, decoder_stats=True):
+    def cam(self, x, *, decoder_stats=True):
         """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, affinity (B, N, N)).
 
         The classifier on the un-pooled stage-4 features, and the affinity exactly as in `forward`.
@@ -485,35 +526,41 @@ class AFANet(nn.Module):
         pass updates those statistics, and the eval-mode segmentation depends on it; the running
         statistics after this call equal those after a full decoder pass. False skips it (faster,
         other statistics). In eval mode nothing is updated either way.
-
-        num_affinity: None for the affinity of all B images; n for that of the first n images only,
-        the fast way: every block runs the fused attention kernel and the AFA head works on the
-        factors q, k of the logits instead of n × afa_blocks·nh maps of N × N (the same values up
-        to float rounding, ~1e-6); n = 0 skips the AFA head. The multi-scale CAM needs the affinity
-        at one scale, of the un-flipped half of its batch, only.
         """
-        if num_affinity is None:
-            features, attn_logits = self.encoder(x, num_attn=self.afa_blocks)
-            affinity = self._affinity(attn_logits)  # (B, N, N)
-        else:
-            features, affinity = self._encode_with_partial_affinity(x, num_affinity)  # affinity (n, N, N)
+        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks)  # each (B, nh, N, N)
+        affinity = self.affinity_head(torch.cat(attn_logits, dim=1))  # (B, afa_blocks·nh, N, N) -> (B, N, N)
         if decoder_stats and self.training:
             self.decoder.update_batchnorm_statistics(features)
-        return self.classifier(features[-1]), affinity  # (B, C−1, h, w), (B or n, N, N)
+        return self.classifier(features[-1]), affinity  # (B, C−1, h, w), (B, N, N)
 
-    def _encode_with_partial_affinity(self, x, num_affinity):
-        """The encoder's features for x (B, 3, H, W) and the affinity (n, N, N) of its first n =
-        num_affinity images: the fused attention kernel in every block, the AFA head on the factored
-        logits (`AffinityHead.forward_factored`); for n = 0 no logits at all."""
+    # ---- speed paths: same numbers, less work ------------------------------------------------
+
+    def cam_with_partial_affinity(self, x, num_affinity, *, decoder_stats=True):
+        """`cam` with the affinity of the first n = num_affinity images only: x (B, 3, H, W) ->
+        (cams (B, C−1, h, w), affinity (n, N, N)); n = 0 skips the AFA head.
+
+        The multi-scale CAM needs the affinity at one scale, of the un-flipped half of its batch,
+        only. Every block runs the fused attention kernel and the AFA head works on the factors
+        q, k of the logits (`encoder.forward_factored`, `AffinityHead.forward_factored`) instead of
+        n × afa_blocks·nh maps of N × N, and the decoder statistics take the fused input
+        (`update_batchnorm_statistics_fused`): the same values as `cam`'s first n up to float
+        rounding (~1e-6).
+        """
         B = x.shape[0]
         if not 0 <= num_affinity <= B:
-            raise ValueError(f"num_affinity must be in [0, {B}] or None, got {num_affinity}")
+            raise ValueError(f"num_affinity must be in [0, {B}], got {num_affinity}")
         if num_affinity == 0:
             features, _ = self.encoder(x, num_attn=0)
             h, w = features[-1].shape[-2:]
-            return features, features[-1].new_zeros(0, h * w, h * w)  # (0, N, N)
-        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks, factored_images=num_affinity)
-        return features, self._affinity(attn_logits)  # (n, N, N)
+            affinity = features[-1].new_zeros(0, h * w, h * w)  # (0, N, N)
+        else:
+            features, queries, keys = self.encoder.forward_factored(x, self.afa_blocks)  # (B, nh, N, d) each
+            n = num_affinity
+            affinity = self.affinity_head.forward_factored([q[:n] for q in queries],
+                                                           [k[:n] for k in keys])  # (n, N, N)
+        if decoder_stats and self.training:
+            self.decoder.update_batchnorm_statistics_fused(features)
+        return self.classifier(features[-1]), affinity  # (B, C−1, h, w), (n, N, N)
 
     def param_groups(self):
         """Parameters by learning-rate group (paper §4.1; the groups of the release): "encoder"

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from attention_affinity import affinity_labels, window_mask
-from cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par
+from cam import (cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed,
+                 refine_propagated_with_par)
 from crf_loss import DenseCRFLoss
 from data import IMAGENET_MEAN, IMAGENET_STD
 from random_walk import propagate
@@ -77,9 +78,10 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
                        forward_cams: torch.Tensor | None = None) -> PseudoLabels:
     """The step's pseudo labels for images (B, 3, H, W) with cls_labels (B, C-1), valid_box (B, 4).
 
-    `model` has the `cam(x)` of `multi_scale_cam` and runs in the mode it is in (in training,
+    `model` has the `cam_with_partial_affinity(x, n)` of `multi_scale_cam_partial_affinity` (the
+    fast path of the multi-scale CAM, the same values) and runs in the mode it is in (in training,
     train mode: stochastic depth is active and, as in the release, the CAM passes update the
-    decoder's BatchNorm statistics; `decoder_stats=False` skips that, None leaves it to `cam`).
+    decoder's BatchNorm statistics; `decoder_stats=False` skips that, None leaves it to `model`).
     `forward_cams` (B, C-1, h, w): the training forward's CAMs, reused at scale 1.0 when given
     (faster; other stochastic-depth draws, so other numbers).
     need_par / need_afa / need_cam: which labels to make (the others are None): the PAR label,
@@ -94,16 +96,16 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
         # --- Stage 1: multi-scale CAM, affinity at the largest scale (paper §3.1) --------------
         cam_model = AttentionAsAffinity(model) if (need_afa and propagate_with == "attention") else model
         with label_precision(images.device.type, cam_bf16):
-            cams, affinity = multi_scale_cam(
-                cam_model, images, scales, decoder_stats=decoder_stats, partial_affinity=True,
+            cams, affinity = multi_scale_cam_partial_affinity(
+                cam_model, images, scales, decoder_stats=decoder_stats,
                 forward_cams=forward_cams)                                 # (B, C-1, H, W), (B, N, N)
         cams, affinity = cams.float(), affinity.float()
         cam_label = cam_to_label(cams, cls_labels, low=low, high=high,
                                  valid_box=valid_box) if need_cam else None  # (B, H, W)
         # --- Stage 2: the CAM label refined with PAR (paper §3.3) ------------------------------
         pixels = denormalize(images.float())                                # (B, 3, H, W) in [0, 1]
-        par_label = refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
-                                         valid_box=valid_box) if need_par else None  # (B, H, W)
+        par_label = refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=low, high=high,
+                                                valid_box=valid_box) if need_par else None  # (B, H, W)
         if not need_afa:
             return PseudoLabels(par_label, None, cam_label)
         # --- Stage 3: random walk with the learned affinity (or the MHSA maps), PAR (§3.2) ----
@@ -155,25 +157,26 @@ def attention_affinity_of(model, x: torch.Tensor) -> torch.Tensor:
 
 
 class AttentionAsAffinity:
-    """`model` with its `cam(x)` returning the MHSA maps (`mhsa_affinity`) where AFANet's returns
-    the learned affinity: what `multi_scale_cam` needs to give the attention of the un-flipped
-    images at the largest scale from the very pass that gives the CAMs (same stochastic-depth
-    draws, same decoder statistics as `AFANet.cam`)."""
+    """`model` with its `cam_with_partial_affinity(x, n)` returning the MHSA maps (`mhsa_affinity`)
+    where AFANet's returns the learned affinity: what `multi_scale_cam_partial_affinity` needs to
+    give the attention of the un-flipped images at the largest scale from the very pass that gives
+    the CAMs (same stochastic-depth draws, same decoder statistics as AFANet's)."""
 
     def __init__(self, model):
         self.model = model
 
-    def cam(self, x, *, num_affinity=None, decoder_stats=True):
+    def cam_with_partial_affinity(self, x, num_affinity, *, decoder_stats=True):
         model = self.model
-        n = x.shape[0] if num_affinity is None else num_affinity
+        n = num_affinity
         if n == 0:                          # no affinity asked: the model's own fast pass
-            return model.cam(x, num_affinity=0, decoder_stats=decoder_stats)
-        factored = None if n == x.shape[0] else n
-        features, attn = model.encoder(x, num_attn=model.afa_blocks, factored_images=factored)
-        if factored is not None:            # (q (n, nh, N, d), k (n, nh, N, d)) per block
-            attn = [q @ k.transpose(-2, -1) for q, k in attn]              # (n, nh, N, N) each
+            return model.cam_with_partial_affinity(x, 0, decoder_stats=decoder_stats)
+        if n == x.shape[0]:
+            features, attn = model.encoder(x, num_attn=model.afa_blocks)
+        else:                               # (q (B, nh, N, d), k (B, nh, N, d)) per block
+            features, queries, keys = model.encoder.forward_factored(x, model.afa_blocks)
+            attn = [q[:n] @ k[:n].transpose(-2, -1) for q, k in zip(queries, keys)]  # (n, nh, N, N) each
         if decoder_stats and model.training:
-            model.decoder.update_batchnorm_statistics(features)
+            model.decoder.update_batchnorm_statistics_fused(features)
         return model.classifier(features[-1]), mhsa_affinity(attn, head_dim_of(model))
 
 
@@ -185,7 +188,7 @@ def cam_statistics_passes(model, images: torch.Tensor, scales=(1.0, 0.5, 1.5),
     knows whether the labels are used, and each pass updates those statistics; this does the same
     passes (same stochastic-depth draws, same statistics) and keeps nothing else."""
     with label_precision(images.device.type, cam_bf16):
-        multi_scale_cam(model, images, scales, decoder_stats=True, partial_affinity=True)
+        multi_scale_cam_partial_affinity(model, images, scales, decoder_stats=True)
 
 
 def random_walk_cams(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: torch.Tensor,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-from cam import cam_to_label, multi_scale_cam, refine_cams_with_par
+from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed
 from pipeline import afa_pseudo_label, denormalize, random_walk_cams, token_grid, upsample
 
 IGNORE_INDEX = data.IGNORE_INDEX
@@ -218,13 +218,13 @@ def training_figure(model, par, dataset, indices, path: str, device, class_names
         cls_labels = sample["cls_labels"][None].to(device)                    # (1, C-1)
         H, W = image.shape[-2:]
         box = torch.tensor([[0, H, 0, W]], device=device)                     # (1, 4)
-        cams, affinity = multi_scale_cam(model, image, scales, partial_affinity=True)
+        cams, affinity = multi_scale_cam_partial_affinity(model, image, scales)
         cams, affinity = cams.float(), affinity.float()                   # (1, C-1, H, W), (1, N, N)
         pixels = denormalize(image)
         labels = [sample["label"].to(device),
                   cam_to_label(cams, cls_labels, bkg_score=bkg_score)[0],
-                  refine_cams_with_par(par, pixels, cams, cls_labels, low=low, high=high,
-                                       valid_box=box)[0],
+                  refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=low, high=high,
+                                              valid_box=box)[0],
                   afa_pseudo_label(par, pixels, cams, affinity, cls_labels, box, max(scales),
                                    low, high, radius)[0],
                   upsample(model(image).seg_logits, (H, W)).argmax(1)[0]]
@@ -345,8 +345,8 @@ def attention_figure(model, image: torch.Tensor, path: str, class_names,
     if not (0 <= y < H and 0 <= x_ < W):
         raise ValueError(f"pixel (y, x) = ({y}, {x_}) lies outside the {H}×{W} image")
 
-    cams, affinity = multi_scale_cam(model, x, cam_scales,
-                                     partial_affinity=True)             # (1, C-1, H, W), (1, N, N)
+    cams, affinity = multi_scale_cam_partial_affinity(model, x,
+                                                      cam_scales)       # (1, C-1, H, W), (1, N, N)
     largest = max(cam_scales)
     walked = random_walk_cams(cams.float(), affinity.float(), cls_labels, largest,
                               bkg_score, radius)                              # (1, C, H, W)

@@ -148,18 +148,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_logits=True, factored_images=None):
+    def forward(self, x):
         """x (B, T, D) -> (out (B, T, D), logits (B, nh, T, T)).
 
         out = proj(softmax(q·kᵀ/√d)·v) per head; the logits q·kᵀ are returned unscaled and before
-        softmax, as the MiT's `Attention.forward` returns them. Where the logits are not needed
-        whole, `forward_fused` gives the same output faster: `return_logits=False` returns None in
-        their place; `factored_images` = n returns the logits of the first n images as their
-        factors (q, k).
+        softmax, as the MiT's `Attention.forward` returns them.
         """
         q, k, v = self.queries_keys_values(x)  # each (B, nh, T, d)
-        if not return_logits or factored_images is not None:
-            return self.forward_fused(q, k, v, factored_images if return_logits else None)
         logits = q @ k.transpose(-2, -1)  # (B, nh, T, T), q·kᵀ
         attn = (logits * self.scale).softmax(dim=-1)  # softmax(q·kᵀ/√d)
         out = attn @ v  # (B, nh, T, d)
@@ -178,16 +173,21 @@ class Attention(nn.Module):
         B, nh, T, d = out.shape
         return self.proj(out.transpose(1, 2).reshape(B, T, nh * d))  # (B, T, D)
 
-    def forward_fused(self, q, k, v, factored_images=None):
-        """`forward` from q, k, v (B, nh, T, d) without forming the logits: PyTorch's fused kernel
-        computes softmax(q·kᵀ/√d)·v with the same 1/√d scale, so the output is the same up to
-        float rounding. Returns (out (B, T, D), None), or with `factored_images` = n,
-        (out, (q[:n], k[:n]) each (n, nh, T, d)), the logits of the first n images as factors.
-        """
-        out = self.merge_heads(F.scaled_dot_product_attention(q, k, v))  # (B, T, D)
-        if factored_images is None:
-            return out, None
-        return out, (q[:factored_images], k[:factored_images])
+    # ---- speed paths: same numbers, less work ------------------------------------------------
+
+    def forward_fused(self, x):
+        """`forward`'s out (B, T, D) alone, by PyTorch's fused kernel, which computes
+        softmax(q·kᵀ/√d)·v with the same 1/√d scale without forming the logits: the same output
+        up to float rounding."""
+        q, k, v = self.queries_keys_values(x)  # each (B, nh, T, d)
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v))  # (B, T, D)
+
+    def forward_factored(self, x):
+        """`forward` with the logits as their factors: (out (B, T, D), q, k (B, nh, T, d)),
+        logits = q·kᵀ. The out of `forward_fused`, and q, k are the very tensors `forward`
+        multiplies, so q·kᵀ gives its logits."""
+        q, k, v = self.queries_keys_values(x)  # each (B, nh, T, d)
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v)), q, k  # (B, T, D), q, k
 
 
 class Mlp(nn.Module):
@@ -214,13 +214,26 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, return_logits=True, factored_images=None):
-        """x (B, T, D) -> (x (B, T, D), attention logits (B, nh, T, T) or None); see Attention."""
-        attn_out, logits = self.attn(self.norm1(x), return_logits=return_logits,
-                                     factored_images=factored_images)
-        x = x + self.drop_path(attn_out)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x, logits
+    def forward(self, x):
+        """x (B, T, D) -> (x (B, T, D), attention logits (B, nh, T, T)); see Attention."""
+        attn_out, logits = self.attn(self.norm1(x))  # (B, T, D), (B, nh, T, T)
+        return self.mlp_residual(x + self.drop_path(attn_out)), logits
+
+    def mlp_residual(self, x):
+        """The block's second half: x (B, T, D) -> x + MLP(LN(x))."""
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    # ---- speed paths: same numbers, less work ------------------------------------------------
+
+    def forward_fused(self, x):
+        """`forward`'s x (B, T, D) alone, through `Attention.forward_fused` (the same output)."""
+        return self.mlp_residual(x + self.drop_path(self.attn.forward_fused(self.norm1(x))))
+
+    def forward_factored(self, x):
+        """`forward` with the logits as factors: (x (B, T, D), q, k (B, nh, T, d)), logits = q·kᵀ,
+        through `Attention.forward_factored` (the same values)."""
+        attn_out, q, k = self.attn.forward_factored(self.norm1(x))  # (B, T, D), q, k
+        return self.mlp_residual(x + self.drop_path(attn_out)), q, k
 
 
 def evenly_spaced_blocks(depth, count=NUM_FEATURES):
@@ -280,44 +293,71 @@ class VisionTransformer(nn.Module):
         """(1, 1 + h·w, D): the class token's embedding, then the patch grid's resampled to h × w."""
         return resample_position_embedding(self.pos_embed, self.grid_size, (h, w))
 
-    def forward(self, x, num_attn=None, factored_images=None):
+    def forward(self, x, num_attn=None):
         """x (B, in_chans, H, W) -> (features, attn_logits), as `MixTransformer.forward`.
 
         features: `len(feature_blocks)` maps (B, D, h, w), the patch tokens after those blocks
         through the final LayerNorm; h = ⌈H/16⌉, w = ⌈W/16⌉. attn_logits: the pre-softmax, unscaled
         logits q·kᵀ between patch tokens (B, nh, N, N), one per block in order — of all blocks when
-        `num_attn` is None, of the last `num_attn` otherwise (the others run the fused kernel). With
-        `factored_images` = n, every block runs the fused kernel and the entries are the patch
-        tokens' factors of the first n images, pairs (q (n, nh, N, d), k (n, nh, N, d)).
+        `num_attn` is None, of the last `num_attn` otherwise (the others run `Block.forward_fused`).
         """
+        first_logit_block = self._first_logit_block(x, num_attn)
+        B = x.shape[0]
+        x, h, w = self.embed(x)  # (B, T, D)
+        features, attn_logits = [], []
+        for index, block in enumerate(self.blocks):
+            if index >= first_logit_block:
+                x, logits = block(x)  # (B, T, D), (B, nh, T, T)
+                attn_logits.append(logits[:, :, 1:, 1:])  # (B, nh, N, N): patch tokens only
+            else:
+                x = block.forward_fused(x)  # (B, T, D)
+            if index in self.feature_blocks:
+                features.append(self.feature_map(x, h, w))  # (B, D, h, w)
+        return features, attn_logits
+
+    def _first_logit_block(self, x, num_attn):
+        """The index of the first block whose logits `num_attn` asks for; checks x and num_attn."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         if num_attn is None:
             num_attn = self.depth
         if not 0 <= num_attn <= self.depth:
             raise ValueError(f"num_attn must be in [0, {self.depth}] or None, got {num_attn}")
-        if factored_images is not None and not 0 <= factored_images <= x.shape[0]:
-            raise ValueError(f"factored_images must be in [0, {x.shape[0]}] or None, got {factored_images}")
-        first_logit_block = self.depth - num_attn
+        return self.depth - num_attn
 
+    def embed(self, x):
+        """x (B, in_chans, H, W) -> tokens (B, T, D) with the class token first and the position
+        embedding added, and the patch grid h, w."""
         B = x.shape[0]
         x, h, w = self.patch_embed(x)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, T, D), class token first
-        x = x + self.position_embedding(h, w)  # (B, T, D)
-        features, attn_logits = [], []
+        return x + self.position_embedding(h, w), h, w  # (B, T, D)
+
+    def feature_map(self, x, h, w):
+        """Tokens (B, T, D) -> the patch tokens through the final LayerNorm as a map (B, D, h, w)."""
+        tokens = self.norm(x)[:, 1:]  # (B, N, D)
+        return tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w)  # (B, D, h, w)
+
+    # ---- speed paths: same numbers, less work ------------------------------------------------
+
+    def forward_factored(self, x, num_attn):
+        """`forward` with the logits in factored form, as `MixTransformer.forward_factored`:
+        x (B, in_chans, H, W) -> (features, queries, keys), the patch tokens' q and k (B, nh, N, d)
+        of the last `num_attn` blocks, their logits = q·kᵀ. Every block runs the fused kernel, so
+        the features are `forward`'s and q·kᵀ its logits."""
+        first_logit_block = self._first_logit_block(x, num_attn)
+        x, h, w = self.embed(x)  # (B, T, D)
+        features, queries, keys = [], [], []
         for index, block in enumerate(self.blocks):
-            want_logits = index >= first_logit_block
-            x, logits = block(x, return_logits=want_logits, factored_images=factored_images)
-            if want_logits:  # drop the class token's row and column: patch tokens only
-                if factored_images is None:
-                    attn_logits.append(logits[:, :, 1:, 1:])  # (B, nh, N, N)
-                else:
-                    q, k = logits
-                    attn_logits.append((q[:, :, 1:], k[:, :, 1:]))  # (n, nh, N, d) each
+            if index >= first_logit_block:
+                x, q, k = block.forward_factored(x)  # (B, T, D), q, k (B, nh, T, d)
+                queries.append(q[:, :, 1:])  # (B, nh, N, d): patch tokens only
+                keys.append(k[:, :, 1:])  # (B, nh, N, d)
+            else:
+                x = block.forward_fused(x)  # (B, T, D)
             if index in self.feature_blocks:
-                tokens = self.norm(x)[:, 1:]  # (B, N, D)
-                features.append(tokens.transpose(1, 2).reshape(B, self.embed_dim, h, w))  # (B, D, h, w)
-        return features, attn_logits
+                features.append(self.feature_map(x, h, w))  # (B, D, h, w)
+        return features, queries, keys
 
 
 def vit(name, **kwargs):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import attention_affinity
 from attention_affinity import AffinityHead, affinity_labels, affinity_loss, window_mask
 from reference import naive_window_mask
 
@@ -130,19 +131,26 @@ def test_affinity_head_variants_equal_the_plain_formula():
         for block_elements in (2 * 6 * 30 * 7, 1, 2 ** 24):  # 7 rows a block, one row, all rows
             torch.testing.assert_close(head.forward_row_blocks(blocks, block_elements), plain,
                                        rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(head(blocks), plain, rtol=1e-6, atol=1e-7)  # a list: row blocks
-    with torch.enable_grad():  # with gradient, a list is concatenated and goes the plain way
-        listed = head([b.clone().requires_grad_() for b in blocks])
-    assert listed.requires_grad
-    torch.testing.assert_close(listed.detach(), plain.detach(), rtol=0, atol=0)
     factored = head.forward_factored(queries, keys)
     torch.testing.assert_close(factored, plain, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(head(list(zip(queries, keys))), factored, rtol=0, atol=0)
     assert torch.equal(factored, factored.transpose(1, 2))  # L + Lᵀ + b is symmetric exactly
     with pytest.raises(ValueError, match="queries and keys"):
         head.forward_factored(queries[:1], keys[:1])
     with pytest.raises(ValueError, match="attn_logits"):
-        head(blocks[:1])
+        head.forward_row_blocks(blocks[:1])
+    with pytest.raises(ValueError, match="attn_logits"):
+        head(blocks)  # the plain path takes one (B, num_maps, N, N) tensor
+
+
+def test_affinity_head_row_blocks_equal_the_plain_formula_bit_for_bit(monkeypatch):
+    torch.manual_seed(0)
+    head = AffinityHead(num_maps=6)
+    maps = [torch.randn(2, 4, 30, 30), torch.randn(2, 2, 30, 30)]
+    with torch.enable_grad():
+        whole = head(torch.cat(maps, dim=1).requires_grad_())  # the plain, one-shot computation
+    monkeypatch.setattr(attention_affinity, "ROW_BLOCK_ELEMENTS", 2 * 6 * 30 * 7)  # 7 rows a block
+    in_blocks = head.forward_row_blocks(maps)
+    torch.testing.assert_close(in_blocks, whole.detach(), rtol=0, atol=0)
 
 
 def test_affinity_head_init_is_kaiming_normal_fan_out():

@@ -1,14 +1,11 @@
-"""bench.py runs and reports what it promises; the fast paths it measures equal the plain ones."""
+"""bench.py runs and reports what it promises. (The fast paths it measures are tested against the
+plain ones in the tests of their modules.)"""
 import json
 
 import pytest
 import torch
 
-import attention_affinity
 import bench
-from attention_affinity import AffinityHead
-from cam import _argmax
-from model import AFANet
 
 
 # ---------------------------------------------------------------- the benchmark itself
@@ -82,58 +79,3 @@ def test_synthetic_batch_has_labels_and_boxes():
     box = batch["valid_box"]
     assert box[0].tolist() == [0, 64, 0, 64]
     assert ((box[:, 1] >= 32) & (box[:, 1] <= 64) & (box[:, 3] >= 32) & (box[:, 3] <= 64)).all()
-
-
-# ---------------------------------------------------------------- fast paths equal plain ones
-
-@pytest.fixture(scope="module")
-def afanet():
-    torch.manual_seed(0)
-    return AFANet(num_classes=5, backbone="mit_b0").eval()
-
-
-def test_affinity_head_row_blocks_and_map_lists_change_nothing(monkeypatch):
-    torch.manual_seed(0)
-    head = AffinityHead(num_maps=6)
-    maps = [torch.randn(2, 4, 30, 30), torch.randn(2, 2, 30, 30)]
-    with torch.enable_grad():
-        whole = head(torch.cat(maps, dim=1).requires_grad_())  # the plain, one-shot computation
-    monkeypatch.setattr(attention_affinity, "ROW_BLOCK_ELEMENTS", 2 * 6 * 30 * 7)  # 7 rows a block
-    with torch.no_grad():
-        in_blocks = head(maps)
-    torch.testing.assert_close(in_blocks, whole.detach(), rtol=1e-6, atol=1e-7)
-
-
-def test_affinity_from_factors_equals_affinity_from_logits():
-    torch.manual_seed(1)
-    head = AffinityHead(num_maps=6)
-    queries = [torch.randn(2, 4, 25, 8), torch.randn(2, 2, 25, 8)]
-    keys = [torch.randn(2, 4, 25, 8), torch.randn(2, 2, 25, 8)]
-    logits = torch.cat([q @ k.transpose(-2, -1) for q, k in zip(queries, keys)], dim=1)  # (2, 6, 25, 25)
-    expected = head(logits)
-    factored = head(list(zip(queries, keys)))
-    torch.testing.assert_close(factored, expected, rtol=1e-5, atol=1e-6)
-    assert torch.equal(factored, factored.transpose(1, 2))  # L + Lᵀ is symmetric exactly
-    with pytest.raises(ValueError, match="queries and keys"):
-        head.forward_factored(queries[:1], keys[:1])
-
-
-def test_cam_with_partial_affinity_equals_cam(afanet):
-    images = torch.randn(4, 3, 64, 64)
-    with torch.no_grad():
-        cams, affinity = afanet.cam(images)
-        for n in (0, 2, 4):
-            fast_cams, fast_affinity = afanet.cam(images, num_affinity=n)
-            torch.testing.assert_close(fast_cams, cams, rtol=1e-5, atol=1e-5)
-            assert fast_affinity.shape == (n, 16, 16)
-            torch.testing.assert_close(fast_affinity, affinity[:n], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="num_affinity"):
-        afanet.cam(images, num_affinity=5)
-
-
-def test_argmax_over_channels_equals_torch_argmax_with_ties():
-    x = torch.randint(0, 3, (2, 2, 4, 9, 11)).float()  # many ties: the first maximum must win
-    for dim in (1, 2):
-        assert torch.equal(_argmax(x, dim), x.argmax(dim=dim))
-    x = torch.rand(3, 5, 7)
-    assert torch.equal(_argmax(x, 0), x.argmax(dim=0))

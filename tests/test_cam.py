@@ -1,7 +1,6 @@
 """Tests for cam.py: multi-scale CAMs, CAM labels and their PAR refinement (paper §3.1–3.3)."""
 
 import copy
-import types
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par
+from cam import (_argmax, cam_to_label, multi_scale_cam, multi_scale_cam_partial_affinity,
+                 refine_cams_with_par, refine_cams_with_par_packed, refine_propagated_with_par)
 from model import AFANet
 from par import PAR
 
@@ -61,16 +61,17 @@ def test_cam_to_label_box_mask_is_per_image():
 
 # ---------------------------------------------------------------- refine_cams_with_par
 
-def test_refine_cams_with_par_matches_release_golden():
+@pytest.mark.parametrize("refine", [refine_cams_with_par, refine_cams_with_par_packed])
+def test_refine_cams_with_par_matches_release_golden(refine):
     golden = load_golden("refine_cams_with_par")
-    label = refine_cams_with_par(PAR(), golden["images"], golden["cams"], golden["cls_labels"],
-                                 low=0.35, high=0.55, valid_box=golden["valid_box"])
+    label = refine(PAR(), golden["images"], golden["cams"], golden["cls_labels"],
+                   low=0.35, high=0.55, valid_box=golden["valid_box"])
     assert label.dtype == torch.int64 and label.shape == golden["label"].shape
     # refined labels may differ on a handful of near-tied pixels
     assert (label == golden["label"]).float().mean() >= 0.999
 
 
-def test_refine_cams_with_par_batched_equals_one_image_at_a_time():
+def test_refine_cams_with_par_packed_equals_one_image_at_a_time():
     # different numbers of present classes per image exercise the padded channel slots
     generator = torch.Generator().manual_seed(0)
     B, num_foreground, H, W = 3, 6, 26, 30
@@ -79,10 +80,11 @@ def test_refine_cams_with_par_batched_equals_one_image_at_a_time():
     cls_labels = torch.tensor([[0, 1, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.float32)
     valid_box = torch.tensor([[0, 26, 0, 30], [2, 20, 3, 30], [5, 26, 0, 25]])
     par = PAR()
-    batched = refine_cams_with_par(par, images, cams, cls_labels, valid_box=valid_box)
+    batched = refine_cams_with_par_packed(par, images, cams, cls_labels, valid_box=valid_box)
+    assert torch.equal(batched, refine_cams_with_par(par, images, cams, cls_labels, valid_box=valid_box))
     for b in range(B):
-        single = refine_cams_with_par(par, images[b:b + 1], cams[b:b + 1], cls_labels[b:b + 1],
-                                      valid_box=valid_box[b:b + 1])
+        single = refine_cams_with_par_packed(par, images[b:b + 1], cams[b:b + 1], cls_labels[b:b + 1],
+                                             valid_box=valid_box[b:b + 1])
         assert torch.equal(batched[b:b + 1], single)
     assert set(batched[0].unique().tolist()) <= {0, 2, 5, 6, IGNORE}
     assert set(batched[1].unique().tolist()) <= {0, IGNORE}  # background only
@@ -213,16 +215,16 @@ def decoder_batchnorm_state(model):
     return bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
 
 
-@pytest.mark.parametrize("partial_affinity", [False, True])
-def test_multi_scale_cam_in_train_mode_updates_decoder_batchnorm_as_the_release(partial_affinity):
+@pytest.mark.parametrize("cam_function", [multi_scale_cam, multi_scale_cam_partial_affinity])
+def test_multi_scale_cam_in_train_mode_updates_decoder_batchnorm_as_the_release(cam_function):
     torch.manual_seed(0)
     model = AFANet(num_classes=5, backbone="mit_b0", drop_path_rate=0.0).train()
     release, skipped = copy.deepcopy(model), copy.deepcopy(model)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     before = decoder_batchnorm_state(model)
     # AFANet.cam's default: the statistics see every pass
-    multi_scale_cam(model, images, partial_affinity=partial_affinity)
-    multi_scale_cam(skipped, images, decoder_stats=False)
+    cam_function(model, images)
+    cam_function(skipped, images, decoder_stats=False)
     with torch.no_grad():
         release_multi_scale_batchnorm(release, images, (1.0, 0.5, 1.5))
     (mean, var, count), expected = decoder_batchnorm_state(model), decoder_batchnorm_state(release)
@@ -243,16 +245,22 @@ def test_multi_scale_cam_fast_variants_equal_the_plain_computation(afanet):
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         forward_cams = afanet(images).cams  # (2, 4, 4, 4), the un-flipped images at scale 1.0
-    plain = types.SimpleNamespace(cam=lambda x: afanet.cam(x))  # nothing but cam(x): no shortcut
-    plain_cams, plain_affinity = multi_scale_cam(plain, images)
+    plain_cams, plain_affinity = multi_scale_cam(afanet, images)
     assert plain_affinity.shape == (2, 36, 36)  # the 96 × 96 input at scale 1.5, un-flipped half
-    for options in (dict(partial_affinity=True), dict(forward_cams=forward_cams),
-                    dict(partial_affinity=True, forward_cams=forward_cams)):
-        cams, affinity = multi_scale_cam(afanet, images, **options)
+    for options in (dict(), dict(forward_cams=forward_cams)):
+        cams, affinity = multi_scale_cam_partial_affinity(afanet, images, **options)
         torch.testing.assert_close(cams, plain_cams, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(affinity, plain_affinity, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="forward_cams"):
-        multi_scale_cam(afanet, images, forward_cams=forward_cams[:, :, :2])
+        multi_scale_cam_partial_affinity(afanet, images, forward_cams=forward_cams[:, :, :2])
+
+
+def test_argmax_over_channels_equals_torch_argmax_with_ties():
+    x = torch.randint(0, 3, (2, 2, 4, 9, 11)).float()  # many ties: the first maximum must win
+    for dim in (1, 2):
+        assert torch.equal(_argmax(x, dim), x.argmax(dim=dim))
+    x = torch.rand(3, 5, 7)
+    assert torch.equal(_argmax(x, 0), x.argmax(dim=0))
 
 
 # ---------------------------------------------------------------- argument checks

@@ -170,16 +170,15 @@ def test_attention_matches_naive_reference(b0):
         x = torch.randn(2, H * W, attn.q.in_features)
         with torch.no_grad():
             out, logits = attn(x, H, W)
-            fused, no_logits = attn(x, H, W, return_logits=False)
+            fused = attn.forward_fused(x, H, W)
             expected_out, expected_logits = naive_attention(attn, x, H, W)
-            factored_out, (q, k) = attn(x, H, W, factored_images=1)
-        assert no_logits is None
+            factored_out, q, k = attn.forward_factored(x, H, W)
         assert torch.allclose(logits, expected_logits, atol=1e-5, rtol=1e-5)  # unscaled, pre-softmax
         assert torch.allclose(out, expected_out, atol=1e-5, rtol=1e-5)
-        # the fused variants: the same output; the logits of the first image as factors
+        # the speed paths: the same output; the logits as factors
         assert torch.allclose(fused, expected_out, atol=1e-5, rtol=1e-5)
         assert torch.equal(factored_out, fused)
-        assert torch.allclose(q @ k.transpose(-2, -1), expected_logits[:1], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(q @ k.transpose(-2, -1), expected_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_path_gives_same_features(b0):
@@ -193,6 +192,20 @@ def test_fused_path_gives_same_features(b0):
         assert torch.allclose(slow, fast, atol=1e-5, rtol=1e-5)
     for slow, fast in zip(attn_logits[-2:], attn_logits_fast):
         assert torch.allclose(slow, fast, atol=1e-5, rtol=1e-5)
+
+
+def test_factored_encoder_gives_the_features_and_the_factors_of_the_logits(b0):
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features, attn_logits = b0(images, num_attn=2)
+        factored_features, queries, keys = b0.forward_factored(images, 2)
+        _, no_queries, no_keys = b0.forward_factored(images, 0)
+    assert len(queries) == len(keys) == 2 and no_queries == no_keys == []
+    for plain, fast in zip(features, factored_features):
+        assert torch.allclose(plain, fast, atol=1e-5, rtol=1e-5)
+    for logits, q, k in zip(attn_logits, queries, keys):
+        assert q.shape == k.shape == (2, 8, 16, 32)  # (B, nh, N, d)
+        torch.testing.assert_close(q @ k.transpose(-2, -1), logits, rtol=1e-5, atol=1e-4)
 
 
 def test_encoder_rejects_bad_input(b0):
@@ -356,7 +369,7 @@ def decoder_batchnorm_state(model):
     return bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
 
 
-@pytest.mark.parametrize("num_affinity", [None, 0, 2])
+@pytest.mark.parametrize("num_affinity", [None, 0, 2])  # None: the plain `cam`
 def test_cam_in_train_mode_updates_decoder_batchnorm_as_a_full_decoder_pass(num_affinity):
     # The release's CAM path runs the whole decoder, in train mode: its BatchNorm statistics see
     # every CAM pass. Ours runs it up to the BatchNorm only; the statistics must be the same.
@@ -368,7 +381,10 @@ def test_cam_in_train_mode_updates_decoder_batchnorm_as_a_full_decoder_pass(num_
     with torch.no_grad():
         for seed in (1, 2):  # two passes: the running averages compound
             torch.manual_seed(seed)
-            model.cam(images, num_affinity=num_affinity)
+            if num_affinity is None:
+                model.cam(images)
+            else:
+                model.cam_with_partial_affinity(images, num_affinity)
             torch.manual_seed(seed)  # the same stochastic-depth draws
             release(images)  # the release's CAM path: encoder and the whole decoder
     mean, var, count = decoder_batchnorm_state(model)
@@ -389,6 +405,19 @@ def test_cam_leaves_decoder_batchnorm_alone_in_eval_mode_or_when_asked():
         model.eval().cam(images)
     assert all(torch.equal(a, b) for a, b in zip(decoder_batchnorm_state(model), before))
     assert cams.shape == (2, 4, 4, 4) and affinity.shape == (2, 16, 16)
+
+
+def test_cam_with_partial_affinity_equals_cam(afanet):
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        cams, affinity = afanet.cam(images)
+        for n in (0, 2, 4):
+            fast_cams, fast_affinity = afanet.cam_with_partial_affinity(images, n)
+            torch.testing.assert_close(fast_cams, cams, rtol=1e-5, atol=1e-5)
+            assert fast_affinity.shape == (n, 16, 16)
+            torch.testing.assert_close(fast_affinity, affinity[:n], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="num_affinity"):
+        afanet.cam_with_partial_affinity(images, 5)
 
 
 def test_affinity_from_last_blocks_is_symmetric(afanet):

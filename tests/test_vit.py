@@ -162,15 +162,15 @@ def test_num_attn_and_factored_logits_give_the_same_values(tiny):
         features, all_logits = tiny(x)
         fused_features, last_two = tiny(x, num_attn=2)
         none_features, none_logits = tiny(x, num_attn=0)
-        factored_features, factors = tiny(x, num_attn=2, factored_images=2)
-    assert none_logits == [] and len(last_two) == 2 and len(factors) == 2
+        factored_features, queries, keys = tiny.forward_factored(x, 2)
+    assert none_logits == [] and len(last_two) == 2 and len(queries) == len(keys) == 2
     for other in (fused_features, none_features, factored_features):
         for a, b in zip(features, other):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-    for full, partial, (q, k) in zip(all_logits[-2:], last_two, factors):
+    for full, partial, q, k in zip(all_logits[-2:], last_two, queries, keys):
         assert torch.allclose(full, partial, atol=1e-5)
-        assert q.shape == k.shape == (2, 3, 6, 64)
-        assert torch.allclose(q @ k.transpose(-2, -1), full[:2], atol=1e-4, rtol=1e-5)
+        assert q.shape == k.shape == (3, 3, 6, 64)  # (B, nh, N, d), patch tokens
+        assert torch.allclose(q @ k.transpose(-2, -1), full, atol=1e-4, rtol=1e-5)
 
 
 def test_input_padded_to_the_ceiling_grid(tiny):
@@ -188,8 +188,8 @@ def test_encoder_rejects_bad_input(tiny):
         tiny(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="num_attn"):
         tiny(torch.randn(1, 3, 32, 32), num_attn=13)
-    with pytest.raises(ValueError, match="factored_images"):
-        tiny(torch.randn(1, 3, 32, 32), factored_images=2)
+    with pytest.raises(ValueError, match="num_attn"):
+        tiny.forward_factored(torch.randn(1, 3, 32, 32), 13)
     with pytest.raises(ValueError, match="feature_blocks"):
         VisionTransformer(64, 4, 2, feature_blocks=(0, 1, 2))
 
