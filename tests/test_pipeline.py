@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
+from attention_affinity import window_mask
 from par import PAR
 from pipeline import afa_pseudo_label, mhsa_affinity
+from random_walk import propagate
 
 SIZE, STRIDE = 128, 16                     # a 128 × 128 image on the 8 × 8 token grid
 GRID = SIZE // STRIDE
@@ -72,3 +74,20 @@ def test_attention_without_object_structure_does_not(logit_gap):
     label = label_through_the_chain(attention_logits(object_tokens, logit_gap), pixels, cams,
                                     cls_labels)                             # (H, W)
     assert (label[missed] == CLASS).float().mean() < 0.5
+
+
+@pytest.mark.parametrize("factor", [0.01, 10.0, float(GRID * GRID)])
+def test_a_constant_factor_on_the_mhsa_affinity_keeps_the_walks_arg_max(factor):
+    """Column j of the transition is divided by (its sum + 0.1): a factor on the affinity changes
+    how much of pixel j's mass is kept, the same for all its classes, so on the grid the walk's
+    arg-max stays (softmax-sized values are not what makes a walk fail)."""
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, HEADS, GRID * GRID, GRID * GRID, generator=g) * 20
+              for _ in range(BLOCKS)]
+    affinity = mhsa_affinity(logits, HEAD_DIM)                              # (2, N, N)
+    cams = torch.rand(2, NUM_FG, GRID, GRID, generator=g)                   # (2, C-1, h, w)
+    cls_labels = (torch.rand(2, NUM_FG, generator=g) > 0.5).float()
+    mask = window_mask(GRID, GRID, 3)                                       # (N, N)
+    walked = propagate(cams, affinity, mask, cls_labels, LOW)               # (2, C, h, w)
+    scaled = propagate(cams, affinity * factor, mask, cls_labels, LOW)      # (2, C, h, w)
+    assert torch.equal(walked.argmax(1), scaled.argmax(1))
