@@ -5,8 +5,8 @@
     python ablation.py --rows baseline par afa          # some rows only
     python ablation.py --iters 300                      # any other flag goes to train.py
 
-On the built-in data each row runs the synthetic preset's whole schedule (900 iterations, about
-ten minutes of a 2-core CPU) and is evaluated at the images' own size (`SYNTHETIC_EVAL_ARGS`;
+On the built-in data each row runs the synthetic preset's whole schedule (a few minutes of a
+2-core CPU each) and is evaluated at the images' own size (`SYNTHETIC_EVAL_ARGS`;
 flags you give win): the table takes about an hour. Each row is one `train.py` run in its own work dir,
 `<work-dir>/<row>`, with the switches that the paper's row changes (`ROWS` below), then `evaluate.py` on its final checkpoint: the seg branch on
 val (with dense CRF as well where `pydensecrf2` is installed) and the pseudo-label table on train.
@@ -76,10 +76,9 @@ PSEUDO_ROWS = (
 
 
 # On the built-in data each row is evaluated at the images' own size (128 px) rather than with the
-# long side at 512; --eval-args overrides it. The rows keep the preset's whole schedule: on half of
-# it (450 iterations, L_aff for only 150 of them before the AFA label takes over) the affinity was
-# not ready and the AFA label fell below CAM + PAR (68.4 against 73.2 on train), which is a finding
-# about the schedule (docs/demo_study.md), not the table of the method.
+# long side at 512; --eval-args overrides it. The rows keep the preset's whole schedule: a shorter
+# one leaves the affinity too few iterations before the AFA label takes over, which measures the
+# schedule rather than the method (docs/demo_study.md, "switch timing").
 SYNTHETIC_EVAL_ARGS = "--long-side 0"
 
 
