@@ -6,7 +6,7 @@ scales), PAR twice, a random walk — so the question is how the full step compa
 network-only step that would train the same network on labels given in advance. This script
 measures both in one run, on the same synthetic batch:
 
-- **full step**: `train.compute_losses` after the label switch (every stage on: CAM, PAR label,
+- **full step**: `compute_losses` after the label switch (every stage on: CAM, PAR label,
   affinity labels, random walk, AFA label), then backward and the AdamW step — the step that
   gives the release's numbers, the CAM passes updating the decoder's BatchNorm statistics;
 - **network-only step**: the same forward, L_cls + 0.1·L_seg + 0.1·L_aff + 0.01·L_reg on fixed
@@ -50,12 +50,14 @@ import torch.nn.functional as F
 
 import data
 import pipeline
-import train
 from attention_affinity import affinity_loss
 from cam import (cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed,
                  refine_propagated_with_par)
+from config import Config
 from model import BACKBONES, AFANet
 from par import PAR
+from runner import compile_and_wrap
+from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 
 HERE = Path(__file__).resolve().parent
 NUM_CLASSES = 21  # PASCAL VOC: 20 classes + background
@@ -123,7 +125,7 @@ def fixed_targets(batch: dict, num_classes: int, generator: torch.Generator, rad
 
 class Setup(NamedTuple):
     """One configuration's network, optimiser and batch, as train.py builds them."""
-    cfg: object                  # train.Config
+    cfg: object                  # config.Config
     model: torch.nn.Module
     par: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -139,17 +141,17 @@ def build(spec: dict) -> Setup:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     options = spec.get("options", ())
-    cfg = train.Config(backbone=spec["backbone"], crop=spec["crop"], amp=spec["amp"],
-                       compile=spec["compile"], num_classes=NUM_CLASSES,
-                       reuse_forward_cam="reuse_forward_cam" in options,
-                       cam_bf16="bf16_cam" in options,
-                       cam_bn_stats="no_cam_bn_stats" not in options)
+    cfg = Config(backbone=spec["backbone"], crop=spec["crop"], amp=spec["amp"],
+                 compile=spec["compile"], num_classes=NUM_CLASSES,
+                 reuse_forward_cam="reuse_forward_cam" in options,
+                 cam_bf16="bf16_cam" in options,
+                 cam_bn_stats="no_cam_bn_stats" not in options)
     model = AFANet(cfg.num_classes, backbone=cfg.backbone).to(device).train()
-    train.freeze_encoder_norms(model)
-    optimizer = train.build_optimizer(model, cfg)
-    autocast, scaler = train.make_autocast(cfg, device)
+    freeze_encoder_norms(model)
+    optimizer = build_optimizer(model, cfg)
+    autocast, scaler = make_autocast(cfg, device)
     if cfg.compile:
-        train.compile_and_wrap(model, cfg, device, world=1)
+        compile_and_wrap(model, cfg, device, world=1)
     generator = torch.Generator().manual_seed(spec["crop"])
     batch = synthetic_batch(spec["batch_size"], spec["crop"], cfg.num_classes, device, generator)
     return Setup(cfg, model, PAR(num_iter=cfg.par_iters).to(device), optimizer, autocast, scaler,
@@ -158,9 +160,9 @@ def build(spec: dict) -> Setup:
 
 def training_step(s: Setup, step: int) -> None:
     """train.py's step at iteration `step`: compute_losses, the one host sync, the update."""
-    out = train.compute_losses(s.model, s.model, s.par, s.batch, step, s.cfg, s.autocast)
+    out = compute_losses(s.model, s.model, s.par, s.batch, step, s.cfg, s.autocast)
     torch.stack(list(out.terms.values())).tolist()  # the training loop's one host sync
-    train.update(s.optimizer, s.scaler, out.loss)
+    update(s.optimizer, s.scaler, out.loss)
 
 
 def network_step(s: Setup, label: torch.Tensor, aff_label: torch.Tensor) -> None:
@@ -175,7 +177,7 @@ def network_step(s: Setup, label: torch.Tensor, aff_label: torch.Tensor) -> None
     reg = pipeline.reg_loss(seg_logits, images, s.batch["valid_box"], label)
     loss = cls_loss + cfg.seg_weight * seg + cfg.aff_weight * aff + cfg.reg_weight * reg
     torch.stack([cls_loss, seg, aff, reg]).tolist()
-    train.update(s.optimizer, s.scaler, loss)
+    update(s.optimizer, s.scaler, loss)
 
 
 def staged_step(s: Setup, stage) -> None:

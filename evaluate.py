@@ -41,13 +41,14 @@ from tqdm import tqdm
 import data
 import synthetic
 from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed
+from config import PRESETS, Config, ConfigError, check_config
 from metrics import confusion_matrix, scores_table, segmentation_scores
 from model import BACKBONES, AFANet
 from par import PAR
 from pipeline import (AttentionAsAffinity, afa_pseudo_label, denormalize, random_walk_cams,
                       token_grid, upsample)
 from pretrained import RELEASE_SIGNATURES, afanet_from_release, describe_state, release_prefix
-from train import PRESETS, Config, ConfigError, check_compatible, check_config, exit_code
+from runner import check_compatible, exit_code
 from visualize import attention_figure, class_names_of, image_to_rgb, save_prediction
 
 IGNORE_INDEX = data.IGNORE_INDEX

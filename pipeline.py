@@ -5,7 +5,7 @@
                   └► random walk with the learned affinity (§3.2) ─► PAR ─► AFA pseudo label
                                                                         ─► L_seg, L_reg (§3.4)
 
-`train.py` chains these stages in its step; the validation (`metrics.py`), the figures
+`train_step.py` chains these stages in the step; the validation (`metrics.py`), the figures
 (`visualize.py`) and the pseudo-label table (`evaluate.py`) call the same functions, so what they
 measure is what the network trains on. The method itself lives below this module (`cam.py`,
 `par.py`, `attention_affinity.py`, `random_walk.py`, `crf_loss.py`, `model.py`); here it is put

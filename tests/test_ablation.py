@@ -5,8 +5,8 @@ import os
 import pytest
 
 import ablation
+import config
 import synthetic
-import train
 
 TINY = ["--data", "synthetic", "--crop", "64", "--batch-size", "2", "--iters", "4",
         "--cam-iters", "1", "--switch-iters", "2", "--eval-every", "4", "--warmup-iters", "1",
@@ -77,17 +77,17 @@ ROW_MEANS = {"baseline": ("cam", False, False), "par": ("par", False, False),
              "afa": ("afa", True, False), "reg": ("afa", True, True)}
 
 
-@pytest.mark.parametrize("preset", list(train.PRESETS))
+@pytest.mark.parametrize("preset", list(config.PRESETS))
 def test_every_row_runs_on_every_preset_and_switches_what_it_names(preset):
     """The row's flags come after the user's and the preset's: COCO's --aff-from-afa goes with
     the AFA head, and L_reg is on in the full-system row though COCO's preset leaves it off."""
     assert {row.name for row in ablation.ROWS} == set(ROW_MEANS)
     for row in ablation.ROWS:
-        cfg = train.parse_config(["--data", preset, *row.flags])  # passes the config checks
+        cfg = config.parse_config(["--data", preset, *row.flags])  # passes the config checks
         seg_label, afa_head, reg = ROW_MEANS[row.name]
         assert cfg.seg_label == seg_label, row.name
         assert (cfg.aff_weight > 0) == afa_head, row.name
         assert not cfg.aff_from_afa or afa_head, row.name
         assert (cfg.reg_weight > 0) == reg, row.name
         if reg:
-            assert cfg.reg_weight == train.Config.reg_weight  # the paper's weight
+            assert cfg.reg_weight == config.Config.reg_weight  # the paper's weight

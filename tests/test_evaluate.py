@@ -16,6 +16,7 @@ from PIL import Image
 import data
 import evaluate
 import metrics
+import config
 import pipeline
 import synthetic
 import train
@@ -162,7 +163,7 @@ def test_scale_one_grid_is_the_decoders_output(tiny_model):
     for H, W in ((37, 53), (64, 64)):
         out = tiny_model(torch.randn(1, 3, H, W)).seg_logits
         stride = tiny_model.encoder.strides[0]
-        assert out.shape[-2:] == (train.token_grid(H, stride), train.token_grid(W, stride))
+        assert out.shape[-2:] == (pipeline.token_grid(H, stride), pipeline.token_grid(W, stride))
 
 
 # --- dense CRF -------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def hide_densecrf(monkeypatch):
 def test_missing_densecrf_says_how_to_install(monkeypatch):
     hide_densecrf(monkeypatch)
     image, probs, _ = noisy_two_region_case()
-    with pytest.raises(train.ConfigError, match="pip install pydensecrf2"):
+    with pytest.raises(config.ConfigError, match="pip install pydensecrf2"):
         evaluate.dense_crf(image, probs)
 
 
@@ -236,7 +237,7 @@ def tiny_run(tmp_path_factory):
     synthetic.make_synthetic(data_root, num_train=6, num_val=3, size=SIZE)
     torch.manual_seed(0)
     model = AFANet(NUM_CLASSES, backbone="mit_b0")
-    cfg = train.Config(**{**train.PRESETS["synthetic"], "data_root": data_root,
+    cfg = config.Config(**{**config.PRESETS["synthetic"], "data_root": data_root,
                           "val_batch_size": 3, "num_figures": 2, "cam_scales": (1.0, 1.5)})
     checkpoint = str(root / "tiny.pth")
     torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "step": 0},
@@ -314,7 +315,7 @@ def test_pseudo_labels_are_the_training_labels_and_validation_agrees(tiny_run):
     images, cls_labels = batch["image"], batch["cls_labels"]
     B, _, H, W = images.shape
     box = torch.tensor([[0, H, 0, W]] * B)
-    labels = train.make_pseudo_labels(model, par, images, cls_labels, box, scales=cfg.cam_scales,
+    labels = pipeline.make_pseudo_labels(model, par, images, cls_labels, box, scales=cfg.cam_scales,
                                       low=cfg.low, high=cfg.high, radius=cfg.radius,
                                       need_afa=True)
     one = torch.utils.data.Subset(dataset, range(B))
@@ -487,7 +488,7 @@ def test_cli_missing_or_foreign_checkpoint(tiny_run, capsys):
     torch.save({"state_dict": {}}, foreign)
     assert evaluate.main(["--checkpoint", foreign]) == 2
     assert "not written by train.py" in capsys.readouterr().err
-    with pytest.raises(train.ConfigError):
+    with pytest.raises(config.ConfigError):
         evaluate.main(["--checkpoint", missing, "--debug"])
 
 

@@ -24,9 +24,14 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
+import pipeline
+import runner
 import train
-from model import mit_b0
+import train_step
+from model import AFANet, mit_b0
+from par import PAR
 from synthetic import make_synthetic
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -313,13 +318,13 @@ def test_class_id_error_with_the_synthetic_preset_suggests_data_voc(voc, tmp_pat
 SAVE_LOOP = """
 import sys
 import torch
-import train
+import runner
 path, weights = sys.argv[1], torch.empty(2_000_000)  # 8 MB: most of the loop is spent saving
 step = 0
 while True:
     step += 1
     weights.fill_(step)
-    train.save_checkpoint(path, {"model": {"w": weights}, "step": step,
+    runner.save_checkpoint(path, {"model": {"w": weights}, "step": step,
                                  "config": {"backbone": "mit_b0", "num_classes": 6}})
     print(step, flush=True)
 """
@@ -345,11 +350,11 @@ def test_sigkill_during_saves_leaves_the_last_checkpoint_loadable(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
         printed = [int(s) for s in (first + process.stdout.read()).split()]
-        ckpt = train.load_checkpoint(path)
+        ckpt = runner.load_checkpoint(path)
         # The save after the last printed one may have finished before the kill; none is torn.
         assert ckpt["step"] in (printed[-1], printed[-1] + 1), when
         assert torch.equal(ckpt["model"]["w"], torch.full((2_000_000,), float(ckpt["step"])))
-    assert train.latest_checkpoint(str(work_dir)) == path
+    assert runner.latest_checkpoint(str(work_dir)) == path
     leftovers = set(os.listdir(work_dir / "checkpoints")) - {"iter_7.pth"}
     assert all(name.startswith(".") for name in leftovers), leftovers  # temporaries, never iter_*
 
@@ -380,7 +385,7 @@ def interrupted_checkpoint(work_dir):
     assert len(saved) == 1, saved
     done = int(saved[0][len("interrupted_iter_"):-len(".pth")])
     path = work_dir / "checkpoints" / saved[0]
-    assert train.load_checkpoint(str(path))["step"] == done
+    assert runner.load_checkpoint(str(path))["step"] == done
     return done
 
 
@@ -491,8 +496,8 @@ def test_resume_is_exact(straight_run, synthetic, tmp_path, workers):
 
 # --- numerical safety ------------------------------------------------------------------------------
 def poison_seg_loss(monkeypatch):
-    real = train.seg_loss
-    monkeypatch.setattr(train, "seg_loss", lambda logits, label: real(logits, label) * math.nan)
+    real = pipeline.seg_loss
+    monkeypatch.setattr(train_step, "seg_loss", lambda logits, label: real(logits, label) * math.nan)
 
 
 @pytest.fixture(scope="module", params=[
@@ -519,7 +524,7 @@ def test_nonfinite_loss_stops_with_the_weights_from_before(nonfinite_run):
     assert re.fullmatch(rf"non-finite loss at iteration {bad_step}: .* saved in {re.escape(str(path))};"
                         r" lower --lr .*", error_line(err)), err
     assert sorted(os.listdir(folder)) == [f"iter_{bad_step}.pth", path.name]
-    assert train.load_checkpoint(str(path))["step"] == bad_step
+    assert runner.load_checkpoint(str(path))["step"] == bad_step
     before, saved = model_state(folder / f"iter_{bad_step}.pth"), model_state(path)
     weights = [k for k in saved if not re.search(r"running_|num_batches_tracked", k)]
     assert all(torch.isfinite(saved[k]).all() and torch.equal(saved[k], before[k]) for k in weights)
@@ -535,14 +540,14 @@ def test_nonfinite_checkpoint_has_the_norm_statistics_from_before(nonfinite_run)
 @pytest.fixture(scope="module")
 def small_net():
     torch.manual_seed(0)
-    return train.AFANet(6, backbone="mit_b0"), train.PAR()
+    return AFANet(6, backbone="mit_b0"), PAR()
 
 
 def ignore_all(monkeypatch):
     def all_ignored(model, par, images, *args, **kwargs):
         label = torch.full((images.shape[0], *images.shape[-2:]), 255, dtype=torch.long)
-        return train.PseudoLabels(label, label)
-    monkeypatch.setattr(train, "make_pseudo_labels", all_ignored)
+        return pipeline.PseudoLabels(label, label)
+    monkeypatch.setattr(train_step, "make_pseudo_labels", all_ignored)
 
 
 @pytest.mark.parametrize("case, step", [  # step 1 trains on the PAR label, step 3 on the AFA label
@@ -550,7 +555,7 @@ def ignore_all(monkeypatch):
     for step in (1, 3)])
 def test_degenerate_crops_give_finite_losses_and_gradients(case, step, small_net, monkeypatch):
     model, par = small_net
-    cfg = train.Config(backbone="mit_b0", num_classes=6, crop=64, cam_iters=0, switch_iters=2)
+    cfg = config.Config(backbone="mit_b0", num_classes=6, crop=64, cam_iters=0, switch_iters=2)
     torch.manual_seed(1)
     B = 2
     batch = {"image": torch.randn(B, 3, 64, 64), "cls_labels": torch.zeros(B, 5),
@@ -562,7 +567,7 @@ def test_degenerate_crops_give_finite_losses_and_gradients(case, step, small_net
         batch["cls_labels"][:, 0] = 1
         ignore_all(monkeypatch)
     model.zero_grad(set_to_none=True)
-    out = train.compute_losses(model, model, par, batch, step, cfg, train.contextlib.nullcontext)
+    out = train_step.compute_losses(model, model, par, batch, step, cfg, contextlib.nullcontext)
     assert set(out.terms) == {"cls", "seg", "aff", "reg"}
     assert all(math.isfinite(v.item()) for v in out.terms.values()), out.terms
     if case == "all pseudo labels ignored":  # the terms without a labelled pixel or pair add 0

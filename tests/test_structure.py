@@ -2,8 +2,9 @@
 
 Method modules on the ground floor (each copyable alone: torch and the standard library only),
 `model.py` above them, the pipeline of the step above that, the scripts on top; nothing imports
-upward, not even lazily inside a function. Read from the source with `ast`, so that imports inside
-functions count too.
+upward, not even lazily inside a function, and no module imports a script, not even another
+script: what two scripts share lives in a module both import. Read from the source with `ast`, so
+that imports inside functions count too.
 """
 import ast
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {path.stem: path for path in sorted(ROOT.glob("*.py"))}
 METHOD_MODULES = ("par", "random_walk", "attention_affinity", "cam", "crf_loss")
-SCRIPTS = ("train", "evaluate", "bench", "ablation")
+SCRIPTS = ("train", "evaluate", "bench", "ablation", "prepare_coco")
 MAX_FUNCTION_LINES = 80
 
 
@@ -81,13 +82,22 @@ def test_method_modules_import_no_sibling(name):
     assert project_graph()[name] == set(), f"{name}.py imports {project_graph()[name]}"
 
 
-def test_nothing_imports_a_script_from_below():
-    """Only scripts import scripts (evaluate.py and bench.py build on train.py, never the reverse)."""
+def test_no_module_imports_a_script():
+    """A script is never imported as a library, not even by another script: evaluate.py and
+    bench.py share train.py's configuration and step through config.py and train_step.py."""
     graph = project_graph()
+    assert set(SCRIPTS) <= set(graph)
     for name, imports in graph.items():
-        if name not in SCRIPTS:
-            assert not imports & set(SCRIPTS), f"{name}.py imports the script(s) {imports & set(SCRIPTS)}"
-    assert "evaluate" not in graph["train"] and "bench" not in graph["train"]
+        assert not imports & set(SCRIPTS), f"{name}.py imports the script(s) {imports & set(SCRIPTS)}"
+
+
+def test_the_operations_sit_below_the_scripts():
+    """The configuration, the step and the run's machinery are modules the scripts import; the
+    configuration needs only the network's list of backbones."""
+    graph = project_graph()
+    assert graph["config"] <= {"model"}
+    assert graph["train_step"] <= set(METHOD_MODULES) | {"model", "pipeline", "config"}
+    assert graph["runner"] <= set(METHOD_MODULES) | {"model", "config", "data"}
 
 
 def test_model_and_pipeline_sit_on_the_method_modules():
@@ -117,6 +127,6 @@ def test_the_length_check_sees_a_long_function(tmp_path):
     assert long_functions(path) == [("f", MAX_FUNCTION_LINES + 1)]
 
 
-@pytest.mark.parametrize("name", ["train", "evaluate", "data"])
+@pytest.mark.parametrize("name", ["train", "train_step", "runner", "config", "evaluate", "data"])
 def test_functions_fit_on_a_screen(name):
     assert long_functions(MODULES[name]) == []

@@ -15,10 +15,12 @@ import metrics
 import pipeline
 import synthetic
 import train
+import train_step
 from cam import cam_to_label, multi_scale_cam
 from crf_loss import DenseCRFLoss
+from config import PRESETS, Config, ConfigError, parse_config
 from model import AFANet
-from train import Config, ConfigError
+from par import PAR
 
 NUM_CLASSES = 6
 
@@ -28,7 +30,7 @@ def net():
     """A small network in eval mode: every pass is deterministic (no stochastic depth), so the
     labels of a step can be recomputed outside it."""
     torch.manual_seed(0)
-    return AFANet(NUM_CLASSES, backbone="mit_b0").eval(), train.PAR()
+    return AFANet(NUM_CLASSES, backbone="mit_b0").eval(), PAR()
 
 
 def batch_of(B=2, size=64, seed=0):
@@ -46,14 +48,14 @@ def config(**changes):
 
 def step(net, batch, at, cfg):
     model, par = net
-    return train.compute_losses(model, model, par, batch, at, cfg, contextlib.nullcontext)
+    return train_step.compute_losses(model, model, par, batch, at, cfg, contextlib.nullcontext)
 
 
 @pytest.fixture
 def spy(monkeypatch):
     """Records the label seg_loss and reg_loss receive in the step."""
     seen = {}
-    real_seg, real_reg = train.seg_loss, train.reg_loss
+    real_seg, real_reg = pipeline.seg_loss, pipeline.reg_loss
 
     def seg_loss(logits, target, *a, **k):
         seen["seg"] = target
@@ -63,8 +65,8 @@ def spy(monkeypatch):
         seen["reg"] = target
         return real_reg(logits, images, box, target)
 
-    monkeypatch.setattr(train, "seg_loss", seg_loss)
-    monkeypatch.setattr(train, "reg_loss", reg_loss)
+    monkeypatch.setattr(train_step, "seg_loss", seg_loss)
+    monkeypatch.setattr(train_step, "reg_loss", reg_loss)
     return seen
 
 
@@ -173,7 +175,7 @@ def test_seg_target_follows_seg_label(net, spy, seg_label, aff_weight, at, kind)
 ])
 def test_contradictory_switches_are_one_line_errors(argv, words, capsys):
     with pytest.raises(ConfigError) as e:
-        train.parse_config(argv)
+        parse_config(argv)
     assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)
     assert train.main(argv) == 2
     assert capsys.readouterr().err.count("error: ") == 1
@@ -257,7 +259,7 @@ def test_evaluate_pseudo_reads_propagate_with_from_the_checkpoint(propagate_with
                                                                   monkeypatch, net):
     data_root = str(tmp_path / "synthetic")
     synthetic.make_synthetic(data_root, num_train=2, num_val=1, size=64)
-    cfg = Config(**{**train.PRESETS["synthetic"], "data_root": data_root, "val_batch_size": 2,
+    cfg = Config(**{**PRESETS["synthetic"], "data_root": data_root, "val_batch_size": 2,
                     "cam_scales": (1.0, 1.5), "propagate_with": propagate_with})
     checkpoint = str(tmp_path / "tiny.pth")
     torch.save({"model": net[0].state_dict(), "config": dataclasses.asdict(cfg), "step": 0},

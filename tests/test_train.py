@@ -13,8 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pipeline
+import runner
 import train
-from train import Config, ConfigError, lr_factor, parse_config, seg_loss
+import train_step
+from config import Config, ConfigError, parse_config
+from model import AFANet
+from par import PAR
+from pipeline import seg_loss
+from train import lr_factor
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -69,11 +76,11 @@ def test_lr_schedule_matches_spec():
 
 def test_optimizer_groups_follow_release():
     cfg = Config(backbone="mit_b0", num_classes=5)
-    model = train.AFANet(cfg.num_classes, backbone=cfg.backbone)
-    opt = train.build_optimizer(model, cfg)
+    model = AFANet(cfg.num_classes, backbone=cfg.backbone)
+    opt = train_step.build_optimizer(model, cfg)
     # Building the optimiser changes nothing in the model; freezing the norms is its own call.
     assert all(p.requires_grad for p in model.parameters())
-    train.freeze_encoder_norms(model)
+    train_step.freeze_encoder_norms(model)
     lrs = [g["lr"] for g in opt.param_groups]
     assert lrs == [pytest.approx(6e-5), 0.0, pytest.approx(6e-4), pytest.approx(6e-4)]
     assert opt.param_groups[1]["weight_decay"] == 0.0
@@ -136,7 +143,7 @@ class _Noise(torch.utils.data.Dataset):
 
 
 def test_stream_is_a_pure_function_of_seed_and_position():
-    a, b = train.TrainStream(_Noise(), seed=1), train.TrainStream(_Noise(), seed=1)
+    a, b = runner.TrainStream(_Noise(), seed=1), runner.TrainStream(_Noise(), seed=1)
     first = [a[k] for k in range(12)]
     torch.rand(10)  # global RNG state must not matter
     again = [b[k] for k in reversed(range(12))][::-1]
@@ -145,13 +152,13 @@ def test_stream_is_a_pure_function_of_seed_and_position():
     epoch0 = sorted(x["index"] for x in first[:5])
     assert epoch0 == list(range(5))                      # every item once per epoch
     assert sorted(x["index"] for x in first[5:10]) == list(range(5))
-    other = train.TrainStream(_Noise(), seed=2)
+    other = runner.TrainStream(_Noise(), seed=2)
     assert any(not torch.equal(other[k]["noise"], first[k]["noise"]) for k in range(5))
 
 
 def test_step_sampler_shards_each_batch():
     world, batch = 2, 4
-    shards = [list(train.StepSampler(3, 5, batch, rank, world)) for rank in range(world)]
+    shards = [list(runner.StepSampler(3, 5, batch, rank, world)) for rank in range(world)]
     assert shards[0] == [12, 13, 16, 17] and shards[1] == [14, 15, 18, 19]
 
 
@@ -161,43 +168,43 @@ def test_checkpoint_round_trip_and_rng(tmp_path):
     torch.manual_seed(3)
     np.random.seed(3)
     state = {"model": {"w": torch.arange(3.0)}, "config": {"backbone": "mit_b0", "num_classes": 6},
-             "rng": train.rng_state(), "step": 7}
+             "rng": runner.rng_state(), "step": 7}
     expected = (torch.rand(2), np.random.rand(2))
-    train.save_checkpoint(str(path), state)
+    runner.save_checkpoint(str(path), state)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]       # no temporary left behind
-    loaded = train.load_checkpoint(str(path))                     # weights_only=True load
-    train.set_rng_state(loaded["rng"])
+    loaded = runner.load_checkpoint(str(path))                     # weights_only=True load
+    runner.set_rng_state(loaded["rng"])
     assert torch.equal(torch.rand(2), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
     assert loaded["step"] == 7
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        train.load_checkpoint(str(tmp_path / "missing.pth"))
+        runner.load_checkpoint(str(tmp_path / "missing.pth"))
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="bad.pth.*corrupt"):
-        train.load_checkpoint(str(bad))
+        runner.load_checkpoint(str(bad))
     foreign = tmp_path / "foreign.pth"
     torch.save({"patch_embed1.proj.weight": torch.zeros(1)}, foreign)
     with pytest.raises(ConfigError, match="not written by train.py"):
-        train.load_checkpoint(str(foreign))
+        runner.load_checkpoint(str(foreign))
     with pytest.raises(ConfigError, match="num_classes=81.*--num-classes 81"):
-        train.check_compatible({"config": {"backbone": "mit_b0", "num_classes": 81}},
+        runner.check_compatible({"config": {"backbone": "mit_b0", "num_classes": 81}},
                                Config(backbone="mit_b0", num_classes=6), "x.pth")
 
 
 def test_token_grid_matches_encoder():
-    model = train.AFANet(3, backbone="mit_b0").eval()
+    model = AFANet(3, backbone="mit_b0").eval()
     for size in (48, 50, 64, 72):
         with torch.no_grad():
             cams, affinity = model.cam(torch.zeros(1, 3, size, size + 16))
-        assert cams.shape[-2:] == (train.token_grid(size), train.token_grid(size + 16))
+        assert cams.shape[-2:] == (pipeline.token_grid(size), pipeline.token_grid(size + 16))
         assert affinity.shape[-1] == cams.shape[-1] * cams.shape[-2]
 
 
 def test_token_grid_is_the_ceiling_of_a_sixteenth():
-    assert [train.token_grid(s) for s in (16, 17, 32, 56, 64)] == [1, 2, 2, 4, 4]
+    assert [pipeline.token_grid(s) for s in (16, 17, 32, 56, 64)] == [1, 2, 2, 4, 4]
 
 
 # --- fidelity: the CAM passes and the decoder's BatchNorm statistics (paper §3.1, as the release) ---
@@ -234,11 +241,11 @@ def test_statistics_after_a_step_equal_the_release_decoder_on_every_cam_pass(ste
     # Without stochastic depth no pass draws random numbers, so the release path's Dropout2d
     # (after the BatchNorm) shifts nothing: the two runs see the same features.
     torch.manual_seed(0)
-    ours = train.AFANet(cfg.num_classes, backbone=cfg.backbone, drop_path_rate=0.0).train()
+    ours = AFANet(cfg.num_classes, backbone=cfg.backbone, drop_path_rate=0.0).train()
     release = copy.deepcopy(ours)
-    par, batch = train.PAR(), step_batch()
-    train.compute_losses(ours, ours, par, batch, step, cfg, contextlib.nullcontext)
-    train.compute_losses(release, ReleaseCAM(release), par, batch, step, cfg,
+    par, batch = PAR(), step_batch()
+    train_step.compute_losses(ours, ours, par, batch, step, cfg, contextlib.nullcontext)
+    train_step.compute_losses(release, ReleaseCAM(release), par, batch, step, cfg,
                          contextlib.nullcontext)
     bn, release_bn = decoder_batchnorm(ours), decoder_batchnorm(release)
     assert int(release_bn.num_batches_tracked) == 1 + len(cfg.cam_scales)
@@ -252,10 +259,10 @@ def test_no_cam_bn_stats_leaves_the_statistics_to_the_forward(step):
     cfg = Config(backbone="mit_b0", num_classes=6, crop=64, cam_iters=2, switch_iters=4,
                  cam_bn_stats=False)
     torch.manual_seed(0)
-    model = train.AFANet(cfg.num_classes, backbone=cfg.backbone, drop_path_rate=0.0).train()
+    model = AFANet(cfg.num_classes, backbone=cfg.backbone, drop_path_rate=0.0).train()
     forward_only = copy.deepcopy(model)
     batch = step_batch()
-    train.compute_losses(model, model, train.PAR(), batch, step, cfg, contextlib.nullcontext)
+    train_step.compute_losses(model, model, PAR(), batch, step, cfg, contextlib.nullcontext)
     with torch.no_grad():
         forward_only(batch["image"])
     bn, expected = decoder_batchnorm(model), decoder_batchnorm(forward_only)
@@ -271,10 +278,10 @@ def test_amp_leaves_the_pseudo_labels_in_float32(monkeypatch):
     a float32 run."""
     import pipeline
     cfg = Config(backbone="mit_b0", num_classes=6, crop=64, cam_iters=0, switch_iters=0, amp=True)
-    autocast, _ = train.make_autocast(cfg, torch.device("cpu"))
+    autocast, _ = train_step.make_autocast(cfg, torch.device("cpu"))
     torch.manual_seed(0)
-    model = train.AFANet(cfg.num_classes, backbone=cfg.backbone).eval()   # deterministic passes
-    par, batch = train.PAR(), step_batch()
+    model = AFANet(cfg.num_classes, backbone=cfg.backbone).eval()   # deterministic passes
+    par, batch = PAR(), step_batch()
     seen = []
     real_cam, real_propagate = model.cam_with_partial_affinity, pipeline.propagate
 
@@ -288,14 +295,14 @@ def test_amp_leaves_the_pseudo_labels_in_float32(monkeypatch):
 
     monkeypatch.setattr(model, "cam_with_partial_affinity", cam)
     monkeypatch.setattr(pipeline, "propagate", propagate)
-    out = train.compute_losses(model, model, par, batch, 1, cfg, autocast)
+    out = train_step.compute_losses(model, model, par, batch, 1, cfg, autocast)
     assert {kind for kind, _ in seen} == {"cam", "walk"}
     assert not any(low_precision for _, low_precision in seen), seen
-    expected = train.make_pseudo_labels(model, par, batch["image"], batch["cls_labels"],
+    expected = pipeline.make_pseudo_labels(model, par, batch["image"], batch["cls_labels"],
                                         batch["valid_box"], scales=cfg.cam_scales, need_afa=True)
     assert torch.equal(out.labels.par, expected.par) and torch.equal(out.labels.afa, expected.afa)
     seen.clear()
-    train.compute_losses(model, model, par, batch, 1, dataclasses.replace(cfg, cam_bf16=True),
+    train_step.compute_losses(model, model, par, batch, 1, dataclasses.replace(cfg, cam_bf16=True),
                          autocast)
     assert all(bf16 for kind, bf16 in seen if kind == "cam")        # --cam-bf16: CAM passes only
     assert not any(low for kind, low in seen if kind == "walk")
@@ -337,8 +344,8 @@ def test_help_shows_each_presets_default(capsys):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_first_signal_asks_for_a_stop_a_second_ctrl_c_stops_at_once(signum):
     """A second SIGTERM (torchrun passes one on after the group's) leaves the save to finish."""
-    before = {s: signal.getsignal(s) for s in train.StopSignal.SIGNALS}
-    stop = train.StopSignal.install()
+    before = {s: signal.getsignal(s) for s in runner.StopSignal.SIGNALS}
+    stop = runner.StopSignal.install()
     try:
         assert stop.signum is None
         os.kill(os.getpid(), signum)
@@ -351,21 +358,21 @@ def test_first_signal_asks_for_a_stop_a_second_ctrl_c_stops_at_once(signum):
             assert stop.signum == signum
     finally:
         stop.restore()
-    assert {s: signal.getsignal(s) for s in train.StopSignal.SIGNALS} == before
+    assert {s: signal.getsignal(s) for s in runner.StopSignal.SIGNALS} == before
 
 
 def test_resume_auto_takes_the_newest_checkpoint_of_any_kind(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    assert train.latest_checkpoint(str(tmp_path)) is None
+    assert runner.latest_checkpoint(str(tmp_path)) is None
     for name in ("iter_4.pth", "iter_30.pth", "nonfinite_iter_33.pth", ".iter_40.pth.tmp1",
                  "notes.txt"):
         (folder / name).write_bytes(b"x")
-    assert train.latest_checkpoint(str(tmp_path)) == str(folder / "nonfinite_iter_33.pth")
+    assert runner.latest_checkpoint(str(tmp_path)) == str(folder / "nonfinite_iter_33.pth")
     (folder / "interrupted_iter_35.pth").write_bytes(b"x")
-    assert train.latest_checkpoint(str(tmp_path)) == str(folder / "interrupted_iter_35.pth")
+    assert runner.latest_checkpoint(str(tmp_path)) == str(folder / "interrupted_iter_35.pth")
     (folder / "iter_100.pth").write_bytes(b"x")         # by step, not by name: 100 > 35
-    assert train.latest_checkpoint(str(tmp_path)) == str(folder / "iter_100.pth")
+    assert runner.latest_checkpoint(str(tmp_path)) == str(folder / "iter_100.pth")
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -393,21 +400,21 @@ def test_every_process_looks_at_the_work_dir_before_rank_0_writes_into_it(rank, 
 # --- bf16 on a CPU without it; the speed line ----------------------------------------------------
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_on_a_cpu_that_emulates_it_warns(native, monkeypatch, capsys):
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: native)
     for argv, warned in ((["--amp"], "--amp"), (["--cam-bf16"], "--cam-bf16"), ([], None)):
-        train.warn_if_bf16_is_emulated(parse_config(argv), torch.device("cpu"))
+        runner.warn_if_bf16_is_emulated(parse_config(argv), torch.device("cpu"))
         err = capsys.readouterr().err
         if native or warned is None:
             assert err == ""
         else:
             assert err.startswith(f"warning: {warned}: this CPU has no bf16 instructions")
             assert err.count("\n") == 1 and "slower" in err
-    train.warn_if_bf16_is_emulated(parse_config(["--amp"]), torch.device("cuda"))
+    runner.warn_if_bf16_is_emulated(parse_config(["--amp"]), torch.device("cuda"))
     assert capsys.readouterr().err == ""  # a GPU decides for itself
 
 
 def test_phase_times_average_per_phase():
-    times = train.PhaseTimes()
+    times = runner.PhaseTimes()
     for phase, seconds in (("classification-only steps", 0.2), ("classification-only steps", 0.4),
                            ("full steps", 1.5), ("validation", 8.0)):
         times.add(phase, seconds)

@@ -13,10 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
+import pipeline
+import runner
 import synthetic
 import train
+import train_step
 import visualize
+from model import AFANet
+from par import PAR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +63,7 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_synthetic, tmp_path, capsy
     for key in ("cls_f1", "cam_miou", "afa_miou", "seg_miou"):
         assert 0.0 <= metrics[key] <= 1.0
 
-    ckpt = train.load_checkpoint(str(work_dir / "checkpoints" / "iter_6.pth"))
+    ckpt = runner.load_checkpoint(str(work_dir / "checkpoints" / "iter_6.pth"))
     assert ckpt["step"] == 6 and ckpt["config"]["crop"] == 64
     assert json.loads((work_dir / "config.json").read_text())["iters"] == 6
 
@@ -72,23 +78,23 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_synthetic, tmp_path, capsy
 
 def test_post_switch_step_uses_the_afa_label(tiny_synthetic, monkeypatch):
     """After switch_iters the seg target is the AFA label; before, the PAR label."""
-    cfg = train.parse_config(tiny_flags(tiny_synthetic, "unused"))
+    cfg = config.parse_config(tiny_flags(tiny_synthetic, "unused"))
     dataset = data.build_dataset("synthetic", str(tiny_synthetic), "train", train=True,
                                  num_classes=cfg.num_classes, crop_size=64,
                                  rescale_range=cfg.rescale)
     batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
-    model, par = train.AFANet(cfg.num_classes, backbone=cfg.backbone), train.PAR()
+    model, par = AFANet(cfg.num_classes, backbone=cfg.backbone), PAR()
     seen = {}
-    real_seg_loss = train.seg_loss
+    real_seg_loss = pipeline.seg_loss
 
     def spy(logits, target, *a, **k):
         seen["target"] = target
         return real_seg_loss(logits, target, *a, **k)
 
-    monkeypatch.setattr(train, "seg_loss", spy)
+    monkeypatch.setattr(train_step, "seg_loss", spy)
     import contextlib
     for step, kind in ((cfg.switch_iters, "par"), (cfg.switch_iters + 1, "afa")):
-        out = train.compute_losses(model, model, par, batch, step, cfg, contextlib.nullcontext)
+        out = train_step.compute_losses(model, model, par, batch, step, cfg, contextlib.nullcontext)
         assert getattr(out.labels, kind) is not None
         assert torch.equal(seen["target"], getattr(out.labels, kind))
         out.loss.backward()
@@ -168,7 +174,7 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tiny_syn
     assert len(saved) == 1, err[-3000:]
     done = int(saved[0][len("interrupted_iter_"):-len(".pth")])
     assert f"interrupted after iteration {done} (SIGTERM)" in out
-    assert train.load_checkpoint(str(work_dir / "checkpoints" / saved[0]))["step"] == done
+    assert runner.load_checkpoint(str(work_dir / "checkpoints" / saved[0]))["step"] == done
 
 
 @pytest.mark.slow
@@ -197,4 +203,4 @@ def test_sigterm_to_torchruns_process_group_stops_every_rank_after_the_same_step
     assert f"interrupted after iteration {done} (SIGTERM)" in out
     # torchrun itself prints a traceback of its SignalException; the ranks print none
     assert "KeyboardInterrupt" not in err and "DataLoader worker" not in err, err[-3000:]
-    assert train.load_checkpoint(str(work_dir / "checkpoints" / saved[0]))["step"] == done
+    assert runner.load_checkpoint(str(work_dir / "checkpoints" / saved[0]))["step"] == done

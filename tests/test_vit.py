@@ -329,6 +329,7 @@ def test_tiny_vit_trains_through_every_stage_of_train_py(tmp_path):
     import json
     import math
 
+    import config
     import synthetic
     import train
     synthetic.make_synthetic(str(tmp_path / "synthetic"), num_train=8, num_val=2, size=64)
@@ -337,8 +338,8 @@ def test_tiny_vit_trains_through_every_stage_of_train_py(tmp_path):
                  workers=0, val_batch_size=2, num_figures=1, log_every=1, backbone="vit_tiny16")
     argv = [f"--{key.replace('_', '-')}={value}" for key, value in flags.items()]
     try:
-        train.check_config(train.parse_config(argv))
-    except train.ConfigError as error:
+        config.check_config(config.parse_config(argv))
+    except config.ConfigError as error:
         if "backbone" in str(error):
             pytest.skip("train.py does not accept ViT backbones yet")
         raise
