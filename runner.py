@@ -353,6 +353,8 @@ class PhaseTimes:
     """Wall-clock seconds per phase of the run, for the speed line at its end: a user can tell a
     slow machine from a slow program."""
 
+    PHASES = ("classification-only steps", "full steps", "validation")
+
     def __init__(self):
         self.seconds, self.counts = {}, {}
 
@@ -361,9 +363,11 @@ class PhaseTimes:
         self.counts[phase] = self.counts.get(phase, 0) + 1
 
     def summary(self) -> str:
-        """"classification-only steps 0.30 s/it (301), full steps 0.74 s/it (599), …"."""
-        return ", ".join(f"{phase} {self.seconds[phase] / n:.2f} s{'' if phase == 'validation' else '/it'}"
-                         f" ({n})" for phase, n in self.counts.items())
+        """"classification-only steps 0.30 s/it (201), full steps 0.74 s/it (399), validation
+        8.10 s (3)": the phases run so far, in the order of PHASES."""
+        return ", ".join(f"{phase} {self.seconds[phase] / self.counts[phase]:.2f} "
+                         f"s{'' if phase == 'validation' else '/it'} ({self.counts[phase]})"
+                         for phase in self.PHASES if phase in self.counts)
 
 
 @dataclass

@@ -64,8 +64,9 @@ def test_seg_loss_finite_when_a_half_is_empty(fill):
 
 
 # --- schedule -------------------------------------------------------------------------------------
-def test_lr_schedule_matches_spec():
-    # warm-up: lr·(1 − (1 − t/1500)(1 − 1e-6)); then lr·(1 − t/20000)^1
+def test_lr_schedule_is_linear_warmup_then_polynomial_decay():
+    """Paper §4.1 and the release's optimizer: warm-up lr·(1 − (1 − t/1500)(1 − 1e-6)), then
+    lr·(1 − t/20000)^1."""
     assert lr_factor(0, 1500, 20000) == pytest.approx(1e-6)
     assert lr_factor(750, 1500, 20000) == pytest.approx(1 - 0.5 * (1 - 1e-6))
     assert lr_factor(1500, 1500, 20000) == pytest.approx(1 - 1500 / 20000)
@@ -336,7 +337,7 @@ def test_help_shows_each_presets_default(capsys):
     text = " ".join(capsys.readouterr().out.split())           # argparse wraps the lines
     assert "synthetic when --data is not given" in text
     assert "(default: synthetic 128; VOC2012, COCO 512)" in text          # --crop
-    assert "(default: synthetic 900; VOC2012 20000; COCO 80000)" in text  # --iters
+    assert "(default: synthetic 600; VOC2012 20000; COCO 80000)" in text  # --iters
     assert "(default: 0.45)" in text                                      # --bkg-score: one value
 
 
@@ -416,7 +417,7 @@ def test_bf16_on_a_cpu_that_emulates_it_warns(native, monkeypatch, capsys):
 def test_phase_times_average_per_phase():
     times = runner.PhaseTimes()
     for phase, seconds in (("classification-only steps", 0.2), ("classification-only steps", 0.4),
-                           ("full steps", 1.5), ("validation", 8.0)):
+                           ("validation", 8.0), ("full steps", 1.5)):
         times.add(phase, seconds)
     assert times.summary() == ("classification-only steps 0.30 s/it (2), full steps 1.50 s/it (1), "
                                "validation 8.00 s (1)")
