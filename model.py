@@ -32,6 +32,7 @@ BatchNorm statistics see every CAM pass.
 Symbols: B batch, C classes incl. background, H×W input, H_i×W_i and C_i the grid and width of
 stage i, h×w the stage-4 grid, N = h·w tokens, N_q / N_kv query / key tokens, nh heads, d head width.
 """
+import functools
 import math
 from typing import NamedTuple
 
@@ -429,40 +430,121 @@ class SegFormerHead(nn.Module):
     # ---- speed paths: same numbers, less work ------------------------------------------------
 
     @torch.no_grad()
-    def update_batchnorm_statistics_fused(self, features):
-        """`update_batchnorm_statistics`, the BatchNorm's input computed by `fused_by_stage`, which
-        equals `linear_fuse.conv(embed(features))` up to float rounding without the
-        4·embed_dim-channel map at stride 4. Returns nothing."""
-        self.linear_fuse.bn(self.fused_by_stage(features))  # (B, embed_dim, H_1, W_1), discarded
+    def update_batchnorm_statistics_from_moments(self, features):
+        """`update_batchnorm_statistics` without the stride-4 map: in train mode the BatchNorm takes
+        only the per-channel mean and variance of its input y = conv(embed(features)), and both
+        follow from the features on their own grids. Returns nothing.
 
-    def fused_by_stage(self, features):
-        """`linear_fuse.conv(embed(features))` (B, embed_dim, H_1, W_1), the fusion conv applied to
-        each stage before upsampling. With W_s the conv's weights that read stage s and
-        Linear_s(x) = A_s·x + b_s,
-            conv(cat_s up(Linear_s f_s)) = Σ_s W_s·up(A_s f_s + b_s) = Σ_s up((W_s A_s) f_s + W_s b_s),
+        Why it is the same: write y = β + Σ_g A_g·up_g(x_g) (`fusion_by_grid`: the fusion conv and
+        the Linears commute with upsampling), up_g(x) = U_h,g x U_w,gᵀ the separable bilinear
+        upsampling from grid g to (H_1, W_1) (`interpolation_matrix`), and P = B·H_1·W_1 pixels:
+            mean(y)  = β + Σ_g A_g m_g,             m_g = Σ_{b,i,j} a_g[i] b_g[j] x_g[b, :, i, j] / P,
+            P·var(y) = Σ_{g,g'} diag(A_g S_gg' A_g'ᵀ),
+                S_gg' = Σ_b Σ_{i,j,k,l} x̃_g[b, :, i, j] x̃_g'[b, :, k, l]ᵀ G_h[i, k] G_w[j, l],
+        with a_g, b_g the column sums of U_h,g, U_w,g, x̃_g = x_g − m_g (bilinear rows sum to 1, so
+        up_g(x̃_g) = up_g(x_g) − m_g), and the Gram matrices G_h = U_h,gᵀ U_h,g', G_w = U_w,gᵀ U_w,g'.
+        The running statistics then move as nn.BatchNorm2d moves them: the unbiased variance
+        P·var / (P − 1), momentum or (momentum None) the cumulative average, num_batches_tracked + 1.
+        The same values up to float rounding (~1e-6, computed in float32 also under autocast); the
+        work is on the stage grids, in min(C_g, embed_dim) channels, never at stride 4 in embed_dim.
+        """
+        bn = self.linear_fuse.bn
+        if not (bn.training and bn.track_running_stats):
+            return  # a train-mode forward would update nothing either
+        B, _, H, W = features[0].shape  # (H_1, W_1), stride 4
+        pixels = B * H * W
+        if pixels < 2:
+            raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {pixels}")
+        with torch.autocast(features[0].device.type, enabled=False):  # statistics in float32
+            terms, bias = self.fusion_by_grid([f.float() for f in features])
+            mean, centred = bias.clone(), []
+            for x, projection in terms:  # x (B, C_g, H_g, W_g), projection A_g (embed_dim, C_g) or None
+                U_h = interpolation_matrix(H, x.shape[-2], device=x.device)  # (H_1, H_g)
+                U_w = interpolation_matrix(W, x.shape[-1], device=x.device)  # (W_1, W_g)
+                weights = torch.outer(U_h.sum(0), U_w.sum(0)).flatten()  # (H_g·W_g), a_g[i]·b_g[j]
+                m = (x.flatten(2) @ weights).sum(0) / pixels  # (C_g), m_g
+                mean += m if projection is None else projection @ m
+                centred.append((x - m[:, None, None], projection, U_h, U_w))  # x̃_g (B, C_g, H_g, W_g)
+            square_sum = torch.zeros_like(mean)  # P·var(y), (embed_dim)
+            for first in range(len(centred)):
+                for second in range(first, len(centred)):
+                    # S_g'g = S_gg'ᵀ: g is the finer grid, its map is carried onto the coarser g'
+                    (x, A, U_h, U_w), (x_other, A_other, U_h_other, U_w_other) = sorted(
+                        (centred[first], centred[second]), key=lambda term: -term[0].shape[-2:].numel())
+                    if x.shape[-2:] == x_other.shape[-2:] == (H, W):
+                        carried = x  # U = I on the stride-4 grid
+                    elif x.shape[-2:] == (H, W):  # G_hᵀ x̃_g G_w = U_h,g'ᵀ x̃_g U_w,g', upsampling's adjoint
+                        carried = bilinear_adjoint(x, x_other.shape[-2:])  # (B, C_g, H_g', W_g')
+                    else:
+                        G_h, G_w = U_h.T @ U_h_other, U_w.T @ U_w_other  # (H_g, H_g'), (W_g, W_g')
+                        carried = G_h.T @ (x @ G_w)  # (B, C_g, H_g', W_g')
+                    if A is None and A_other is None:
+                        products = (carried.flatten(2) * x_other.flatten(2)).sum(2).sum(0)  # diag(S_gg'), (embed_dim)
+                    else:
+                        S = (carried.flatten(2) @ x_other.flatten(2).transpose(1, 2)).sum(0)  # (C_g, C_g'), S_gg'
+                        left = S if A is None else A @ S  # (embed_dim, C_g')
+                        # diag(A_g S_gg' A_g'ᵀ), (embed_dim)
+                        products = left.diagonal() if A_other is None else (left * A_other).sum(1)
+                    square_sum += products if first == second else 2 * products
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        # Through .data, as the BatchNorm kernel writes them: a train-mode forward whose graph saved
+        # the buffers (the step's forward, before its CAM passes) can still run its backward.
+        bn.running_mean.data.mul_(1 - factor).add_(mean, alpha=factor)
+        bn.running_var.data.mul_(1 - factor).add_(square_sum / (pixels - 1), alpha=factor)  # unbiased
+
+    def fusion_by_grid(self, features):
+        """`linear_fuse.conv(embed(features))` as β + Σ_g A_g·up_g(x_g) over the grids g of the
+        stages: a list of (x_g (B, C_g, H_g, W_g), A_g (embed_dim, C_g) or None), and β (embed_dim).
+        With W_s the conv's weights that read stage s and Linear_s(x) = L_s·x + b_s,
+            conv(cat_s up(Linear_s f_s)) = Σ_s W_s·up(L_s f_s + b_s) = Σ_s up((W_s L_s) f_s) + Σ_s W_s b_s,
         since the 1×1 conv mixes channels and bilinear upsampling mixes pixels with weights that
-        sum to 1, so the two commute. Stages on the same grid are summed before upsampling. The
-        same values up to float rounding (~1e-6), without the 4·embed_dim-channel map at stride 4."""
+        sum to 1, so the two commute. The stages on one grid are concatenated: x_g = cat_s f_s,
+        A_g = cat_s W_s L_s; where that is wider than embed_dim, x_g is A_g·x_g and A_g is None
+        (the identity), whichever has fewer channels."""
         if len(features) != self.num_stages:
             raise ValueError(f"features must hold {self.num_stages} maps, got {len(features)}")
         weight = self.linear_fuse.conv.weight.flatten(1)  # (embed_dim, 4·embed_dim)
         embed_dim = weight.shape[0]
-        by_grid = {}  # grid size -> Σ_s (W_s A_s) f_s + W_s b_s over the stages on that grid
+        by_grid, bias = {}, 0  # (H_g, W_g) -> ([f_s], [W_s L_s]) of the stages on that grid
         for slot, stage in enumerate(reversed(range(1, self.num_stages + 1))):  # order c4, c3, c2, c1
             linear = getattr(self, f"linear_c{stage}").proj
             stage_weight = weight[:, slot * embed_dim:(slot + 1) * embed_dim]  # (embed_dim, embed_dim), W_s
             feature = features[stage - 1]  # (B, C_s, H_s, W_s)
-            mixed = F.conv2d(feature, (stage_weight @ linear.weight)[:, :, None, None],
-                             stage_weight @ linear.bias)  # (B, embed_dim, H_s, W_s)
-            grid = tuple(feature.shape[-2:])
-            by_grid[grid] = by_grid[grid] + mixed if grid in by_grid else mixed
-        size = features[0].shape[-2:]  # (H_1, W_1), stride 4
-        fused = 0
-        for grid, mixed in by_grid.items():
-            if grid != tuple(size):
-                mixed = F.interpolate(mixed, size=size, mode="bilinear", align_corners=False)  # (B, embed_dim, H_1, W_1)
-            fused = fused + mixed
-        return fused  # (B, embed_dim, H_1, W_1)
+            maps, projections = by_grid.setdefault(tuple(feature.shape[-2:]), ([], []))
+            maps.append(feature)
+            projections.append(stage_weight @ linear.weight)  # (embed_dim, C_s), W_s L_s
+            bias = bias + stage_weight @ linear.bias  # (embed_dim)
+        terms = []
+        for maps, projections in by_grid.values():
+            if sum(x.shape[1] for x in maps) > embed_dim:  # x_g = Σ_s (W_s L_s) f_s, (B, embed_dim, H_g, W_g)
+                terms.append((sum(F.conv2d(x, A[:, :, None, None]) for x, A in zip(maps, projections)), None))
+            elif len(maps) == 1:  # x_g = f_s (B, C_s, H_g, W_g), A_g = W_s L_s (embed_dim, C_s)
+                terms.append((maps[0], projections[0]))
+            else:  # x_g = cat_s f_s (B, C_g, H_g, W_g), A_g = cat_s W_s L_s (embed_dim, C_g)
+                terms.append((torch.cat(maps, dim=1), torch.cat(projections, dim=1)))
+        return terms, bias
+
+
+def bilinear_adjoint(x, size):
+    """The adjoint of bilinear upsampling from `size` to x's grid (align_corners=False):
+    x (B, C, H, W) -> U_hᵀ x U_w (B, C, *size), with U_h, U_w as `interpolation_matrix` gives them.
+    It is F.interpolate's backward, which visits each of x's pixels once (U has 2 weights a row)."""
+    B, C, H, W = x.shape
+    return torch.ops.aten.upsample_bilinear2d_backward(x, (H, W), (B, C, *size), False)  # (B, C, *size)
+
+
+@functools.lru_cache(maxsize=64)  # the same few grids every step; callers never write to U
+def interpolation_matrix(size_out, size_in, device=None):
+    """The (size_out, size_in) matrix U of 1-D bilinear resizing with align_corners=False: row i
+    weighs inputs ⌊s⌋ and min(⌊s⌋ + 1, size_in − 1) by 1 − (s − ⌊s⌋) and s − ⌊s⌋, at
+    s = max((i + ½)·size_in / size_out − ½, 0). Made by resizing the identity with F.interpolate,
+    so that the rounding and the edge clamping are PyTorch's own; 2-D bilinear resizing of a map
+    x (…, H_in, W_in) is U_h x U_wᵀ."""
+    basis = torch.eye(size_in, device=device).view(size_in, 1, size_in, 1)  # e_k as (size_in × 1) maps
+    resized = F.interpolate(basis, size=(size_out, 1), mode="bilinear", align_corners=False)
+    # (size_in, 1, size_out, 1): column k of U
+    return resized.view(size_in, size_out).T  # (size_out, size_in)
 
 
 class AFAOutput(NamedTuple):
@@ -542,9 +624,9 @@ class AFANet(nn.Module):
         The multi-scale CAM needs the affinity at one scale, of the un-flipped half of its batch,
         only. Every block runs the fused attention kernel and the AFA head works on the factors
         q, k of the logits (`encoder.forward_factored`, `AffinityHead.forward_factored`) instead of
-        n × afa_blocks·nh maps of N × N, and the decoder statistics take the fused input
-        (`update_batchnorm_statistics_fused`): the same values as `cam`'s first n up to float
-        rounding (~1e-6).
+        n × afa_blocks·nh maps of N × N, and the decoder statistics come from moments on the stage
+        grids (`update_batchnorm_statistics_from_moments`): the same values as `cam`'s first n up
+        to float rounding (~1e-6).
         """
         B = x.shape[0]
         if not 0 <= num_affinity <= B:
@@ -559,7 +641,7 @@ class AFANet(nn.Module):
             affinity = self.affinity_head.forward_factored([q[:n] for q in queries],
                                                            [k[:n] for k in keys])  # (n, N, N)
         if decoder_stats and self.training:
-            self.decoder.update_batchnorm_statistics_fused(features)
+            self.decoder.update_batchnorm_statistics_from_moments(features)
         return self.classifier(features[-1]), affinity  # (B, C−1, h, w), (n, N, N)
 
     def param_groups(self):

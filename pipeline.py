@@ -196,7 +196,7 @@ class AttentionAsAffinity:
             features, queries, keys = model.encoder.forward_factored(x, model.afa_blocks)
             attn = [q[:n] @ k[:n].transpose(-2, -1) for q, k in zip(queries, keys)]  # (n, nh, N, N) each
         if decoder_stats and model.training:
-            model.decoder.update_batchnorm_statistics_fused(features)
+            model.decoder.update_batchnorm_statistics_from_moments(features)
         return model.classifier(features[-1]), mhsa_affinity(attn, head_dim_of(model))
 
 

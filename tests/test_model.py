@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import AFANet, DropPath, MixTransformer, SegFormerHead, mit_b0, mit_b1
+from model import (AFANet, DropPath, MixTransformer, SegFormerHead, bilinear_adjoint, interpolation_matrix,
+                   mit_b0, mit_b1)
 from pretrained import load_pretrained
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -317,16 +318,120 @@ def test_decoder_matches_naive_reference():
     assert head.linear_fuse.conv.bias is None
 
 
-def test_fusion_by_stage_equals_fusion_of_the_concatenation():
-    # conv(cat_s up(Linear_s f_s)) = Σ_s up(W_s Linear_s f_s): on grids that do not divide evenly
-    # and with two stages on one grid, as AFA's strides (4, 2, 2, 1) give
+def test_interpolation_matrix_is_f_interpolate():
+    # U_h x U_wᵀ is F.interpolate's bilinear resizing (up, down, same size, odd ratios), and
+    # bilinear_adjoint is its adjoint: <up(x), y> = <x, adjoint(y)>
+    torch.manual_seed(0)
+    for (h_in, w_in), (h_out, w_out) in [((5, 6), (17, 21)), ((9, 11), (17, 21)), ((7, 7), (7, 7)),
+                                         ((17, 21), (5, 6)), ((1, 3), (4, 10))]:
+        x = torch.randn(2, 3, h_in, w_in)
+        U_h, U_w = interpolation_matrix(h_out, h_in), interpolation_matrix(w_out, w_in)
+        expected = F.interpolate(x, size=(h_out, w_out), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(U_h @ x @ U_w.T, expected, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(U_h.sum(1), torch.ones(h_out))  # bilinear rows sum to 1
+        y = torch.randn(2, 3, h_out, w_out)
+        torch.testing.assert_close(bilinear_adjoint(y, (h_in, w_in)), U_h.T @ y @ U_w, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_by_grid_equals_fusion_of_the_concatenation():
+    # conv(cat_s up(Linear_s f_s)) = β + Σ_g A_g·up(x_g): on grids that do not divide evenly, with
+    # two stages on one grid as AFA's strides (4, 2, 2, 1) give, kept (8 channels) and projected
+    # (16 and 24 + 32 channels > embed_dim = 12)
     torch.manual_seed(0)
     head = SegFormerHead((8, 16, 24, 32), num_classes=3, embed_dim=12)
     features = [torch.randn(2, 8, 17, 21), torch.randn(2, 16, 9, 11), torch.randn(2, 24, 5, 6),
                 torch.randn(2, 32, 5, 6)]
     with torch.no_grad():
         expected = head.linear_fuse.conv(head.embed(features))  # (2, 12, 17, 21)
-        torch.testing.assert_close(head.fused_by_stage(features), expected, rtol=1e-5, atol=1e-5)
+        terms, bias = head.fusion_by_grid(features)
+    assert [(x.shape[1], A is None) for x, A in terms] == [(12, True), (12, True), (8, False)]
+    fused = bias[:, None, None]
+    for x, projection in terms:
+        if projection is not None:
+            x = torch.einsum("bkhw,ek->behw", x, projection)
+        fused = fused + F.interpolate(x, size=(17, 21), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def batchnorm_state(head):
+    bn = head.linear_fuse.bn
+    return bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+
+
+def assert_same_batchnorm_state(actual, expected):
+    # relative to 1e-5, each buffer against its largest channel: a channel whose mean is near 0
+    # carries the float rounding of the others (~1e-8 here, the plain pass's own against float64)
+    (mean, var, count), (expected_mean, expected_var, expected_count) = actual, expected
+    assert count == expected_count
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-5, atol=1e-5 * expected_mean.abs().max().item())
+    torch.testing.assert_close(var, expected_var, rtol=1e-5, atol=1e-5 * expected_var.abs().max().item())
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("size", [(96, 160), (112, 112)])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("backbone", ["mit_b0", "vit_tiny16"])  # stride-4 + coarser grids; one stride-16 grid
+def test_batchnorm_statistics_from_moments_equal_the_plain_pass(backbone, batch, size, momentum):
+    torch.manual_seed(0)
+    model = AFANet(num_classes=5, backbone=backbone).train()
+    model.decoder.linear_fuse.bn.momentum = momentum
+    plain, moments = copy.deepcopy(model.decoder), copy.deepcopy(model.decoder)
+    before = batchnorm_state(plain)
+    with torch.no_grad():
+        for seed in (1, 2):  # two updates: the running averages compound
+            features, _ = model.encoder(torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)))
+            plain.update_batchnorm_statistics(features)
+            moments.update_batchnorm_statistics_from_moments(features)
+    expected = batchnorm_state(plain)
+    assert int(expected[2]) == 2
+    assert (expected[0] - before[0]).abs().max() > 1e-3 and (expected[1] - before[1]).abs().max() > 1e-3
+    assert_same_batchnorm_state(batchnorm_state(moments), expected)
+
+
+def test_batchnorm_statistics_from_moments_on_uneven_grids():
+    # the grids of test_fusion_by_grid: no stage grid divides the stride-4 one evenly
+    torch.manual_seed(0)
+    plain = SegFormerHead((8, 16, 24, 32), num_classes=3, embed_dim=12).train()
+    moments = copy.deepcopy(plain)
+    features = [torch.randn(2, 8, 17, 21) + 3, torch.randn(2, 16, 9, 11), torch.randn(2, 24, 5, 6),
+                torch.randn(2, 32, 5, 6)]
+    plain.update_batchnorm_statistics(features)
+    moments.update_batchnorm_statistics_from_moments(features)
+    assert_same_batchnorm_state(batchnorm_state(moments), batchnorm_state(plain))
+
+
+def test_batchnorm_statistics_from_moments_keep_a_pending_backward_valid():
+    # the training step: forward with graph (it saves the BatchNorm buffers), CAM passes that
+    # update them, then backward; the plain pass allows it, so must this one
+    torch.manual_seed(0)
+    head = SegFormerHead((8, 16, 24, 32), num_classes=3, embed_dim=12).train()
+    features = [torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8), torch.randn(2, 24, 4, 4),
+                torch.randn(2, 32, 4, 4)]
+    for update in (head.update_batchnorm_statistics, head.update_batchnorm_statistics_from_moments):
+        loss = head(features).square().mean()
+        update([f + 1 for f in features])
+        loss.backward()
+    assert head.linear_fuse.conv.weight.grad is not None
+
+
+def test_batchnorm_statistics_from_moments_follow_the_batchnorm_switches():
+    # as a BatchNorm forward: nothing moves in eval mode or without running statistics, and a
+    # single value per channel is refused
+    torch.manual_seed(0)
+    head = SegFormerHead((8, 16, 24, 32), num_classes=3, embed_dim=12)
+    features = [torch.randn(1, 8, 4, 4), torch.randn(1, 16, 2, 2), torch.randn(1, 24, 1, 1),
+                torch.randn(1, 32, 1, 1)]
+    before = batchnorm_state(head)
+    head.eval().update_batchnorm_statistics_from_moments(features)
+    head.train().linear_fuse.bn.track_running_stats = False
+    head.update_batchnorm_statistics_from_moments(features)
+    assert all(torch.equal(a, b) for a, b in zip(batchnorm_state(head), before))
+    head.linear_fuse.bn.track_running_stats = True
+    single = [f[..., :1, :1] for f in features]
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        head.linear_fuse.bn(head.linear_fuse.conv(head.embed(single)))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        head.update_batchnorm_statistics_from_moments(single)
 
 
 # ---------------------------------------------------------------- AFANet

@@ -18,7 +18,7 @@ import runner
 import train
 import train_step
 from config import Config, ConfigError, parse_config
-from model import AFANet
+from model import AFANet, SegFormerHead
 from par import PAR
 from pipeline import seg_loss
 from train import lr_factor
@@ -253,6 +253,30 @@ def test_statistics_after_a_step_equal_the_release_decoder_on_every_cam_pass(ste
     assert int(bn.num_batches_tracked) == int(release_bn.num_batches_tracked)
     torch.testing.assert_close(bn.running_mean, release_bn.running_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(bn.running_var, release_bn.running_var, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", [1, 3, 5], ids=["classification only", "PAR label", "AFA label"])
+def test_statistics_after_a_step_equal_those_of_the_plain_batchnorm_pass(step, monkeypatch):
+    """The CAM passes' BatchNorm update from moments on the stage grids
+    (`update_batchnorm_statistics_from_moments`) leaves the buffers of a whole step where the
+    plain decoder pass up to the BatchNorm leaves them, stochastic depth on, on an odd crop."""
+    cfg = Config(backbone="mit_b0", num_classes=6, crop=80, cam_iters=2, switch_iters=4)
+    assert cfg.cam_bn_stats
+    torch.manual_seed(0)
+    ours = AFANet(cfg.num_classes, backbone=cfg.backbone).train()
+    plain = copy.deepcopy(ours)
+    par, batch = PAR(), step_batch(size=cfg.crop)
+    torch.manual_seed(1)
+    train_step.compute_losses(ours, ours, par, batch, step, cfg, contextlib.nullcontext)
+    monkeypatch.setattr(SegFormerHead, "update_batchnorm_statistics_from_moments",
+                        SegFormerHead.update_batchnorm_statistics)
+    torch.manual_seed(1)  # the same stochastic-depth draws: neither update draws random numbers
+    train_step.compute_losses(plain, plain, par, batch, step, cfg, contextlib.nullcontext)
+    bn, plain_bn = decoder_batchnorm(ours), decoder_batchnorm(plain)
+    assert int(bn.num_batches_tracked) == int(plain_bn.num_batches_tracked) == 1 + len(cfg.cam_scales)
+    for name in ("running_mean", "running_var"):
+        actual, expected = getattr(bn, name), getattr(plain_bn, name)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("step", [1, 5])
