@@ -177,7 +177,7 @@ def _normalise(cams):
 
 @torch.no_grad()
 def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None,
-                                     forward_cams=None):
+                                     forward_cams=None, cam_pass=None):
     """`multi_scale_cam`, asking `model.cam_with_partial_affinity(x, n)` (AFANet's) for the
     affinity of the un-flipped images at the largest scale only, n = 0 at the other scales: the
     plain pass uses no other affinity, so the same values up to float rounding (~1e-6), without
@@ -188,6 +188,10 @@ def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), *, d
     only. Equal in eval mode; in train mode the forward drew its own stochastic-depth masks, and
     the decoder's BatchNorm sees the mirrors alone at that scale, so the numbers change. Not used
     when scale 1.0 is the largest (its affinity is needed).
+
+    cam_pass: the pass run at each scale, `model.cam_with_partial_affinity` when None; another
+    pass of the same form (x, n) -> (cams, pairwise scores of the first n images) returns its
+    scores in place of the affinity (AFANet's `cam_with_partial_attention`: the raw attention).
     """
     B, H, W, scales = _check_multi_scale(images, scales)
     if forward_cams is not None:
@@ -195,20 +199,21 @@ def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), *, d
         if forward_cams.shape[0] != B:
             raise ValueError(f"forward_cams must be (B, C-1, h, w) with B = {B}, got {tuple(forward_cams.shape)}")
     options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
+    cam_pass = model.cam_with_partial_affinity if cam_pass is None else cam_pass
     cams, affinity = 0, None
     for s in scales:
         scaled = _resize(images, s)  # (B, 3, sH, sW)
         keep_affinity = s == max(scales) and affinity is None
         if forward_cams is not None and s == 1.0 and not keep_affinity:
             # The forward's CAMs are the un-flipped half of this pass (exactly so in eval mode).
-            mirrored_cams, _ = model.cam_with_partial_affinity(scaled.flip(-1), 0, **options)  # (B, C-1, h, w)
+            mirrored_cams, _ = cam_pass(scaled.flip(-1), 0, **options)  # (B, C-1, h, w)
             if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
                 raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
                                  f"got {tuple(forward_cams.shape)}")
             scale_cams = torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams])  # (2B, C-1, h, w)
         else:
             both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
-            scale_cams, scale_affinity = model.cam_with_partial_affinity(
+            scale_cams, scale_affinity = cam_pass(
                 both, B if keep_affinity else 0, **options)  # (2B, C-1, h, w), (B or 0, N, N)
             if keep_affinity:
                 affinity = scale_affinity  # (B, N, N), the un-flipped images
