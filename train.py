@@ -57,9 +57,9 @@ from attention_affinity import affinity_loss
 from metrics import format_metrics, metrics_table, validate
 from model import BACKBONES, AFANet
 from par import PAR
-from pipeline import (PseudoLabels, affinity_targets, afa_pseudo_label, cam_statistics_passes,  # noqa: F401
-                      denormalize, label_precision, make_pseudo_labels, random_walk_cams,
-                      reg_loss, seg_loss, token_grid, upsample)
+from pipeline import (LabelSettings, PseudoLabels, affinity_targets, afa_pseudo_label,  # noqa: F401
+                      cam_statistics_passes, denormalize, label_precision, make_pseudo_labels,
+                      random_walk_cams, reg_loss, seg_loss, token_grid, upsample)
 from pretrained import load_pretrained
 from visualize import class_names_of, training_figure
 
@@ -331,10 +331,9 @@ def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Co
     seg_kind = cfg.seg_label if (switched or cfg.seg_label == "cam") else "par"
     aff_kind = ("afa" if (switched and cfg.aff_from_afa) else "par") if cfg.aff_weight else seg_kind
     labels = make_pseudo_labels(
-        model, par, images, cls_labels, valid_box, scales=cfg.cam_scales, low=cfg.low,
-        high=cfg.high, radius=cfg.radius, need_afa="afa" in (seg_kind, aff_kind),
-        need_par="par" in (seg_kind, aff_kind), need_cam="cam" in (seg_kind, aff_kind),
-        propagate_with=cfg.propagate_with, cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
+        model, par, images, cls_labels, valid_box, LabelSettings.from_config(cfg),
+        need={seg_kind, aff_kind}, thresholds="train", affinity_from="cam_pass",
+        cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
         forward_cams=out.cams.detach() if cfg.reuse_forward_cam else None)
     seg_target, aff_source = getattr(labels, seg_kind), getattr(labels, aff_kind)  # (B, H, W) each
     # --- stage 4: affinity labels from the pseudo label, L_aff (paper §3.2) ---------------------
@@ -925,18 +924,15 @@ def validate_and_save(run: Run, val_loader, val_set, step: int) -> dict:
     """The validation scores (metrics.json, a line on screen), the figures, a checkpoint."""
     cfg = run.cfg
     run.model.eval()
-    scores = validate(run.model, val_loader, cfg.num_classes, device=run.device, world=run.world,
-                      scales=cfg.cam_scales, bkg_score=cfg.bkg_score, low=cfg.low,
-                      radius=cfg.radius, propagate_with=cfg.propagate_with)
+    settings = LabelSettings.from_config(cfg)
+    scores = validate(run.model, val_loader, cfg.num_classes, run.device, settings, world=run.world)
     metrics = {"step": step, **scores}
     run.history.append(metrics)
     if run.is_main:
         if cfg.num_figures > 0:
             training_figure(run.model, run.par, val_set, range(min(cfg.num_figures, len(val_set))),
                             os.path.join(cfg.work_dir, "figures", f"val_iter_{step}.png"),
-                            run.device, class_names_of(cfg.data, cfg.num_classes),
-                            scales=cfg.cam_scales, bkg_score=cfg.bkg_score, low=cfg.low,
-                            high=cfg.high, radius=cfg.radius)
+                            run.device, class_names_of(cfg.data, cfg.num_classes), settings)
         write_metrics(cfg.work_dir, run.history)
         tqdm.write(format_metrics(metrics))
     save(run, step)

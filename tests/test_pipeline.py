@@ -8,7 +8,7 @@ import torch
 
 from attention_affinity import window_mask
 from par import PAR
-from pipeline import afa_pseudo_label, mhsa_affinity
+from pipeline import afa_pseudo_label, mhsa_affinity, random_walks
 from random_walk import propagate
 
 SIZE, STRIDE = 128, 16                     # a 128 × 128 image on the 8 × 8 token grid
@@ -48,8 +48,8 @@ def attention_logits(object_tokens, logit_gap):
 
 def label_through_the_chain(logits, pixels, cams, cls_labels):
     affinity = mhsa_affinity(logits, HEAD_DIM)                              # (1, N, N)
-    return afa_pseudo_label(PAR(), pixels, cams, affinity, cls_labels, None, scale=1.0,
-                            low=LOW, high=HIGH, radius=RADIUS)[0]           # (H, W)
+    walked = random_walks(cams, affinity, cls_labels, 1.0, (LOW, HIGH), RADIUS)  # 2 × (1, C, H, W)
+    return afa_pseudo_label(PAR(), pixels, *walked, cls_labels, None)[0]    # (H, W)
 
 
 def test_attention_with_object_structure_recovers_the_object():
