@@ -136,9 +136,11 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
     if thresholds not in THRESHOLDS or affinity_from not in AFFINITY_FROM:
         raise ValueError(f"thresholds must be one of {THRESHOLDS} and affinity_from one of "
                          f"{AFFINITY_FROM}, got {thresholds!r}, {affinity_from!r}")
-    walks = [t for t, asked in ((settings.low, "walk" in need or "afa" in need),
-                                (settings.high, "afa" in need)) if asked]
-    mhsa_in_pass = bool(walks) and affinity_from == "cam_pass" and settings.propagate_with == "attention"
+    # The walk's background scores: low for "walk", low and high for "afa"; none: no walk.
+    walk_scores = [t for t, asked in ((settings.low, "walk" in need or "afa" in need),
+                                      (settings.high, "afa" in need)) if asked]
+    mhsa = settings.propagate_with == "attention"
+    mhsa_in_pass = bool(walk_scores) and affinity_from == "cam_pass" and mhsa
     with label_precision(images.device.type):
         # --- Stage 1: multi-scale CAM (paper §3.1) and the CAM label ---------------------------
         cams, affinity = multi_scale_cams(model, images, settings.cam_scales, mhsa=mhsa_in_pass,
@@ -150,15 +152,16 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
         pixels = denormalize(images.float())                                # (B, 3, H, W) in [0, 1]
         par_label = (refine_cam_label(par, pixels, cams, cls_labels, valid_box, settings)
                      if "par" in need else None)                           # (B, H, W)
-        if not walks:
+        if not walk_scores:
             return PseudoLabels(par_label, None, cam, cams=cams)
         # --- Stage 3: random walk with the learned affinity (or the MHSA maps), PAR (§3.2) ----
         scale = max(settings.cam_scales)
         if affinity_from == "forward":   # the release's validation: scale 1.0, eval mode
             scale = 1.0
-            affinity = (forward_affinity if settings.propagate_with == "affinity"
-                        else mhsa_affinity_of(model, images)).float()      # (B, N, N)
-        walked = random_walks(cams, affinity, cls_labels, scale, walks, settings.radius)
+            affinity = (mhsa_affinity_of(model, images) if mhsa
+                        else forward_affinity).float()                     # (B, N, N)
+        walked = random_walks(cams, affinity, cls_labels, scale, walk_scores,
+                              settings.radius)                             # (B, C, H, W) each
         afa = (afa_pseudo_label(par, pixels, *walked, cls_labels, valid_box)
                if "afa" in need else None)                                 # (B, H, W)
     walk = walked[0].argmax(1) if "walk" in need else None                 # (B, H, W)
