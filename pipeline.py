@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from attention_affinity import affinity_labels, window_mask
 from cam import (cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed,
-                 refine_propagated_with_par)
+                 refine_propagated_with_par, valid_box_mask)
 from crf_loss import DenseCRFLoss
 from data import IMAGENET_MEAN, IMAGENET_STD
 from random_walk import propagate
@@ -352,21 +352,6 @@ def upsample(logits: torch.Tensor, size: tuple) -> torch.Tensor:
 
 
 
-def valid_box_mask(valid_box: torch.Tensor | None, H: int, W: int,
-                   device=None) -> torch.Tensor:
-    """1 inside each image's valid box (top, bottom, left, right), ends exclusive: valid_box
-    (B, 4) → (B, H, W) float; None means the whole crop (B = 1). An empty box gives all zeros."""
-    if valid_box is None:
-        return torch.ones(1, H, W, device=device)
-    device = valid_box.device if device is None else device
-    top, bottom, left, right = valid_box.to(device).long().unbind(dim=1)  # (B,) each
-    rows = torch.arange(H, device=device)                                   # (H,)
-    cols = torch.arange(W, device=device)                                   # (W,)
-    inside_rows = (rows >= top[:, None]) & (rows < bottom[:, None])         # (B, H)
-    inside_cols = (cols >= left[:, None]) & (cols < right[:, None])         # (B, W)
-    return (inside_rows[:, :, None] & inside_cols[:, None, :]).float()      # (B, H, W)
-
-
 # L_reg with the release's layer: weight 1e-7, σ_rgb 15, σ_xy 100, at half resolution.
 DENSE_CRF_LOSS = DenseCRFLoss(weight=1e-7, sigma_rgb=15, sigma_xy=100, scale_factor=0.5)
 
@@ -385,5 +370,5 @@ def reg_loss(seg_logits_up: torch.Tensor, images: torch.Tensor, valid_box: torch
     probs = seg_logits_up.float().softmax(dim=1)                            # (B, C, H, W)
     # RGB 0–255 (clamped: a no-op for real images, a guard for inputs that are not normalised pixels)
     rgb = (denormalize(images.float()) * 255.0).clamp(0, 255)              # (B, 3, H, W)
-    roi = valid_box_mask(valid_box, H, W, device=images.device).expand(images.shape[0], H, W)
+    roi = valid_box_mask(valid_box, images.shape[0], H, W, images.device).float()  # (B, H, W)
     return DENSE_CRF_LOSS(rgb, probs, roi, seg_target)                      # (B, H, W) roi
