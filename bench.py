@@ -51,8 +51,6 @@ import torch.nn.functional as F
 import data
 import pipeline
 from attention_affinity import affinity_loss
-from cam import (cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed,
-                 refine_propagated_with_par)
 from config import Config
 from model import BACKBONES, AFANet
 from par import PAR
@@ -181,30 +179,30 @@ def network_step(s: Setup, label: torch.Tensor, aff_label: torch.Tensor) -> None
 
 
 def staged_step(s: Setup, stage) -> None:
-    """The full step cut at the stages of compute_losses / make_pseudo_labels; `stage(name)` is
-    a context that times what runs inside it."""
+    """The full step cut at the stages of compute_losses, each label stage the pipeline's own
+    function (those make_pseudo_labels chains); `stage(name)` is a context that times what runs
+    inside it."""
     cfg, batch = s.cfg, s.batch
     images, cls_labels, box = batch["image"], batch["cls_labels"], batch["valid_box"]
     with stage("forward"), s.autocast():
         out = s.model(images)
+    settings = pipeline.LabelSettings.from_config(cfg)
     with torch.no_grad(), pipeline.label_precision(images.device.type):
-        with stage("multi-scale CAM"), pipeline.label_precision(images.device.type, cfg.cam_bf16):
-            forward_cams = out.cams.detach() if cfg.reuse_forward_cam else None
-            cams, affinity = multi_scale_cam_partial_affinity(s.model, images, cfg.cam_scales,
-                                                              decoder_stats=cfg.cam_bn_stats,
-                                                              forward_cams=forward_cams)
-            cams, affinity = cams.float(), affinity.float()
+        with stage("multi-scale CAM"):
+            cams, affinity = pipeline.multi_scale_cams(
+                s.model, images, settings.cam_scales, cam_bf16=cfg.cam_bf16,
+                decoder_stats=cfg.cam_bn_stats,
+                forward_cams=out.cams.detach() if cfg.reuse_forward_cam else None)
         with stage("CAM label"):
-            cam_to_label(cams, cls_labels, low=cfg.low, high=cfg.high, valid_box=box)
+            pipeline.cam_label(cams, cls_labels, box, settings, thresholds="train")
         with stage("PAR label"):
             pixels = pipeline.denormalize(images.float())
-            par_label = refine_cams_with_par_packed(s.par, pixels, cams, cls_labels, low=cfg.low,
-                                                    high=cfg.high, valid_box=box)
+            par_label = pipeline.refine_cam_label(s.par, pixels, cams, cls_labels, box, settings)
         with stage("random walk"):
-            walked = [pipeline.random_walk_cams(cams, affinity, cls_labels, max(cfg.cam_scales),
-                                                t, cfg.radius) for t in (cfg.low, cfg.high)]
+            walked = pipeline.random_walks(cams, affinity, cls_labels, max(settings.cam_scales),
+                                           (settings.low, settings.high), settings.radius)
         with stage("AFA label (PAR)"):
-            afa_label = refine_propagated_with_par(s.par, pixels, *walked, cls_labels, box)
+            afa_label = pipeline.afa_pseudo_label(s.par, pixels, *walked, cls_labels, box)
     with stage("losses"):
         aff_loss = affinity_loss(out.affinity.float(), pipeline.affinity_targets(par_label, cfg.radius))
         seg_logits = pipeline.upsample(out.seg_logits, images.shape[-2:])       # (B, C, H, W)

@@ -40,11 +40,9 @@ def _check_cls_labels(cls_labels, B, num_foreground):
         raise ValueError(f"cls_labels must be (B, C-1) = ({B}, {num_foreground}), got {shape}")
 
 
-def _box_mask(valid_box, B, H, W, device):
-    """Pixels inside each image's valid box: valid_box (B, 4) (top, bottom, left, right) -> (B, H, W).
-
-    None means the whole crop.
-    """
+def valid_box_mask(valid_box, B, H, W, device=None):
+    """Pixels inside each image's valid box: valid_box (B, 4) integer (top, bottom, left, right),
+    ends exclusive -> (B, H, W) bool. None means the whole crop; an empty box holds no pixel."""
     if valid_box is None:
         return torch.ones(B, H, W, dtype=torch.bool, device=device)
     box = torch.as_tensor(valid_box, device=device)
@@ -54,15 +52,24 @@ def _box_mask(valid_box, B, H, W, device):
             f"got {tuple(box.shape)} {box.dtype}"
         )
     top, bottom, left, right = box.unbind(dim=1)  # (B,) each
-    if not bool(((0 <= top) & (top < bottom) & (bottom <= H) & (0 <= left) & (left < right) & (right <= W)).all()):
-        raise ValueError(
-            f"valid_box rows must satisfy 0 <= top < bottom <= {H} and 0 <= left < right <= {W}, got {box.tolist()}"
-        )
-    rows = torch.arange(H, device=device)  # (H,)
-    cols = torch.arange(W, device=device)  # (W,)
+    rows = torch.arange(H, device=box.device)  # (H,)
+    cols = torch.arange(W, device=box.device)  # (W,)
     inside_rows = (rows >= top[:, None]) & (rows < bottom[:, None])  # (B, H)
     inside_cols = (cols >= left[:, None]) & (cols < right[:, None])  # (B, W)
     return inside_rows[:, :, None] & inside_cols[:, None, :]  # (B, H, W)
+
+
+def _checked_box_mask(valid_box, B, H, W, device):
+    """`valid_box_mask` of a box that must lie in the crop and hold a pixel, as the labels need."""
+    inside_box = valid_box_mask(valid_box, B, H, W, device)  # (B, H, W)
+    if valid_box is not None:
+        top, bottom, left, right = torch.as_tensor(valid_box).unbind(dim=1)  # (B,) each
+        if not bool(((0 <= top) & (top < bottom) & (bottom <= H) & (0 <= left) & (left < right) & (right <= W)).all()):
+            raise ValueError(
+                f"valid_box rows must satisfy 0 <= top < bottom <= {H} and 0 <= left < right <= {W}, "
+                f"got {torch.as_tensor(valid_box).tolist()}"
+            )
+    return inside_box
 
 
 def _with_background(cls_labels):
@@ -177,7 +184,7 @@ def _normalise(cams):
 
 @torch.no_grad()
 def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None,
-                                     forward_cams=None):
+                                     forward_cams=None, cam_pass=None):
     """`multi_scale_cam`, asking `model.cam_with_partial_affinity(x, n)` (AFANet's) for the
     affinity of the un-flipped images at the largest scale only, n = 0 at the other scales: the
     plain pass uses no other affinity, so the same values up to float rounding (~1e-6), without
@@ -188,6 +195,10 @@ def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), *, d
     only. Equal in eval mode; in train mode the forward drew its own stochastic-depth masks, and
     the decoder's BatchNorm sees the mirrors alone at that scale, so the numbers change. Not used
     when scale 1.0 is the largest (its affinity is needed).
+
+    cam_pass: the pass run at each scale, `model.cam_with_partial_affinity` when None; another
+    pass of the same form (x, n) -> (cams, pairwise scores of the first n images) returns its
+    scores in place of the affinity (AFANet's `cam_with_partial_attention`: the raw attention).
     """
     B, H, W, scales = _check_multi_scale(images, scales)
     if forward_cams is not None:
@@ -195,20 +206,21 @@ def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), *, d
         if forward_cams.shape[0] != B:
             raise ValueError(f"forward_cams must be (B, C-1, h, w) with B = {B}, got {tuple(forward_cams.shape)}")
     options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
+    cam_pass = model.cam_with_partial_affinity if cam_pass is None else cam_pass
     cams, affinity = 0, None
     for s in scales:
         scaled = _resize(images, s)  # (B, 3, sH, sW)
         keep_affinity = s == max(scales) and affinity is None
         if forward_cams is not None and s == 1.0 and not keep_affinity:
             # The forward's CAMs are the un-flipped half of this pass (exactly so in eval mode).
-            mirrored_cams, _ = model.cam_with_partial_affinity(scaled.flip(-1), 0, **options)  # (B, C-1, h, w)
+            mirrored_cams, _ = cam_pass(scaled.flip(-1), 0, **options)  # (B, C-1, h, w)
             if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
                 raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
                                  f"got {tuple(forward_cams.shape)}")
             scale_cams = torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams])  # (2B, C-1, h, w)
         else:
             both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
-            scale_cams, scale_affinity = model.cam_with_partial_affinity(
+            scale_cams, scale_affinity = cam_pass(
                 both, B if keep_affinity else 0, **options)  # (2B, C-1, h, w), (B or 0, N, N)
             if keep_affinity:
                 affinity = scale_affinity  # (B, N, N), the un-flipped images
@@ -237,7 +249,7 @@ def cam_to_label(cams, cls_labels, bkg_score=0.45, low=None, high=None, valid_bo
     if low is not None:
         label = torch.where(score <= high, ignore_index, label)
         label = torch.where(score <= low, 0, label)
-    inside_box = _box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
+    inside_box = _checked_box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
     return torch.where(inside_box, label, ignore_index).long()
 
 
@@ -288,7 +300,7 @@ def _check_refine(images, cams, cls_labels, valid_box, down_scale):
         raise ValueError(f"cams must be (B, C-1, H, W) = ({B}, C-1, {H}, {W}), got {tuple(cams.shape)}")
     _check_cls_labels(cls_labels, B, cams.shape[1])
     _check_down_scale(down_scale, H, W)
-    return B, H, W, _box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
+    return B, H, W, _checked_box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
 
 
 def _downsample_for_par(images, cams, high, low, down_scale):
@@ -370,7 +382,7 @@ def refine_propagated_with_par(par, images, cams_low, cams_high, cls_labels, val
             f"got {tuple(cams_low.shape)} and {tuple(cams_high.shape)}"
         )
     _check_cls_labels(cls_labels, B, cams_low.shape[1] - 1)
-    inside_box = _box_mask(valid_box, B, H, W, images.device)  # (B, H, W)
+    inside_box = _checked_box_mask(valid_box, B, H, W, images.device)  # (B, H, W)
     if not isinstance(down_scale, int) or down_scale < 1:
         raise ValueError(f"down_scale must be a positive int, got {down_scale}")
     boxes = [(0, H, 0, W)] * B if valid_box is None else torch.as_tensor(valid_box).tolist()

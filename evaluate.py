@@ -40,13 +40,11 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed
 from config import PRESETS, Config, ConfigError, check_config
 from metrics import confusion_matrix, scores_table, segmentation_scores
 from model import BACKBONES, AFANet
 from par import PAR
-from pipeline import (AttentionAsAffinity, afa_pseudo_label, denormalize, random_walk_cams,
-                      token_grid, upsample)
+from pipeline import LabelSettings, make_pseudo_labels, token_grid, upsample
 from pretrained import RELEASE_SIGNATURES, afanet_from_release, describe_state, release_prefix
 from runner import check_compatible, exit_code
 from visualize import attention_figure, class_names_of, image_to_rgb, save_prediction
@@ -234,8 +232,7 @@ PSEUDO_LABELS = (("cam", "CAM"), ("cam_par", "CAM + PAR"), ("afa", "AFA (random 
 
 @torch.no_grad()
 def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: torch.Tensor,
-                     cam_scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
-                     high: float = 0.55, radius: int = 8, propagate_with: str = "affinity") -> dict:
+                     settings: LabelSettings) -> dict:
     """The labels of `PSEUDO_LABELS`, each (B, H, W), for images (B, 3, H, W) with their
     image-level labels cls_labels (B, C-1), the whole image as valid box.
 
@@ -249,27 +246,20 @@ def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: 
     """
     B, _, H, W = images.shape
     whole = torch.tensor([[0, H, 0, W]], device=images.device).expand(B, 4)  # (B, 4) valid box
-    cam_model = AttentionAsAffinity(model) if propagate_with == "attention" else model
-    cams, affinity = multi_scale_cam_partial_affinity(cam_model, images,
-                                                      cam_scales)  # (B, C-1, H, W), (B, N, N)
-    cams, affinity = cams.float(), affinity.float()
-    pixels = denormalize(images.float())                                  # (B, 3, H, W) in [0, 1]
-    largest = max(cam_scales)
+    labels = make_pseudo_labels(model, par, images, cls_labels, whole, settings,
+                                need=("cam", "par", "walk", "afa"), thresholds="eval",
+                                affinity_from="cam_pass")
     return {
-        "cam": cam_to_label(cams, cls_labels, bkg_score=bkg_score),
-        "cam_par": refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=low, high=high,
-                                               valid_box=whole),
-        "afa": random_walk_cams(cams, affinity, cls_labels, largest, low, radius).argmax(1),
-        "afa_par": afa_pseudo_label(par, pixels, cams, affinity, cls_labels, whole, largest,
-                                    low, high, radius),
+        "cam": labels.cam,
+        "cam_par": labels.par,
+        "afa": labels.walk,
+        "afa_par": labels.afa,
         "seg": upsample(seg_logits(model, images), (H, W)).argmax(1),
     }
 
 
 def pseudo_label_quality(model: AFANet, par: PAR, loader, num_classes: int, device,
-                         cam_scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
-                         high: float = 0.55, radius: int = 8,
-                         propagate_with: str = "affinity") -> dict:
+                         settings: LabelSettings) -> dict:
     """mIoU of each label of `pseudo_labels_of` over a split with masks, at each image's size.
 
     The image-level labels are the ground truth's. Pixels a label leaves ignored (255) are not
@@ -283,8 +273,7 @@ def pseudo_label_quality(model: AFANet, par: PAR, loader, num_classes: int, devi
     for batch in tqdm(loader, desc="pseudo labels", unit="batch", dynamic_ncols=True):
         gt = batch["label"]                                                   # (B, H, W)
         labels = pseudo_labels_of(model, par, batch["image"].to(device),
-                                  batch["cls_labels"].to(device), cam_scales, bkg_score, low,
-                                  high, radius, propagate_with)
+                                  batch["cls_labels"].to(device), settings)
         for k in keys:
             confs[k] += confusion_matrix(labels[k].cpu(), gt, num_classes)
         valid_pixels += int(((gt != IGNORE_INDEX) & (gt >= 0) & (gt < num_classes)).sum())
@@ -545,8 +534,8 @@ def figures_of_split(model, cfg: Config, dataset, chosen: list, out_dir: str, na
         check_pixel(pixel, sample["image"])
         path = os.path.join(out_dir, "figures", name + ".png")
         attention_figure(model, sample["image"], path, names, cls_labels=sample["cls_labels"],
-                         truth=sample["label"], pixel=pixel, cam_scales=cfg.cam_scales,
-                         bkg_score=cfg.low, radius=cfg.radius)
+                         truth=sample["label"], pixel=pixel,
+                         settings=LabelSettings.from_config(cfg))
         print(f"figure: {path}")
 
 
@@ -558,7 +547,7 @@ def figures_of_files(model, cfg: Config, paths: list, out_dir: str, names, pixel
         image = load_image(image_path)
         check_pixel(pixel, image)
         attention_figure(model, image, path, names, pixel=pixel,
-                         cam_scales=cfg.cam_scales, bkg_score=cfg.low, radius=cfg.radius)
+                         settings=LabelSettings.from_config(cfg))
         print(f"figure: {path}")
 
 
@@ -566,9 +555,7 @@ def pseudo_label_report(model, cfg: Config, loader, device, names) -> dict:
     """--pseudo: the table on screen, the entries of metrics.json returned."""
     par = PAR(num_iter=cfg.par_iters).to(device)
     result = pseudo_label_quality(model, par, loader, cfg.num_classes, device,
-                                  cam_scales=cfg.cam_scales, bkg_score=cfg.bkg_score,
-                                  low=cfg.low, high=cfg.high, radius=cfg.radius,
-                                  propagate_with=cfg.propagate_with)
+                                  LabelSettings.from_config(cfg))
     split = loader.dataset.split
     print(f"\npseudo labels on {split} ({len(loader.dataset)} images), random walk with the "
           f"{'learned affinity' if cfg.propagate_with == 'affinity' else 'MHSA maps'}:\n"

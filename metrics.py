@@ -17,9 +17,8 @@ import math
 
 import torch
 
-from cam import cam_to_label, multi_scale_cam_partial_affinity
 from data import IGNORE_INDEX
-from pipeline import attention_affinity_of, random_walk_cams, upsample
+from pipeline import LabelSettings, make_pseudo_labels, upsample
 
 
 # =============================================================================================
@@ -97,32 +96,28 @@ def scores_table(scores: dict, class_names) -> str:
 # =============================================================================================
 @torch.no_grad()
 def validation_labels(model, images: torch.Tensor, cls_labels: torch.Tensor,
-                      scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
-                      radius: int = 8, propagate_with: str = "affinity") -> tuple:
+                      settings: LabelSettings) -> tuple:
     """(cls_logits (B, C-1), {"cam", "afa", "seg": (B, H, W) labels}) of images (B, 3, H, W), as
     the release's validation makes them, with the model in eval mode.
 
     "cam": the multi-scale CAM's label at the evaluation threshold `bkg_score`; "afa": the arg-max
     of those CAMs propagated with the affinity of the eval forward at scale 1.0 (on its
-    ⌈H/16⌉ × ⌈W/16⌉ grid) with background `low` — or, with `propagate_with="attention"`, with
-    the MHSA maps of the same blocks on that grid (pipeline.mhsa_affinity; paper Table 4); "seg":
-    the arg-max of the seg branch. The ground-truth image-level labels select the classes.
+    ⌈H/16⌉ × ⌈W/16⌉ grid) with background `low`, no PAR — or, with `propagate_with="attention"`,
+    with the MHSA maps of the same blocks on that grid (pipeline.mhsa_affinity; paper Table 4);
+    "seg": the arg-max of the seg branch. The ground-truth image-level labels select the classes.
     """
     H, W = images.shape[-2:]
     out = model(images)                                                    # scale 1.0, eval mode
     seg = upsample(out.seg_logits, (H, W)).argmax(1)                       # (B, H, W)
-    cams, _ = multi_scale_cam_partial_affinity(model, images, scales)      # (B, C-1, H, W)
-    cams = cams.float()
-    cam_label = cam_to_label(cams, cls_labels, bkg_score=bkg_score)        # (B, H, W)
-    affinity = out.affinity if propagate_with == "affinity" else attention_affinity_of(model, images)
-    walked = random_walk_cams(cams, affinity.float(), cls_labels, 1.0, low, radius)  # (B, C, H, W)
-    return out.cls_logits, {"cam": cam_label, "afa": walked.argmax(1), "seg": seg}
+    labels = make_pseudo_labels(model, None, images, cls_labels, None, settings,
+                                need=("cam", "walk"), thresholds="eval", affinity_from="forward",
+                                forward_affinity=out.affinity)
+    return out.cls_logits, {"cam": labels.cam, "afa": labels.walk, "seg": seg}
 
 
 @torch.no_grad()
-def validate(model, loader, num_classes: int, device, world: int = 1,
-             scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
-             radius: int = 8, propagate_with: str = "affinity") -> dict:
+def validate(model, loader, num_classes: int, device, settings: LabelSettings,
+             world: int = 1) -> dict:
     """Scores of `validation_labels` on a (sharded) split; counts summed over the processes.
 
     Returns {"cls_f1", "cam_miou", "afa_miou", "seg_miou"}.
@@ -134,8 +129,7 @@ def validate(model, loader, num_classes: int, device, world: int = 1,
         images = batch["image"].to(device)                                    # (B, 3, H, W)
         gt = batch["label"].to(device)                                        # (B, H, W)
         cls_labels = batch["cls_labels"].to(device)                           # (B, C-1)
-        cls_logits, labels = validation_labels(model, images, cls_labels, scales, bkg_score,
-                                               low, radius, propagate_with)
+        cls_logits, labels = validation_labels(model, images, cls_labels, settings)
         counts += multilabel_counts(cls_logits, cls_labels)
         for key, pred in labels.items():
             confs[key] += confusion_matrix(pred, gt, num_classes)

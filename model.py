@@ -644,6 +644,27 @@ class AFANet(nn.Module):
             self.decoder.update_batchnorm_statistics_from_moments(features)
         return self.classifier(features[-1]), affinity  # (B, C−1, h, w), (n, N, N)
 
+    def cam_with_partial_attention(self, x, num_attention, *, decoder_stats=True):
+        """`cam_with_partial_affinity` with the raw attention in place of the affinity, for the
+        paper's "propagation with MHSA" (Table 4): x (B, 3, H, W) -> (cams (B, C−1, h, w),
+        attn_logits (n, afa_blocks, nh, N, N)), the pre-softmax logits q·kᵀ that the AFA head
+        reads, of the first n = num_attention images; the same pass, draws and statistics.
+        """
+        B = x.shape[0]
+        if not 0 <= num_attention <= B:
+            raise ValueError(f"num_attention must be in [0, {B}], got {num_attention}")
+        if num_attention == 0:
+            cams, affinity = self.cam_with_partial_affinity(x, 0, decoder_stats=decoder_stats)
+            N = affinity.shape[-1]
+            return cams, affinity.new_zeros(0, self.afa_blocks, self.encoder.num_heads[-1], N, N)
+        features, queries, keys = self.encoder.forward_factored(x, self.afa_blocks)  # (B, nh, N, d) each
+        n = num_attention
+        attn_logits = torch.stack([q[:n] @ k[:n].transpose(-2, -1)
+                                   for q, k in zip(queries, keys)], dim=1)  # (n, afa_blocks, nh, N, N)
+        if decoder_stats and self.training:
+            self.decoder.update_batchnorm_statistics_from_moments(features)
+        return self.classifier(features[-1]), attn_logits  # (B, C−1, h, w), (n, afa_blocks, nh, N, N)
+
     def param_groups(self):
         """Parameters by learning-rate group (paper §4.1; the groups of the release): "encoder"
         (weights), "encoder_norm" (every encoder parameter whose name contains "norm": LayerNorms,

@@ -5,21 +5,25 @@
                   └► random walk with the learned affinity (§3.2) ─► PAR ─► AFA pseudo label
                                                                         ─► L_seg, L_reg (§3.4)
 
-`train_step.py` chains these stages in the step; the validation (`metrics.py`), the figures
-(`visualize.py`) and the pseudo-label table (`evaluate.py`) call the same functions, so what they
-measure is what the network trains on. The method itself lives below this module (`cam.py`,
-`par.py`, `attention_affinity.py`, `random_walk.py`, `crf_loss.py`, `model.py`); here it is put
-in order. The pseudo labels are made without gradient and in float32 whatever autocast surrounds
-the call (`--amp` covers the network's forward and backward only); `cam_bf16=True` runs the CAM
-passes alone in bfloat16.
+One chain makes every pseudo label of the project (`make_pseudo_labels`): the training step's,
+the validation's (`metrics.py`), the pseudo-label table's (`evaluate.py`) and the figures'
+(`visualize.py`), with what differs between them as explicit arguments (which labels, the CAM
+label's thresholds, which pass the walk's affinity comes from) and the numbers in one
+`LabelSettings`; `bench.py` times its stage functions. So what they measure is what the network
+trains on. The method itself lives below this module (`cam.py`, `par.py`,
+`attention_affinity.py`, `random_walk.py`, `crf_loss.py`, `model.py`); here it is put in order.
+The pseudo labels are made without gradient and in float32 whatever autocast surrounds the call
+(`--amp` covers the network's forward and backward only); `cam_bf16=True` runs the CAM passes
+alone in bfloat16.
 
 The paper's ablations (§4.3, Tables 3 and 4) change single stages: the seg branch supervised by
-the CAM label, the PAR label or the AFA label (`make_pseudo_labels(need_cam=..., need_afa=...)`),
-and the random walk with the raw multi-head self-attention instead of the learned affinity
-(`propagate_with="attention"`, `attention_affinity_of`).
+the CAM label, the PAR label or the AFA label (`make_pseudo_labels(need=...)`), and the random
+walk with the raw multi-head self-attention instead of the learned affinity
+(`LabelSettings(propagate_with="attention")`: `mhsa_affinity` of the same pass's attention).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 
 from attention_affinity import affinity_labels, window_mask
 from cam import (cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed,
-                 refine_propagated_with_par)
+                 refine_propagated_with_par, valid_box_mask)
 from crf_loss import DenseCRFLoss
 from data import IMAGENET_MEAN, IMAGENET_STD
 from random_walk import propagate
@@ -60,58 +64,157 @@ def label_precision(device_type: str, cam_bf16: bool = False):
 
 
 # =============================================================================================
-# Stages 1–3: CAM → PAR label (→ random walk → AFA label), without gradient
+# Stages 1–3: CAM → label → PAR (→ random walk → PAR), without gradient: the one label chain
 # =============================================================================================
+@dataclass(frozen=True)
+class LabelSettings:
+    """The numbers of the pseudo-label chain (paper §3.1–3.3), the paper's defaults."""
+    cam_scales: tuple = (1.0, 0.5, 1.5)  # scales of the multi-scale CAM (§3.1)
+    low: float = 0.35                    # background threshold below which a pixel is background
+    high: float = 0.55                   # … above which it is its class; ignored in between
+    bkg_score: float = 0.45              # the single threshold of the CAM label at evaluation
+    radius: int = 8                      # the random walk's window on the stride-16 grid (§3.2)
+    propagate_with: str = "affinity"     # the walk's pairwise scores: "affinity" or "attention" (MHSA)
+
+    def __post_init__(self):
+        if self.propagate_with not in PROPAGATE_WITH:
+            raise ValueError(f"propagate_with must be one of {PROPAGATE_WITH}, "
+                             f"got {self.propagate_with!r}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "LabelSettings":
+        """The settings of a run's configuration (train.Config), read once where it is read."""
+        return cls(cam_scales=tuple(cfg.cam_scales), low=cfg.low, high=cfg.high,
+                   bkg_score=cfg.bkg_score, radius=cfg.radius, propagate_with=cfg.propagate_with)
+
+
 class PseudoLabels(NamedTuple):
     par: torch.Tensor | None     # (B, H, W) the CAM label refined with PAR (paper §3.3); None if not asked
     afa: torch.Tensor | None     # (B, H, W) the AFA pseudo label (paper §3.2); None if not asked
-    cam: torch.Tensor | None = None  # (B, H, W) the three-band CAM label (paper §3.1); None if not asked
+    cam: torch.Tensor | None = None  # (B, H, W) the CAM label (paper §3.1); None if not asked
+    walk: torch.Tensor | None = None  # (B, H, W) arg-max of the walk at background `low`, no PAR
+    cams: torch.Tensor | None = None  # (B, C-1, H, W) the multi-scale CAMs in [0, 1]
+    walked: torch.Tensor | None = None  # (B, C, H, W) the CAMs walked at background `low`
+    affinity: torch.Tensor | None = None  # (B, N, N) what the walk used; None without a walk
+
+
+LABELS = ("cam", "par", "walk", "afa")
+THRESHOLDS = ("train", "eval")     # the CAM label's bands: low / high (training), bkg_score alone
+AFFINITY_FROM = ("cam_pass", "forward")  # the walk's affinity: the CAM pass's largest scale, or
+                                         # the scale-1.0 forward (the release's validation)
 
 
 @torch.no_grad()
 def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tensor,
-                       valid_box: torch.Tensor | None, *, scales=(1.0, 0.5, 1.5),
-                       low: float = 0.35, high: float = 0.55, radius: int = 8,
-                       need_afa: bool = True, need_par: bool = True, need_cam: bool = False,
-                       propagate_with: str = "affinity", cam_bf16: bool = False,
-                       decoder_stats: bool | None = None,
+                       valid_box: torch.Tensor | None, settings: LabelSettings, *,
+                       need=("par", "afa"), thresholds: str = "train",
+                       affinity_from: str = "cam_pass",
+                       forward_affinity: torch.Tensor | None = None,
+                       cam_bf16: bool = False, decoder_stats: bool | None = None,
                        forward_cams: torch.Tensor | None = None) -> PseudoLabels:
-    """The step's pseudo labels for images (B, 3, H, W) with cls_labels (B, C-1), valid_box (B, 4).
+    """Every pseudo label of the project, for images (B, 3, H, W) with cls_labels (B, C-1) and
+    valid_box (B, 4) (None: the whole crop): training, validation, evaluate.py and the figures.
 
-    `model` has the `cam_with_partial_affinity(x, n)` of `multi_scale_cam_partial_affinity` (the
-    fast path of the multi-scale CAM, the same values) and runs in the mode it is in (in training,
-    train mode: stochastic depth is active and, as in the release, the CAM passes update the
-    decoder's BatchNorm statistics; `decoder_stats=False` skips that, None leaves it to `model`).
-    `forward_cams` (B, C-1, h, w): the training forward's CAMs, reused at scale 1.0 when given
-    (faster; other stochastic-depth draws, so other numbers).
-    need_par / need_afa / need_cam: which labels to make (the others are None): the PAR label,
-    the AFA label, the three-band CAM label (v ≤ low → 0, low < v ≤ high → 255, else the class;
-    255 outside the valid box). `propagate_with`: "affinity" (the learned affinity, paper §3.2)
-    or "attention" (the raw MHSA maps, see `attention_affinity_of`) for the random walk; both at
-    the largest scale, of the un-flipped images, from the same CAM pass.
+    `model` runs in the mode it is in (training: train mode, stochastic depth active; the
+    others: eval mode). What differs between the callers is explicit:
+
+    need: which of `LABELS` to make (the others are None): "cam" the CAM label, "par" the PAR
+      label (§3.3), "walk" the arg-max of the random walk at background `low` without PAR (the
+      release's validation), "afa" the AFA pseudo label (§3.2: walks at low and high, PAR).
+    thresholds: "train" for the three-band CAM label (v ≤ low → 0, low < v ≤ high → 255, else
+      the class), "eval" for the single threshold bkg_score (v ≤ bkg_score → 0).
+    affinity_from: the walk's affinity at the largest CAM scale of the un-flipped images from
+      the CAM pass itself ("cam_pass": same stochastic-depth draws), or at scale 1.0 from the
+      eval-mode forward ("forward", the release's validation: `forward_affinity` (B, N, N) is
+      that forward's learned affinity).
+    settings.propagate_with: "affinity" walks with the learned affinity, "attention" with the
+      raw MHSA maps of the same blocks and pass (`mhsa_affinity`; paper Table 4).
+    cam_bf16, decoder_stats, forward_cams: how training runs the CAM passes (`multi_scale_cams`).
     """
-    if propagate_with not in PROPAGATE_WITH:
-        raise ValueError(f"propagate_with must be one of {PROPAGATE_WITH}, got {propagate_with!r}")
+    if not set(need) <= set(LABELS):
+        raise ValueError(f"need must be a subset of {LABELS}, got {need}")
+    if thresholds not in THRESHOLDS or affinity_from not in AFFINITY_FROM:
+        raise ValueError(f"thresholds must be one of {THRESHOLDS} and affinity_from one of "
+                         f"{AFFINITY_FROM}, got {thresholds!r}, {affinity_from!r}")
+    # The walk's background scores: low for "walk", low and high for "afa"; none: no walk.
+    walk_scores = [t for t, asked in ((settings.low, "walk" in need or "afa" in need),
+                                      (settings.high, "afa" in need)) if asked]
+    mhsa = settings.propagate_with == "attention"
+    mhsa_in_pass = bool(walk_scores) and affinity_from == "cam_pass" and mhsa
     with label_precision(images.device.type):
-        # --- Stage 1: multi-scale CAM, affinity at the largest scale (paper §3.1) --------------
-        cam_model = AttentionAsAffinity(model) if (need_afa and propagate_with == "attention") else model
-        with label_precision(images.device.type, cam_bf16):
-            cams, affinity = multi_scale_cam_partial_affinity(
-                cam_model, images, scales, decoder_stats=decoder_stats,
-                forward_cams=forward_cams)                                 # (B, C-1, H, W), (B, N, N)
-        cams, affinity = cams.float(), affinity.float()
-        cam_label = cam_to_label(cams, cls_labels, low=low, high=high,
-                                 valid_box=valid_box) if need_cam else None  # (B, H, W)
+        # --- Stage 1: multi-scale CAM (paper §3.1) and the CAM label ---------------------------
+        cams, affinity = multi_scale_cams(model, images, settings.cam_scales, mhsa=mhsa_in_pass,
+                                          cam_bf16=cam_bf16, decoder_stats=decoder_stats,
+                                          forward_cams=forward_cams)  # (B, C-1, H, W), (B, N, N)
+        cam = (cam_label(cams, cls_labels, valid_box, settings, thresholds)
+               if "cam" in need else None)                                 # (B, H, W)
         # --- Stage 2: the CAM label refined with PAR (paper §3.3) ------------------------------
         pixels = denormalize(images.float())                                # (B, 3, H, W) in [0, 1]
-        par_label = refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=low, high=high,
-                                                valid_box=valid_box) if need_par else None  # (B, H, W)
-        if not need_afa:
-            return PseudoLabels(par_label, None, cam_label)
+        par_label = (refine_cam_label(par, pixels, cams, cls_labels, valid_box, settings)
+                     if "par" in need else None)                           # (B, H, W)
+        if not walk_scores:
+            return PseudoLabels(par_label, None, cam, cams=cams)
         # --- Stage 3: random walk with the learned affinity (or the MHSA maps), PAR (§3.2) ----
-        afa_label = afa_pseudo_label(par, pixels, cams, affinity, cls_labels, valid_box,
-                                     max(scales), low, high, radius)       # (B, H, W)
-    return PseudoLabels(par_label, afa_label, cam_label)
+        scale = max(settings.cam_scales)
+        if affinity_from == "forward":   # the release's validation: scale 1.0, eval mode
+            scale = 1.0
+            affinity = (mhsa_affinity_of(model, images) if mhsa
+                        else forward_affinity).float()                     # (B, N, N)
+        walked = random_walks(cams, affinity, cls_labels, scale, walk_scores,
+                              settings.radius)                             # (B, C, H, W) each
+        afa = (afa_pseudo_label(par, pixels, *walked, cls_labels, valid_box)
+               if "afa" in need else None)                                 # (B, H, W)
+    walk = walked[0].argmax(1) if "walk" in need else None                 # (B, H, W)
+    return PseudoLabels(par_label, afa, cam, walk, cams, walked[0], affinity)
+
+
+def multi_scale_cams(model, images: torch.Tensor, scales=(1.0, 0.5, 1.5), *, mhsa: bool = False,
+                     cam_bf16: bool = False, decoder_stats: bool | None = None,
+                     forward_cams: torch.Tensor | None = None) -> tuple:
+    """Stage 1: the multi-scale CAMs (B, C-1, H, W) of images (B, 3, H, W) and the affinity
+    (B, N, N) at the largest scale, of the un-flipped images, from the same pass; both float32.
+
+    With `mhsa` the affinity is `mhsa_affinity` of that pass's attention logits (the model's
+    `cam_with_partial_attention`) instead of the AFA head's output. The training step's options:
+    `cam_bf16` runs the passes in bfloat16; `decoder_stats` (None: the model's default) whether
+    the passes update the decoder's BatchNorm statistics in train mode, as in the release;
+    `forward_cams` (B, C-1, h, w) the training forward's CAMs, reused at scale 1.0 (faster;
+    other stochastic-depth draws, so other numbers). The fast path of the multi-scale CAM
+    (`multi_scale_cam_partial_affinity`, the same values as `multi_scale_cam`).
+    """
+    cam_pass = model.cam_with_partial_attention if mhsa else model.cam_with_partial_affinity
+    with label_precision(images.device.type, cam_bf16):
+        cams, pairwise = multi_scale_cam_partial_affinity(
+            model, images, scales, decoder_stats=decoder_stats, forward_cams=forward_cams,
+            cam_pass=cam_pass)            # (B, C-1, H, W), (B, N, N) or (B, L, nh, N, N) logits
+    if mhsa:
+        pairwise = mhsa_affinity(pairwise.unbind(1), head_dim_of(model))   # (B, N, N)
+    return cams.float(), pairwise.float()
+
+
+def cam_label(cams: torch.Tensor, cls_labels: torch.Tensor, valid_box: torch.Tensor | None,
+              settings: LabelSettings, thresholds: str = "train") -> torch.Tensor:
+    """The CAM label (B, H, W) of cams (B, C-1, H, W): three bands low / high ("train") or the
+    single threshold bkg_score ("eval"); 255 outside the valid box."""
+    if thresholds == "train":
+        return cam_to_label(cams, cls_labels, low=settings.low, high=settings.high,
+                            valid_box=valid_box)
+    return cam_to_label(cams, cls_labels, bkg_score=settings.bkg_score, valid_box=valid_box)
+
+
+def refine_cam_label(par, pixels: torch.Tensor, cams: torch.Tensor, cls_labels: torch.Tensor,
+                     valid_box: torch.Tensor | None, settings: LabelSettings) -> torch.Tensor:
+    """Stage 2, the PAR label (B, H, W) (paper §3.3): pixels (B, 3, H, W) in [0, 1], cams
+    (B, C-1, H, W); all images in one PAR call (`refine_cams_with_par_packed`, the same labels
+    as the one-image-at-a-time `refine_cams_with_par`)."""
+    return refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=settings.low,
+                                       high=settings.high, valid_box=valid_box)
+
+
+def random_walks(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: torch.Tensor,
+                 scale: float, bkg_scores, radius: int) -> list:
+    """`random_walk_cams` at each background score of `bkg_scores`: a list of (B, C, H, W)."""
+    return [random_walk_cams(cams, affinity, cls_labels, scale, t, radius) for t in bkg_scores]
 
 
 # =============================================================================================
@@ -169,35 +272,11 @@ def head_dim_of(model) -> int:
 
 
 @torch.no_grad()
-def attention_affinity_of(model, x: torch.Tensor) -> torch.Tensor:
+def mhsa_affinity_of(model, x: torch.Tensor) -> torch.Tensor:
     """`mhsa_affinity` of the model's `afa_blocks` last blocks for images x (B, 3, H, W): (B, N, N)
     on the ⌈H/16⌉ × ⌈W/16⌉ grid, the same blocks, grid and pass as the learned affinity's."""
     _, attn_logits = model.encoder(x, num_attn=model.afa_blocks)           # each (B, nh, N, N)
     return mhsa_affinity(attn_logits, head_dim_of(model))
-
-
-class AttentionAsAffinity:
-    """`model` with its `cam_with_partial_affinity(x, n)` returning the MHSA maps (`mhsa_affinity`)
-    where AFANet's returns the learned affinity: what `multi_scale_cam_partial_affinity` needs to
-    give the attention of the un-flipped images at the largest scale from the very pass that gives
-    the CAMs (same stochastic-depth draws, same decoder statistics as AFANet's)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def cam_with_partial_affinity(self, x, num_affinity, *, decoder_stats=True):
-        model = self.model
-        n = num_affinity
-        if n == 0:                          # no affinity asked: the model's own fast pass
-            return model.cam_with_partial_affinity(x, 0, decoder_stats=decoder_stats)
-        if n == x.shape[0]:
-            features, attn = model.encoder(x, num_attn=model.afa_blocks)
-        else:                               # (q (B, nh, N, d), k (B, nh, N, d)) per block
-            features, queries, keys = model.encoder.forward_factored(x, model.afa_blocks)
-            attn = [q[:n] @ k[:n].transpose(-2, -1) for q, k in zip(queries, keys)]  # (n, nh, N, N) each
-        if decoder_stats and model.training:
-            model.decoder.update_batchnorm_statistics_from_moments(features)
-        return model.classifier(features[-1]), mhsa_affinity(attn, head_dim_of(model))
 
 
 @torch.no_grad()
@@ -229,16 +308,13 @@ def random_walk_cams(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: tor
     return F.interpolate(walked, size=(H, W), mode="bilinear", align_corners=False)  # (B, C, H, W)
 
 
-def afa_pseudo_label(par, pixels: torch.Tensor, cams: torch.Tensor, affinity: torch.Tensor,
-                     cls_labels: torch.Tensor, valid_box: torch.Tensor | None, scale: float,
-                     low: float, high: float, radius: int) -> torch.Tensor:
-    """The AFA pseudo label (paper §3.2): random walk at both thresholds, PAR in the valid box.
-
-    pixels (B, 3, H, W) in [0, 1]; cams (B, C-1, H, W); affinity (B, N, N) at `scale`.
+def afa_pseudo_label(par, pixels: torch.Tensor, walked_low: torch.Tensor,
+                     walked_high: torch.Tensor, cls_labels: torch.Tensor,
+                     valid_box: torch.Tensor | None) -> torch.Tensor:
+    """The AFA pseudo label (paper §3.2): the walks at background low and high (B, C, H, W)
+    refined with PAR in the valid box; pixels (B, 3, H, W) in [0, 1].
     Returns (B, H, W) int64 with 255 where ignored.
     """
-    walked_low, walked_high = (random_walk_cams(cams, affinity, cls_labels, scale, t, radius)
-                               for t in (low, high))                       # (B, C, H, W) each
     return refine_propagated_with_par(par, pixels, walked_low, walked_high, cls_labels, valid_box)
 
 
@@ -276,21 +352,6 @@ def upsample(logits: torch.Tensor, size: tuple) -> torch.Tensor:
 
 
 
-def valid_box_mask(valid_box: torch.Tensor | None, H: int, W: int,
-                   device=None) -> torch.Tensor:
-    """1 inside each image's valid box (top, bottom, left, right), ends exclusive: valid_box
-    (B, 4) → (B, H, W) float; None means the whole crop (B = 1). An empty box gives all zeros."""
-    if valid_box is None:
-        return torch.ones(1, H, W, device=device)
-    device = valid_box.device if device is None else device
-    top, bottom, left, right = valid_box.to(device).long().unbind(dim=1)  # (B,) each
-    rows = torch.arange(H, device=device)                                   # (H,)
-    cols = torch.arange(W, device=device)                                   # (W,)
-    inside_rows = (rows >= top[:, None]) & (rows < bottom[:, None])         # (B, H)
-    inside_cols = (cols >= left[:, None]) & (cols < right[:, None])         # (B, W)
-    return (inside_rows[:, :, None] & inside_cols[:, None, :]).float()      # (B, H, W)
-
-
 # L_reg with the release's layer: weight 1e-7, σ_rgb 15, σ_xy 100, at half resolution.
 DENSE_CRF_LOSS = DenseCRFLoss(weight=1e-7, sigma_rgb=15, sigma_xy=100, scale_factor=0.5)
 
@@ -309,5 +370,5 @@ def reg_loss(seg_logits_up: torch.Tensor, images: torch.Tensor, valid_box: torch
     probs = seg_logits_up.float().softmax(dim=1)                            # (B, C, H, W)
     # RGB 0–255 (clamped: a no-op for real images, a guard for inputs that are not normalised pixels)
     rgb = (denormalize(images.float()) * 255.0).clamp(0, 255)              # (B, 3, H, W)
-    roi = valid_box_mask(valid_box, H, W, device=images.device).expand(images.shape[0], H, W)
+    roi = valid_box_mask(valid_box, images.shape[0], H, W, images.device).float()  # (B, H, W)
     return DENSE_CRF_LOSS(rgb, probs, roi, seg_target)                      # (B, H, W) roi

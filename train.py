@@ -52,6 +52,7 @@ from config import PRESETS, Config, ConfigError, parse_config
 from metrics import format_metrics, metrics_table, validate
 from model import AFANet
 from par import PAR
+from pipeline import LabelSettings
 from pretrained import load_pretrained
 from runner import (Run, StepSampler, StepStart, StopSignal, TrainStream, agree, check_new_run,
                     compile_and_wrap, deferred, exit_code, leave_stop_signals_to_main, one_line,
@@ -224,12 +225,12 @@ def train_loop(run: Run, loader, val_loader, val_set, start_step: int) -> dict:
             signum, finite = agree(run, stop.signum, all(map(math.isfinite, values.values())))
             if not finite:
                 stop_nonfinite(run, step, values, before)
-            with deferred(signal.SIGCHLD):  # a worker's death is reported after the update
+            with deferred(signal.SIGCHLD):  # a worker's death is reported once the step is logged
                 update(run.optimizer, run.scaler, out.loss)
                 done, before = step + 1, None
-            run.times.add("classification-only steps" if step <= cfg.cam_iters else "full steps",
-                          time.perf_counter() - step_started)
-            running = log_progress(run, bar, running, values, done, started)
+                run.times.add("classification-only steps" if step <= cfg.cam_iters
+                              else "full steps", time.perf_counter() - step_started)
+                running = log_progress(run, bar, running, values, done, started)
             if done % cfg.eval_every == 0 or done == cfg.iters:
                 validation_started = time.perf_counter()
                 metrics = validate_and_save(run, val_loader, val_set, done)
@@ -274,18 +275,15 @@ def validate_and_save(run: Run, val_loader, val_set, step: int) -> dict:
     """The validation scores (metrics.json, a line on screen), the figures, a checkpoint."""
     cfg = run.cfg
     run.model.eval()
-    scores = validate(run.model, val_loader, cfg.num_classes, device=run.device, world=run.world,
-                      scales=cfg.cam_scales, bkg_score=cfg.bkg_score, low=cfg.low,
-                      radius=cfg.radius, propagate_with=cfg.propagate_with)
+    settings = LabelSettings.from_config(cfg)
+    scores = validate(run.model, val_loader, cfg.num_classes, run.device, settings, world=run.world)
     metrics = {"step": step, **scores}
     run.history.append(metrics)
     if run.is_main:
         if cfg.num_figures > 0:
             training_figure(run.model, run.par, val_set, range(min(cfg.num_figures, len(val_set))),
                             os.path.join(cfg.work_dir, "figures", f"val_iter_{step}.png"),
-                            run.device, class_names_of(cfg.data, cfg.num_classes),
-                            scales=cfg.cam_scales, bkg_score=cfg.bkg_score, low=cfg.low,
-                            high=cfg.high, radius=cfg.radius)
+                            run.device, class_names_of(cfg.data, cfg.num_classes), settings)
         write_metrics(cfg.work_dir, run.history)
         tqdm.write(format_metrics(metrics))
     save(run, step)

@@ -22,8 +22,8 @@ from attention_affinity import affinity_loss
 from config import Config
 from model import AFANet
 from par import PAR
-from pipeline import (PseudoLabels, affinity_targets, cam_statistics_passes, make_pseudo_labels,
-                      reg_loss, seg_loss, upsample)
+from pipeline import (LabelSettings, PseudoLabels, affinity_targets, cam_statistics_passes,
+                      make_pseudo_labels, reg_loss, seg_loss, upsample)
 
 
 # =============================================================================================
@@ -55,10 +55,9 @@ def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Co
     # --- stages 1–3: CAM → PAR label (→ random walk → AFA label), no gradient, float32 ---------
     seg_kind, aff_kind = label_targets(step, cfg)  # 'cam' | 'par' | 'afa' each
     labels = make_pseudo_labels(
-        model, par, images, cls_labels, valid_box, scales=cfg.cam_scales, low=cfg.low,
-        high=cfg.high, radius=cfg.radius, need_afa="afa" in (seg_kind, aff_kind),
-        need_par="par" in (seg_kind, aff_kind), need_cam="cam" in (seg_kind, aff_kind),
-        propagate_with=cfg.propagate_with, cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
+        model, par, images, cls_labels, valid_box, LabelSettings.from_config(cfg),
+        need={seg_kind, aff_kind}, thresholds="train", affinity_from="cam_pass",
+        cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
         forward_cams=out.cams.detach() if cfg.reuse_forward_cam else None)
     seg_target, aff_source = getattr(labels, seg_kind), getattr(labels, aff_kind)  # (B, H, W) each
     # --- stage 4: affinity labels from the pseudo label, L_aff (paper §3.2) ---------------------

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-from cam import cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed
-from pipeline import afa_pseudo_label, denormalize, random_walk_cams, token_grid, upsample
+from pipeline import LabelSettings, denormalize, make_pseudo_labels, token_grid, upsample
 
 IGNORE_INDEX = data.IGNORE_INDEX
 CLASS_NAMES = {"synthetic": data.SYNTHETIC_CLASSES, "voc2012": data.VOC_CLASSES,
@@ -199,17 +198,18 @@ def save_prediction(pred: torch.Tensor, rgb: np.ndarray, folder: str, name: str)
 # =============================================================================================
 @torch.no_grad()
 def training_figure(model, par, dataset, indices, path: str, device, class_names,
-                    scales=(1.0, 0.5, 1.5), bkg_score: float = 0.45, low: float = 0.35,
-                    high: float = 0.55, radius: int = 8) -> None:
+                    settings: LabelSettings) -> None:
     """One row per image: image | ground truth | CAM label | PAR label | AFA label | prediction |
     learned affinity and raw attention of one pixel (paper Fig. 3 and 4: the affinity of a pixel
     on an object should cover that object, the attention it is learned from need not), then a
     legend of the class colours and the heat maps' colour bar; the model in eval mode.
 
-    The pixel (marked +) is the centre of the largest ground-truth object. The affinity (a
-    sigmoid, in [0, 1]) and the attention (averaged over the AFA head's maps) are those the random
-    walk uses, at the largest CAM scale; the attention, a softmax over the tokens whose values
-    are small where it spreads, is drawn divided by its maximum.
+    The labels are the chain's (pipeline.make_pseudo_labels) for the whole image: the CAM label
+    at the evaluation threshold, the PAR and AFA labels as in training. The pixel (marked +) is
+    the centre of the largest ground-truth object. The affinity (a sigmoid, in [0, 1]) and the
+    attention (averaged over the AFA head's maps) are those the random walk uses, at the
+    largest CAM scale; the attention, a softmax over the tokens whose values are small where it
+    spreads, is drawn divided by its maximum.
     """
     rows, shown = [], set()
     for i in indices:
@@ -218,20 +218,15 @@ def training_figure(model, par, dataset, indices, path: str, device, class_names
         cls_labels = sample["cls_labels"][None].to(device)                    # (1, C-1)
         H, W = image.shape[-2:]
         box = torch.tensor([[0, H, 0, W]], device=device)                     # (1, 4)
-        cams, affinity = multi_scale_cam_partial_affinity(model, image, scales)
-        cams, affinity = cams.float(), affinity.float()                   # (1, C-1, H, W), (1, N, N)
-        pixels = denormalize(image)
-        labels = [sample["label"].to(device),
-                  cam_to_label(cams, cls_labels, bkg_score=bkg_score)[0],
-                  refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=low, high=high,
-                                              valid_box=box)[0],
-                  afa_pseudo_label(par, pixels, cams, affinity, cls_labels, box, max(scales),
-                                   low, high, radius)[0],
+        chain = make_pseudo_labels(model, par, image, cls_labels, box, settings,
+                                   need=("cam", "par", "afa"), thresholds="eval")
+        affinity = chain.affinity                                             # (1, N, N)
+        labels = [sample["label"].to(device), chain.cam[0], chain.par[0], chain.afa[0],
                   upsample(model(image).seg_logits, (H, W)).argmax(1)[0]]
         shown.update(int(k) for label in labels for k in label.unique())
         rgb = image_to_rgb(sample["image"])
         pixel = largest_object_centre(labels[0])
-        attention, grid, query = attention_rows(model, image, max(scales), pixel)
+        attention, grid, query = attention_rows(model, image, max(settings.cam_scales), pixel)
         maps = [affinity[0, query], attention / attention.max().clamp_min(1e-12)]  # 2 × (N,)
         rows.append([rgb] + [colorize(x) for x in labels]
                     + [mark(blend(rgb, heat_map(token_row_map(m, grid, (H, W)))), pixel)
@@ -316,8 +311,8 @@ def attention_rows(model, x: torch.Tensor, scale: float, pixel: tuple) -> tuple:
 @torch.no_grad()
 def attention_figure(model, image: torch.Tensor, path: str, class_names,
                      cls_labels: torch.Tensor | None = None, truth: torch.Tensor | None = None,
-                     pixel: tuple | None = None, cam_scales=(1.0, 0.5, 1.5),
-                     bkg_score: float = 0.35, radius: int = 8, display_size: int = 256) -> tuple:
+                     pixel: tuple | None = None, settings: LabelSettings = LabelSettings(),
+                     display_size: int = 256) -> tuple:
     """One PNG for one image (3, H, W): image | truth | prediction; per present class its CAM and
     its AFA-propagated CAM; the learned affinity and the raw attention of one pixel; a legend of
     the class colours and the heat maps' colour bar. Returns the pixel (y, x) used.
@@ -345,12 +340,9 @@ def attention_figure(model, image: torch.Tensor, path: str, class_names,
     if not (0 <= y < H and 0 <= x_ < W):
         raise ValueError(f"pixel (y, x) = ({y}, {x_}) lies outside the {H}×{W} image")
 
-    cams, affinity = multi_scale_cam_partial_affinity(model, x,
-                                                      cam_scales)       # (1, C-1, H, W), (1, N, N)
-    largest = max(cam_scales)
-    walked = random_walk_cams(cams.float(), affinity.float(), cls_labels, largest,
-                              bkg_score, radius)                              # (1, C, H, W)
-    attention, grid, query = attention_rows(model, x, largest, pixel)
+    chain = make_pseudo_labels(model, None, x, cls_labels, None, settings, need=("walk",))
+    cams, walked, affinity = chain.cams, chain.walked, chain.affinity  # (1, C-1, H, W), (1, C, H, W), (1, N, N)
+    attention, grid, query = attention_rows(model, x, max(settings.cam_scales), pixel)
 
     rgb = image_to_rgb(image)
     display = display_resizer((H, W), display_size)

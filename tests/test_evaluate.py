@@ -23,6 +23,7 @@ import train
 import visualize
 from evaluate import multi_scale_seg_logits
 from metrics import confusion_matrix, segmentation_scores
+from pipeline import LabelSettings
 from attention_affinity import window_mask
 from cam import multi_scale_cam
 from model import AFANet
@@ -315,26 +316,20 @@ def test_pseudo_labels_are_the_training_labels_and_validation_agrees(tiny_run):
     images, cls_labels = batch["image"], batch["cls_labels"]
     B, _, H, W = images.shape
     box = torch.tensor([[0, H, 0, W]] * B)
-    labels = pipeline.make_pseudo_labels(model, par, images, cls_labels, box, scales=cfg.cam_scales,
-                                      low=cfg.low, high=cfg.high, radius=cfg.radius,
-                                      need_afa=True)
+    settings = pipeline.LabelSettings.from_config(cfg)
+    labels = pipeline.make_pseudo_labels(model, par, images, cls_labels, box, settings)
     one = torch.utils.data.Subset(dataset, range(B))
     conf = {k: confusion_matrix(v, batch["label"], NUM_CLASSES)
             for k, v in (("cam_par", labels.par), ("afa_par", labels.afa))}
     result = evaluate.pseudo_label_quality(
-        model, par, torch.utils.data.DataLoader(one, batch_size=B), NUM_CLASSES, "cpu",
-        cam_scales=cfg.cam_scales, bkg_score=cfg.bkg_score, low=cfg.low, high=cfg.high,
-        radius=cfg.radius)
+        model, par, torch.utils.data.DataLoader(one, batch_size=B), NUM_CLASSES, "cpu", settings)
     for k in conf:
         assert result[f"{k}_miou"] == pytest.approx(segmentation_scores(conf[k])["mIoU"])
     valid = int((batch["label"] != 255).sum())
     assert result["labelled"]["cam_par"] == pytest.approx(int(conf["cam_par"].sum()) / valid)
 
-    scores = metrics.validate(model, loader, NUM_CLASSES, "cpu", scales=cfg.cam_scales,
-                              bkg_score=cfg.bkg_score, low=cfg.low, radius=cfg.radius)
-    full = evaluate.pseudo_label_quality(model, par, loader, NUM_CLASSES, "cpu",
-                                         cam_scales=cfg.cam_scales, bkg_score=cfg.bkg_score,
-                                         low=cfg.low, high=cfg.high, radius=cfg.radius)
+    scores = metrics.validate(model, loader, NUM_CLASSES, "cpu", settings)
+    full = evaluate.pseudo_label_quality(model, par, loader, NUM_CLASSES, "cpu", settings)
     for k in ("cam", "seg"):
         assert full[f"{k}_miou"] == pytest.approx(scores[f"{k}_miou"])
 
@@ -363,15 +358,14 @@ def test_validation_walks_with_the_eval_forward_affinity_at_scale_one(tiny_run):
     torch.manual_seed(3)
     images = torch.cat([dataset[0]["image"][None], torch.randn(1, 3, SIZE, SIZE)])[:, :, :56, :]
     cls_labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 1]])
-    _, labels = metrics.validation_labels(model, images, cls_labels, scales=cfg.cam_scales,
-                                          bkg_score=cfg.bkg_score, low=cfg.low, radius=cfg.radius)
+    settings = LabelSettings.from_config(cfg)
+    _, labels = metrics.validation_labels(model, images, cls_labels, settings)
     expected = release_validation_afa_label(model, images, cls_labels, cfg.cam_scales, cfg.radius,
                                             cfg.low)
     assert torch.equal(labels["afa"], expected)
     # validate() scores exactly these labels
     batch = {"image": images, "label": expected, "cls_labels": cls_labels}
-    scores = metrics.validate(model, [batch], NUM_CLASSES, "cpu", scales=cfg.cam_scales,
-                              bkg_score=cfg.bkg_score, low=cfg.low, radius=cfg.radius)
+    scores = metrics.validate(model, [batch], NUM_CLASSES, "cpu", settings)
     assert scores["afa_miou"] == 1.0
 
 
@@ -451,7 +445,8 @@ def test_heat_maps_are_on_one_fixed_scale(tiny_run, monkeypatch, tmp_path):
     sample = evaluate.load_split(tiny_run["cfg"], "val", None)[0]
     visualize.attention_figure(tiny_run["model"], sample["image"], str(tmp_path / "f.png"),
                                data.SYNTHETIC_CLASSES, cls_labels=sample["cls_labels"],
-                               truth=sample["label"], pixel=(10, 20), cam_scales=(1.0, 1.5))
+                               truth=sample["label"], pixel=(10, 20),
+                               settings=LabelSettings(cam_scales=(1.0, 1.5)))
     panels = [v for v in seen if v.shape[0] != visualize.COLOUR_BAR[1]]  # not the bar's ramp
     assert len(panels) == 2 * int(sample["cls_labels"].sum()) + 2
     for values in panels:

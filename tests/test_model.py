@@ -525,6 +525,24 @@ def test_cam_with_partial_affinity_equals_cam(afanet):
         afanet.cam_with_partial_affinity(images, 5)
 
 
+def test_cam_with_partial_attention_gives_the_afa_heads_input(afanet):
+    """The MHSA ablation's pass: the same CAMs, and in place of the affinity the attention logits
+    q·kᵀ of the blocks the AFA head reads, of the first n images."""
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        cams, _ = afanet.cam(images)
+        _, attn_logits = afanet.encoder(images, num_attn=afanet.afa_blocks)  # each (B, nh, N, N)
+        heads = afanet.encoder.num_heads[-1]
+        for n in (0, 2, 4):
+            fast_cams, logits = afanet.cam_with_partial_attention(images, n)
+            torch.testing.assert_close(fast_cams, cams, rtol=1e-5, atol=1e-5)
+            assert logits.shape == (n, afanet.afa_blocks, heads, 16, 16)
+            for block, expected in enumerate(attn_logits):
+                torch.testing.assert_close(logits[:, block], expected[:n], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="num_attention"):
+        afanet.cam_with_partial_attention(images, 5)
+
+
 def test_affinity_from_last_blocks_is_symmetric(afanet):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -1,14 +1,17 @@
 """Tests for pipeline.py's propagation with the raw attention (paper Table 4, "AFA (prop. with
 MHSA)"): attention with object structure must carry a partial CAM over its object through the
-whole label chain (MHSA affinity → random walk at both thresholds → PAR → AFA label)."""
+whole label chain (MHSA affinity → random walk at both thresholds → PAR → AFA label). And the
+chain's settings: read once from a config, unknown choices refused."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from attention_affinity import window_mask
 from par import PAR
-from pipeline import afa_pseudo_label, mhsa_affinity
+from pipeline import (LabelSettings, afa_pseudo_label, make_pseudo_labels, mhsa_affinity,
+                      random_walks)
 from random_walk import propagate
 
 SIZE, STRIDE = 128, 16                     # a 128 × 128 image on the 8 × 8 token grid
@@ -48,8 +51,8 @@ def attention_logits(object_tokens, logit_gap):
 
 def label_through_the_chain(logits, pixels, cams, cls_labels):
     affinity = mhsa_affinity(logits, HEAD_DIM)                              # (1, N, N)
-    return afa_pseudo_label(PAR(), pixels, cams, affinity, cls_labels, None, scale=1.0,
-                            low=LOW, high=HIGH, radius=RADIUS)[0]           # (H, W)
+    walked = random_walks(cams, affinity, cls_labels, 1.0, (LOW, HIGH), RADIUS)  # 2 × (1, C, H, W)
+    return afa_pseudo_label(PAR(), pixels, *walked, cls_labels, None)[0]    # (H, W)
 
 
 def test_attention_with_object_structure_recovers_the_object():
@@ -91,3 +94,22 @@ def test_a_constant_factor_on_the_mhsa_affinity_keeps_the_walks_arg_max(factor):
     walked = propagate(cams, affinity, mask, cls_labels, LOW)               # (2, C, h, w)
     scaled = propagate(cams, affinity * factor, mask, cls_labels, LOW)      # (2, C, h, w)
     assert torch.equal(walked.argmax(1), scaled.argmax(1))
+
+
+def test_label_settings_are_read_once_from_a_config():
+    cfg = SimpleNamespace(cam_scales=[1.0, 1.5], low=0.3, high=0.6, bkg_score=0.4, radius=5,
+                          propagate_with="attention", lr=1e-3)     # other fields are not read
+    assert LabelSettings.from_config(cfg) == LabelSettings(
+        cam_scales=(1.0, 1.5), low=0.3, high=0.6, bkg_score=0.4, radius=5,
+        propagate_with="attention")
+    with pytest.raises(ValueError, match="propagate_with"):
+        LabelSettings(propagate_with="mhsa")
+
+
+@pytest.mark.parametrize("options, message", [({"need": ("seg",)}, "need"),
+                                              ({"thresholds": "test"}, "thresholds"),
+                                              ({"affinity_from": "cam"}, "affinity_from")])
+def test_the_chain_rejects_unknown_choices(options, message):
+    images, cls_labels = torch.zeros(1, 3, 32, 32), torch.ones(1, 5)
+    with pytest.raises(ValueError, match=message):
+        make_pseudo_labels(None, None, images, cls_labels, None, LabelSettings(), **options)

@@ -130,3 +130,33 @@ def test_the_length_check_sees_a_long_function(tmp_path):
 @pytest.mark.parametrize("name", ["train", "train_step", "runner", "config", "evaluate", "data"])
 def test_functions_fit_on_a_screen(name):
     assert long_functions(MODULES[name]) == []
+
+
+# --- one pseudo-label chain (STYLE 20) ------------------------------------------------------------
+LABEL_STAGES = ("cam_to_label", "refine_cams_with_par", "refine_cams_with_par_packed",
+                "random_walk_cams", "refine_propagated_with_par")
+
+
+def calls_of(path: Path, names) -> list:
+    """(function name, line) of every call in `path` of a function named in `names`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call):
+            callee = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if callee in names:
+                found.append((callee, node.lineno))
+    return found
+
+
+def test_the_label_stages_are_called_from_the_pipeline_alone():
+    """Training, validation, evaluate.py, the figures and bench.py get their labels from
+    pipeline.make_pseudo_labels (or its stage functions): no module outside the pipeline
+    chains the stages of cam.py and random walk itself, and the pipeline calls each once."""
+    outside = {name: calls_of(path, LABEL_STAGES) for name, path in MODULES.items()
+               if name not in ("cam", "pipeline")}
+    assert {name: calls for name, calls in outside.items() if calls} == {}
+    in_pipeline = [callee for callee, _ in calls_of(MODULES["pipeline"], LABEL_STAGES)]
+    assert sorted(set(in_pipeline)) == sorted(set(LABEL_STAGES) - {"refine_cams_with_par"})
+    assert in_pipeline.count("refine_cams_with_par_packed") == 1
+    assert in_pipeline.count("random_walk_cams") == 1
+    assert in_pipeline.count("refine_propagated_with_par") == 1

@@ -133,9 +133,9 @@ def test_reg_loss_finite_on_all_ignored_and_empty_roi_crops():
 # --- --seg-label: what supervises the seg branch ----------------------------------------------------
 def reference_labels(net, batch, cfg, propagate_with="affinity"):
     model, par = net
+    settings = pipeline.LabelSettings(cam_scales=cfg.cam_scales, propagate_with=propagate_with)
     return pipeline.make_pseudo_labels(model, par, batch["image"], batch["cls_labels"],
-                                       batch["valid_box"], scales=cfg.cam_scales, need_cam=True,
-                                       propagate_with=propagate_with)
+                                       batch["valid_box"], settings, need=("cam", "par", "afa"))
 
 
 def test_cam_label_is_the_three_band_label_of_the_multi_scale_cam(net):
@@ -207,7 +207,7 @@ def test_mhsa_affinity_is_the_definition():
     assert torch.allclose(a.sum(dim=(1, 2)), torch.full((2,), 12.0), atol=1e-4)
 
 
-def test_attention_affinity_of_the_model_uses_its_last_blocks_and_head_width(net):
+def test_mhsa_affinity_of_the_model_uses_its_last_blocks_and_head_width(net):
     model, _ = net
     x = torch.randn(2, 3, 64, 48)
     _, all_logits = model.encoder(x)                                # every block, (B, nh, N, N)
@@ -215,7 +215,7 @@ def test_attention_affinity_of_the_model_uses_its_last_blocks_and_head_width(net
     attention = model.encoder.block4[-1].attn
     head_dim = attention.q.out_features // attention.num_heads      # 256 / 8 for mit_b0
     expected = naive_mhsa(last, head_dim)
-    got = pipeline.attention_affinity_of(model, x)
+    got = pipeline.mhsa_affinity_of(model, x)
     assert got.shape == (2, 12, 12) and torch.allclose(got.double(), expected, atol=1e-6)
 
 
@@ -231,7 +231,7 @@ def test_training_labels_walk_with_attention_at_the_largest_scale(net, monkeypat
     labels = reference_labels(net, batch, cfg, propagate_with="attention")
     largest = torch.nn.functional.interpolate(batch["image"], size=(96, 96), mode="bilinear",
                                               align_corners=False)   # scale 1.5 of 64
-    expected = pipeline.attention_affinity_of(model, largest)         # (B, 36, 36)
+    expected = pipeline.mhsa_affinity_of(model, largest)         # (B, 36, 36)
     assert len(walks) == 2 and all(torch.allclose(w, expected, atol=1e-5) for w in walks)
     learned = reference_labels(net, batch, cfg)
     assert torch.equal(labels.cam, learned.cam) and torch.equal(labels.par, learned.par)
@@ -245,12 +245,13 @@ def test_validation_walks_with_attention_when_asked(net, monkeypatch):
     model, _ = net
     batch = {**batch_of(), "label": torch.zeros(2, 64, 64, dtype=torch.long)}
     calls = []
-    real = pipeline.attention_affinity_of
-    monkeypatch.setattr(metrics, "attention_affinity_of",
+    real = pipeline.mhsa_affinity_of
+    monkeypatch.setattr(pipeline, "mhsa_affinity_of",
                         lambda m, x: calls.append(x.shape) or real(m, x))
-    metrics.validate(model, [batch], NUM_CLASSES, "cpu", scales=(1.0,))
+    metrics.validate(model, [batch], NUM_CLASSES, "cpu", pipeline.LabelSettings(cam_scales=(1.0,)))
     assert calls == []
-    metrics.validate(model, [batch], NUM_CLASSES, "cpu", scales=(1.0,), propagate_with="attention")
+    metrics.validate(model, [batch], NUM_CLASSES, "cpu",
+                     pipeline.LabelSettings(cam_scales=(1.0,), propagate_with="attention"))
     assert calls == [(2, 3, 64, 64)]                                 # the eval forward's scale 1.0
 
 

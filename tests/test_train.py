@@ -324,7 +324,7 @@ def test_amp_leaves_the_pseudo_labels_in_float32(monkeypatch):
     assert {kind for kind, _ in seen} == {"cam", "walk"}
     assert not any(low_precision for _, low_precision in seen), seen
     expected = pipeline.make_pseudo_labels(model, par, batch["image"], batch["cls_labels"],
-                                        batch["valid_box"], scales=cfg.cam_scales, need_afa=True)
+                                           batch["valid_box"], pipeline.LabelSettings.from_config(cfg))
     assert torch.equal(out.labels.par, expected.par) and torch.equal(out.labels.afa, expected.afa)
     seen.clear()
     train_step.compute_losses(model, model, par, batch, 1, dataclasses.replace(cfg, cam_bf16=True),
