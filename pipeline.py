@@ -242,17 +242,11 @@ def mhsa_affinity(attn_logits, head_dim: int) -> torch.Tensor:
     structure recover an object its CAM covers three quarters of, through the whole chain).
     Attention trained from scratch for the built-in demo lacks that structure, one map at a time
     as well as averaged: every query, on the object or on the background, attends to the
-    object's tokens (the classifier pools its evidence there). Measured on train images of the
-    synthetic preset at iteration 900: the image's mean row puts 53 % of its mass on the 24 % of
-    tokens that are object; a background pixel's row keeps 34 % on background (70 % of the
-    tokens are), 18 % after the window and the square. Every pixel then receives
-    about the same object-weighted mix of class scores, and the label is foreground or ignored
-    nearly everywhere (1 % background). Averaging flattens the rows (entropy 0.87 log N against
-    0.33–0.78 for the single maps) but removes no structure the single maps have (none keeps a
-    background row above chance; the best single map's label scores 32 against 82 without
-    propagation); scaling the maps (×N, ×10, ÷ row max) moves the label by 1–2 mIoU. The
-    learned affinity, a signed mix of the same logits, keeps 92 % (docs/demo_study.md). The
-    paper's row propagates with ImageNet-pretrained attention.
+    object's tokens (the classifier pools its evidence there), so every pixel receives about the
+    same object-weighted mix of class scores and the label is foreground or ignored nearly
+    everywhere. The learned affinity, a signed mix of the same logits, keeps a background
+    pixel's weight on the background. The paper's row propagates with ImageNet-pretrained
+    attention. The measurements are in docs/demo_study.md ("Propagation with the raw attention").
     """
     if torch.is_tensor(attn_logits):
         attn_logits = [attn_logits]
