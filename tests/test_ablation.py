@@ -20,6 +20,7 @@ def tiny_root(tmp_path_factory):
     return str(root)
 
 
+@pytest.mark.slow
 def test_two_rows_run_evaluate_and_report(tiny_root, tmp_path, capsys):
     work_dir = str(tmp_path / "ablation")
     argv = ["--rows", "baseline", "afa", "--work-dir", work_dir, "--crf", "off",

@@ -11,6 +11,7 @@ import train_step
 
 # ---------------------------------------------------------------- the benchmark itself
 
+@pytest.mark.slow
 def test_bench_writes_the_promised_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert bench.main(["--crops", "64", "--steps", "1", "--backbone", "mit_b0", "--threads", "1",
