@@ -178,10 +178,10 @@ def network_step(s: Setup, label: torch.Tensor, aff_label: torch.Tensor) -> None
     update(s.optimizer, s.scaler, loss)
 
 
-def staged_step(s: Setup, stage) -> None:
+def staged_step(s: Setup, stage) -> torch.Tensor:
     """The full step cut at the stages of compute_losses, each label stage the pipeline's own
     function (those make_pseudo_labels chains); `stage(name)` is a context that times what runs
-    inside it."""
+    inside it. Returns the step's loss, detached (compute_losses's after the switch)."""
     cfg, batch = s.cfg, s.batch
     images, cls_labels, box = batch["image"], batch["cls_labels"], batch["valid_box"]
     with stage("forward"), s.autocast():
@@ -220,6 +220,7 @@ def staged_step(s: Setup, stage) -> None:
             s.scaler.update()
         else:
             s.optimizer.step()
+    return loss.detach()
 
 
 def run_one(spec: dict) -> dict:

@@ -1,5 +1,7 @@
 """bench.py runs and reports what it promises. (The fast paths it measures are tested against the
 plain ones in the tests of their modules.)"""
+import contextlib
+import copy
 import json
 
 import pytest
@@ -34,15 +36,23 @@ def test_abbreviated_flags_are_refused(capsys):
     assert e.value.code == 2 and "--crop" in capsys.readouterr().err
 
 
-def test_staged_step_times_every_stage():
+def test_staged_step_times_every_stage_of_the_training_step():
+    """The stages bench.py times are the training step's: same loss as compute_losses after the
+    switch, from the same weights and random draws."""
     spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
-                compile=False, threads=0, crop=64, kind="stages",
-                options=["reuse_forward_cam", "bf16_cam"])
-    row = bench.run_one(spec)
-    assert list(row["stages_s"]) == ["forward", "multi-scale CAM", "CAM label", "PAR label",
-                                     "random walk", "AFA label (PAR)", "losses", "L_reg", "backward",
-                                     "optimizer"]
-    assert all(t >= 0 for t in row["stages_s"].values())
+                compile=False, threads=0, crop=64, kind="stages", options=[])
+    s = bench.build(spec)
+    before = copy.deepcopy(s.model.state_dict())
+    timed = []
+    torch.manual_seed(1)
+    staged = bench.staged_step(s, lambda name: timed.append(name) or contextlib.nullcontext())
+    assert timed == ["forward", "multi-scale CAM", "CAM label", "PAR label", "random walk",
+                     "AFA label (PAR)", "losses", "L_reg", "backward", "optimizer"]
+    s.model.load_state_dict(before)
+    torch.manual_seed(1)
+    out = train_step.compute_losses(s.model, s.model, s.par, s.batch, s.cfg.switch_iters + 1,
+                                    s.cfg, s.autocast)
+    assert torch.isfinite(staged) and torch.equal(staged, out.loss.detach())
 
 
 @pytest.mark.parametrize("options", [[], ["no_cam_bn_stats"]])
