@@ -46,7 +46,7 @@ from model import BACKBONES, AFANet
 from par import PAR
 from pipeline import LabelSettings, make_pseudo_labels, token_grid, upsample
 from pretrained import RELEASE_SIGNATURES, afanet_from_release, describe_state, release_prefix
-from runner import check_compatible, exit_code
+from runner import check_compatible, exit_code, read_torch_file
 from visualize import attention_figure, class_names_of, image_to_rgb, save_prediction
 
 IGNORE_INDEX = data.IGNORE_INDEX
@@ -432,15 +432,9 @@ def read_checkpoint(path: str) -> dict:
     """The checkpoint at `path` as {"model": AFANet's state dict, "config": the run's Config fields,
     ...}: as train.py saved it, or for a trained network of the authors' release (its weights
     alone, renamed by `afanet_from_release`) with "config" None."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {path} does not exist; pass --checkpoint with a .pth written "
-                          f"by train.py (in its work_dir/checkpoints/) or by the authors' release")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt, "
-                          "truncated or not a PyTorch file — use an earlier checkpoint or download "
-                          "it again") from e
+    ckpt = read_torch_file(path, "pass --checkpoint with a .pth written by train.py (in its "
+                           "work_dir/checkpoints/) or by the authors' release",
+                           corrupt_hint="use an earlier checkpoint or download it again")
     if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:
         return ckpt
     if isinstance(ckpt, dict) and release_prefix(ckpt) is not None:

@@ -149,17 +149,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_torch_file(path: str, missing_hint: str, corrupt_hint: str = "use an earlier checkpoint"):
+    """torch.load(path) on the CPU, with one clear message for a missing or unreadable file;
+    `missing_hint` / `corrupt_hint` end those messages."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} does not exist; {missing_hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt, "
+                          f"truncated or not a PyTorch file — {corrupt_hint}") from e
+
+
 def load_checkpoint(path: str, missing_hint: str = "pass the path of a .pth written by train.py "
                     "(work_dir/checkpoints/), or --resume auto") -> dict:
     """Read a checkpoint written by train.py, with one clear message for each failure;
     `missing_hint` ends the message for a file that does not exist."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {path} does not exist; {missing_hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt, "
-                          "truncated or not a PyTorch file — use an earlier checkpoint") from e
+    ckpt = read_torch_file(path, missing_hint)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ConfigError(f"checkpoint {path} was not written by train.py (no 'model'/'config' "
                           "entries); for SegFormer ImageNet weights use --pretrained instead")
