@@ -17,11 +17,14 @@ measures both in one run, on the same synthetic batch:
   with L_reg (the dense-CRF energy loss, paper §3.4) as its own stage and its share of the step;
 - PAR alone on one (1, 3, 160, 160) image with 3 masks, against the straightforward translation of
   paper §3.3 kept in tests/reference.py;
+- with `--profile`, the full step's operators by self time (torch.profiler, CPU);
 - peak memory: RSS on CPU, max allocated on CUDA. Every configuration runs in a fresh process,
-  because the RSS high-water mark of a process never goes down.
+  because the RSS high-water mark of a process never goes down; each keeps the memory it frees,
+  as train.py does (`runner.keep_freed_memory`; AFA_DEFAULT_MALLOC=1 keeps glibc's default).
 
     python bench.py                              # crops 192, 320, 448; CPU, or CUDA when present
     python bench.py --crops 320 --steps 7 --json bench.json
+    python bench.py --crops 320 448 --profile    # and the operators that take the time
     python bench.py --amp                        # bf16 autocast (fp16 on GPUs without bf16)
     python bench.py --compile                    # torch.compile the encoder and decoder
     python bench.py --options reuse_forward_cam bf16_cam   # also the step with options that
@@ -54,7 +57,7 @@ from attention_affinity import affinity_loss
 from config import Config
 from model import BACKBONES, AFANet
 from par import PAR
-from runner import compile_and_wrap
+from runner import compile_and_wrap, keep_freed_memory
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 
 HERE = Path(__file__).resolve().parent
@@ -249,6 +252,7 @@ def run_one(spec: dict) -> dict:
 
     targets = fixed_targets(s.batch, s.cfg.num_classes, s.generator, s.cfg.radius)
     step = {"full": lambda: training_step(s, s.cfg.switch_iters + 1),
+            "profile": lambda: training_step(s, s.cfg.switch_iters + 1),
             "cls": lambda: training_step(s, 0),
             "network": lambda: network_step(s, *targets),
             "stages": lambda: staged_step(s, stage)}[kind]
@@ -259,6 +263,8 @@ def run_one(spec: dict) -> dict:
         step()
     timers.clear()
     cpu_timers.clear()
+    if kind == "profile":
+        return {**row, "operators": profile_operators(step, spec["steps"])}
     for _ in range(spec["steps"]):
         with stage("step"):
             step()
@@ -271,6 +277,20 @@ def run_one(spec: dict) -> dict:
         row["stages_s"] = {name: statistics.median(t) for name, t in timers.items()}
         row["stages_cpu_s"] = {name: statistics.median(t) for name, t in cpu_timers.items()}
     return row
+
+
+def profile_operators(step, steps: int, top: int = 12) -> list:
+    """The operators of `steps` steps under torch.profiler (CPU), by self time: the `top` largest
+    as (name, share of the total self time, calls per step, self seconds per step)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return [(e.key, e.self_cpu_time_total / total, e.count / steps,
+             e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]
 
 
 def load_reference():
@@ -377,6 +397,12 @@ def format_report(result: dict) -> str:
                   + ", ".join(f"crop {r['crop']} {reg_share(r, 'stages_s', 'step_s'):.1%}, "
                               f"{reg_share(r, 'stages_cpu_s', 'cpu_s'):.1%}"
                               for r in result["stages"])]
+    for r in result.get("profile", []):
+        lines += ["", f"operators of the full step at crop {r['crop']} by self time "
+                  "(torch.profiler, CPU):", ""]
+        lines += markdown_table(["operator", "share", "calls / step", "s / step"],
+                                [[name, f"{share:.1%}", f"{calls:g}", f"{seconds:.3f}"]
+                                 for name, share, calls, seconds in r["operators"]])
     par = result["par"]
     reference = par["par_reference_s"]
     lines += ["", f"PAR on {PAR_SHAPE} with {PAR_MASKS} masks: {par['par_s'] * 1000:.1f} ms"
@@ -406,6 +432,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timing")
     parser.add_argument("--no-bn-stats", action="store_true", help="skip the timing of the CAM "
                         "passes' BatchNorm statistics (the steps without them)")
+    parser.add_argument("--profile", action="store_true", help="also profile the full step "
+                        "(torch.profiler, CPU): its operators by self time")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -442,6 +470,8 @@ def measure_crop(common: dict, crop: int, args, result: dict) -> None:
         result["stages"].append({"crop": crop, "stages_s": staged["stages_s"],
                                  "stages_cpu_s": staged["stages_cpu_s"],
                                  "step_s": staged["step_s"], "cpu_s": staged["cpu_s"]})
+    if args.profile:
+        result["profile"].append({"crop": crop, "operators": run("profile")["operators"]})
     # the staged step without options first: the reference these variants are timed against
     combinations = ([[]] + [[o] for o in args.options]
                     + ([args.options] if len(args.options) > 1 else []) if args.options else [])
@@ -458,6 +488,7 @@ def measure_crop(common: dict, crop: int, args, result: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args._one:
+        keep_freed_memory()  # as train.py runs
         print(json.dumps(run_one(json.loads(args._one))))
         return 0
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
@@ -468,7 +499,7 @@ def main(argv=None) -> int:
                   threads=args.threads)
     result = {"backbone": args.backbone, "batch_size": args.batch_size, "device": device,
               "amp": args.amp, "compile": args.compile, "steps": [], "stages": [], "options": [],
-              "bn_stats": [], "warmup": warmup, "num_steps": args.steps,
+              "bn_stats": [], "profile": [], "warmup": warmup, "num_steps": args.steps,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
               "load_before": load_average()}
     for crop in args.crops:

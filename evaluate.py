@@ -46,7 +46,7 @@ from model import BACKBONES, AFANet
 from par import PAR
 from pipeline import LabelSettings, make_pseudo_labels, token_grid, upsample
 from pretrained import RELEASE_SIGNATURES, afanet_from_release, describe_state, release_prefix
-from runner import check_compatible, exit_code, read_torch_file
+from runner import check_compatible, exit_code, keep_freed_memory, read_torch_file
 from visualize import attention_figure, class_names_of, image_to_rgb, save_prediction
 
 IGNORE_INDEX = data.IGNORE_INDEX
@@ -626,6 +626,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     return exit_code(lambda: run(args), debug=args.debug)
 
 

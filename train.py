@@ -55,8 +55,8 @@ from par import PAR
 from pipeline import LabelSettings
 from pretrained import load_pretrained
 from runner import (Run, StepSampler, StepStart, StopSignal, TrainStream, agree, check_new_run,
-                    compile_and_wrap, deferred, exit_code, leave_stop_signals_to_main, one_line,
-                    prepare_work_dir, resume_from, save, setup_distributed, shard_loader,
+                    compile_and_wrap, deferred, exit_code, keep_freed_memory,
+                    leave_stop_signals_to_main, one_line, prepare_work_dir, resume_from, save, setup_distributed, shard_loader,
                     stop_nonfinite, stop_on_signal, stop_worker_died, trim_log,
                     warn_if_bf16_is_emulated, write_metrics)
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
@@ -164,6 +164,7 @@ class TrainResult(NamedTuple):
 
 def train(cfg: Config) -> TrainResult:
     """Run the whole training (or its remainder, when resuming)."""
+    keep_freed_memory()                      # fewer page faults: the same numbers, faster
     rank, world, device = setup_distributed(cfg)
     log = print if rank == 0 else (lambda *a, **k: None)
     check_new_run(cfg)

@@ -91,3 +91,15 @@ def test_synthetic_batch_has_labels_and_boxes():
     box = batch["valid_box"]
     assert box[0].tolist() == [0, 64, 0, 64]
     assert ((box[:, 1] >= 32) & (box[:, 1] <= 64) & (box[:, 3] >= 32) & (box[:, 3] <= 64)).all()
+
+
+def test_profile_names_the_operators_of_the_full_step():
+    """--profile: the full step's operators by self time, largest first, shares of one total."""
+    spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
+                compile=False, threads=0, crop=64, kind="profile", options=[])
+    operators = bench.run_one(spec)["operators"]
+    names = [name for name, *_ in operators]
+    shares = [share for _, share, *_ in operators]
+    assert "aten::addmm" in names                         # the encoder's Linears
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert all(calls > 0 and seconds > 0 for _, _, calls, seconds in operators)

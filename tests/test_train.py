@@ -445,3 +445,36 @@ def test_phase_times_average_per_phase():
         times.add(phase, seconds)
     assert times.summary() == ("classification-only steps 0.30 s/it (2), full steps 1.50 s/it (1), "
                                "validation 8.00 s (1)")
+
+
+FAULTS_OF_A_REUSED_BLOCK = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import runner
+took = runner.keep_freed_memory()
+for step in range(2):                              # a 64 MiB activation of two steps, freed
+    x = torch.ones(64 * 2 ** 20 // 4); del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(64 * 2 ** 20 // 4)                  # the next step's tensor of that size
+print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not (os.uname().sysname == "Linux" and os.confstr("CS_GNU_LIBC_VERSION")),
+                    reason="glibc on Linux only")
+@pytest.mark.parametrize("default_malloc", [False, True])
+def test_freed_memory_is_reused_without_page_faults(default_malloc):
+    """runner.keep_freed_memory: a large block freed and asked for again costs no page faults (it
+    costs one per 4 KiB page, 16,384 here, with glibc's default, which AFA_DEFAULT_MALLOC=1 keeps)."""
+    import subprocess
+    import sys
+    env = {**os.environ, "AFA_DEFAULT_MALLOC": "1" if default_malloc else "0"}
+    code = FAULTS_OF_A_REUSED_BLOCK.format(root=str(Path(runner.__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    took, faults = out[0] == "True", int(out[1])
+    assert took is not default_malloc
+    if default_malloc:
+        assert faults > 8000   # the block was given back and is mapped (and zeroed) anew
+    else:
+        assert faults < 500    # the same pages, already the process's
