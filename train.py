@@ -56,9 +56,9 @@ from pipeline import LabelSettings
 from pretrained import load_pretrained
 from runner import (Run, StepSampler, StepStart, StopSignal, TrainStream, agree, check_new_run,
                     compile_and_wrap, deferred, exit_code, keep_freed_memory,
-                    leave_stop_signals_to_main, one_line, prepare_work_dir, resume_from, save, setup_distributed, shard_loader,
-                    stop_nonfinite, stop_on_signal, stop_worker_died, trim_log,
-                    warn_if_bf16_is_emulated, write_metrics)
+                    leave_stop_signals_to_main, one_line, prepare_work_dir, resume_from, save,
+                    setup_distributed, shard_loader, stop_nonfinite, stop_on_signal,
+                    stop_worker_died, trim_log, warn_if_bf16_is_emulated, write_metrics)
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 from visualize import class_names_of, training_figure
 

@@ -5,7 +5,10 @@ import copy
 import dataclasses
 import math
 import os
+import platform
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -461,15 +464,13 @@ print(took, *faults[-3:])                  # the steady state: the heap has sett
 """
 
 
-@pytest.mark.skipif(not (os.uname().sysname == "Linux" and os.confstr("CS_GNU_LIBC_VERSION")),
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
                     reason="glibc on Linux only")
 @pytest.mark.parametrize("default_malloc", [False, True])
 def test_freed_memory_is_reused_without_page_faults(default_malloc):
     """runner.keep_freed_memory: a large block freed and asked for again, step after step, costs no
     page faults once the heap has settled (one per 4 KiB page, 16,384 here, on every step with
     glibc's default, which AFA_DEFAULT_MALLOC=1 keeps)."""
-    import subprocess
-    import sys
     env = {**os.environ, "AFA_DEFAULT_MALLOC": "1" if default_malloc else "0"}
     code = FAULTS_OF_A_REUSED_BLOCK.format(root=str(Path(runner.__file__).parent))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
