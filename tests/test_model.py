@@ -318,6 +318,46 @@ def test_decoder_matches_naive_reference():
     assert head.linear_fuse.conv.bias is None
 
 
+@pytest.mark.parametrize("grids", ["mit", "vit"])
+def test_fusion_on_the_stage_grids_equals_the_plain_fusion(grids):
+    # forward with fuse_by_grid (the default) against plain_fusion: the same logits, gradients
+    # (features and every parameter) and BatchNorm statistics in train mode, the same logits in
+    # eval mode; on MiT-like grids that do not divide evenly and on one shared grid (a ViT's)
+    torch.manual_seed(0)
+    if grids == "mit":
+        dims = (8, 16, 24, 32)
+        shapes = [(17, 21), (9, 11), (5, 6), (5, 6)]
+    else:
+        dims = (20, 20, 20, 20)
+        shapes = [(6, 7)] * 4
+    plain = SegFormerHead(dims, num_classes=3, embed_dim=12)
+    plain.plain_fusion = True
+    fast = copy.deepcopy(plain)
+    fast.plain_fusion = False
+    features = [torch.randn(2, c, *hw) for c, hw in zip(dims, shapes)]
+    results = []
+    for head in (plain, fast):
+        inputs = [f.clone().requires_grad_() for f in features]
+        torch.manual_seed(1)  # the same Dropout2d draws
+        out = head.train()(inputs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = [x.grad for x in inputs] + [p.grad for p in head.parameters()]
+        bn = head.linear_fuse.bn
+        with torch.no_grad():
+            evaluated = head.eval()(features)
+        results.append((out.detach(), grads, bn.running_mean.clone(), bn.running_var.clone(), evaluated))
+    (out_p, grads_p, mean_p, var_p, eval_p), (out_f, grads_f, mean_f, var_f, eval_f) = results
+    assert out_p.shape == (2, 3, *shapes[0]) and out_p.abs().max() > 0.1
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eval_f, eval_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean_f, mean_p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var_f, var_p, rtol=1e-5, atol=1e-6)
+    assert all(g is not None for g in grads_f) and len(grads_f) == len(grads_p)
+    for g_f, g_p in zip(grads_f, grads_p):  # the Linear biases' are 0 up to rounding (train-mode BN)
+        torch.testing.assert_close(g_f, g_p, rtol=1e-4, atol=5e-5)
+    assert fast.plain_fusion is False and SegFormerHead(dims, 3).plain_fusion is False  # the default
+
+
 def test_interpolation_matrix_is_f_interpolate():
     # U_h x U_wᵀ is F.interpolate's bilinear resizing (up, down, same size, odd ratios), and
     # bilinear_adjoint is its adjoint: <up(x), y> = <x, adjoint(y)>
