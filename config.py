@@ -113,7 +113,7 @@ PRESETS = {
     "COCO": dict(data_root="data/coco", train_split="train", num_classes=81, iters=80000,
                  batch_size=8, cam_iters=5000, switch_iters=15000, aff_from_afa=True,
                  reg_weight=0.0, par_iters=15, eval_every=5000, work_dir="work_dirs/coco"),
-    # Built-in data, trained from scratch on a 2-core CPU in about six minutes. What from-scratch
+    # Built-in data, trained from scratch on a 2-core CPU in about five minutes. What from-scratch
     # training needs differs from the paper (README, "The synthetic preset"): a larger learning
     # rate, trainable norms, milder rescaling, short phases (L_aff as long before the AFA label
     # takes over as after), a stronger L_aff, a small encoder and crop. Two speed choices change

@@ -6,7 +6,8 @@ One forward pass of `AFANet` gives everything the training step needs:
   feature maps and the attention logits q·kᵀ of its blocks;
 - the classifier (a 1×1 conv on the stage-4 features) gives the image-level logits after global
   max pooling, and the class activation maps (CAMs) when applied to the un-pooled features (§3.1);
-- SegFormer's all-MLP decoder gives the segmentation logits at stride 4;
+- SegFormer's all-MLP decoder gives the segmentation logits at stride 4 (its 1×1 fusion conv
+  computed on the stage grids, `SegFormerHead.fuse_by_grid`: the same values, less work);
 - the AFA head turns the attention logits of the last `afa_blocks` blocks into a pairwise
   affinity (B, N, N) over the stride-16 grid (§3.2, "Affinity from Attention").
 
@@ -401,7 +402,7 @@ class SegFormerHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
         # True: forward fuses the concatenated stride-4 maps as written; False: on the stage
-        # grids (`fuse_by_grid`, the same values up to float rounding with a fifth of the work)
+        # grids (`fuse_by_grid`, the same values up to float rounding with far less work)
         self.plain_fusion = False
 
     def forward(self, features):
@@ -506,8 +507,8 @@ class SegFormerHead(nn.Module):
         4·embed_dim channels: β + Σ_g up_g(A_g·x_g) (`fusion_by_grid`), each A_g applied on its own
         grid, then upsampled. The 1×1 conv and bilinear upsampling commute (see fusion_by_grid),
         so the values are the same up to float rounding (~1e-6); gradients reach every Linear and
-        the fusion conv through A_g and β. The plain path's largest products, the fusion conv at
-        stride 4 and its backward, are gone: forward and backward take about a fifth of the time."""
+        the fusion conv through A_g and β. The plain path's largest products, the fusion conv over
+        4·embed_dim channels at stride 4 and its backward, never run (README, "Speed")."""
         terms, bias = self.fusion_by_grid(features)
         size = features[0].shape[-2:]  # (H_1, W_1), stride 4
         fused = None
