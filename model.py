@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention_affinity import AffinityHead
-from vit import VIT_CONFIGS, DropPath, VisionTransformer, vit  # DropPath: one copy, shared
+from vit import VIT_CONFIGS, DropPath, VisionTransformer, init_vit_weights, vit  # one copy, shared
 
 # SegFormer's MiT family (Xie et al. 2021, Table 6): all share heads (1, 2, 5, 8), MLP ratio 4 and
 # spatial reduction (8, 4, 2, 1); they differ in width and depth.
@@ -60,16 +60,10 @@ PATCH_NORM_EPS = 1e-5  # LayerNorms of the patch embeddings and of the spatial r
 
 
 def init_segformer_weights(module):
-    """SegFormer's initialisation: truncated normal (std 0.02) for Linear, He normal over fan-out for
-    Conv2d, ones/zeros for LayerNorm; biases zero."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):
+    """SegFormer's initialisation: timm's for Linear and LayerNorm, as a ViT's (`init_vit_weights`:
+    truncated normal, std 0.02, and ones/zeros), He normal over fan-out for Conv2d; biases zero."""
+    init_vit_weights(module)
+    if isinstance(module, nn.Conv2d):
         fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
         nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
         if module.bias is not None:
