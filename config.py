@@ -120,8 +120,8 @@ PRESETS = {
     # the numbers: the CAM passes leave the decoder's BatchNorm statistics alone (cam_bn_stats;
     # only eval-mode seg numbers depend on them) and reuse the forward's scale-1.0 CAMs
     # (reuse_forward_cam). All in float32: bf16 would be slower on CPUs without bf16 instructions.
-    # The data are loaded in the training process (workers=0: the same batches, and on 2 cores
-    # ~10% faster steps than with 2 worker processes competing for the cores).
+    # The data are loaded in the training process (workers=0: the same batches, without 2 worker
+    # processes competing for the 2 cores; docs/demo_study.md, round 4).
     # CAM scales, thresholds and PAR stay the paper's: with fewer scales the CAM alone is already
     # sharp at this size and PAR and AFA are left little to show (docs/demo_study.md).
     "synthetic": dict(data_root="data/synthetic", train_split="train", num_classes=6,

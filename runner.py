@@ -327,10 +327,9 @@ def keep_freed_memory() -> bool:
     By default glibc gives each block above its mmap threshold (128 KiB, rising to 32 MiB) back
     to the system when it is freed, and maps it anew for the next tensor of that size, so every
     step pays a page fault and the kernel's zeroing for each 4 KiB page of its large activations
-    (the full step at crop 320, mit_b1, batch 2: 75,000–225,000 faults and 0.16–0.55 s of system
-    time a step, measured). With mmap off and the heap never trimmed, those pages are reused once
-    the heap has settled (a few steps). The numbers are untouched; the peak memory grows by the
-    heap's fragmentation (+6 % at crop 320, +12 % at 448, measured). Elsewhere (macOS, Windows,
+    (tens of thousands of faults a step; docs/demo_study.md, round 4). With mmap off and the heap
+    never trimmed, those pages are reused once the heap has settled (a few steps). The numbers are
+    untouched; the peak memory grows by the heap's fragmentation. Elsewhere (macOS, Windows,
     musl) nothing changes; AFA_DEFAULT_MALLOC=1 in the environment keeps glibc's default.
     Returns whether the setting took effect."""
     if os.environ.get("AFA_DEFAULT_MALLOC") == "1" or not sys.platform.startswith("linux"):
