@@ -200,14 +200,16 @@ class Block(nn.Module):
         return self.mlp_residual(x + self.drop_path(attn_out), H, W), logits
 
     def mlp_residual(self, x, H, W):
-        """The block's second half: x (B, N, C) -> x + MixFFN(LN(x))."""
-        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+        """The block's second half: x (B, N, C) -> x + MixFFN(LN(x)), stochastic depth as
+        `DropPath.residual` (a dropped sample's branch is not computed)."""
+        return self.drop_path.residual(x, lambda t: self.mlp(self.norm2(t), H, W))
 
     # ---- speed paths: same numbers, less work ------------------------------------------------
 
     def forward_fused(self, x, H, W):
         """`forward`'s x (B, N, C) alone, through `Attention.forward_fused` (the same output)."""
-        return self.mlp_residual(x + self.drop_path(self.attn.forward_fused(self.norm1(x), H, W)), H, W)
+        x = self.drop_path.residual(x, lambda t: self.attn.forward_fused(self.norm1(t), H, W))  # (B, N, C)
+        return self.mlp_residual(x, H, W)
 
     def forward_factored(self, x, H, W):
         """`forward` with the logits as factors: (x (B, N, C), q (B, nh, N, d), k (B, nh, N_kv, d)),

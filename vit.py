@@ -112,6 +112,29 @@ class DropPath(nn.Module):
         mask = x.new_empty(mask_shape).bernoulli_(keep_prob)
         return x * mask / keep_prob
 
+    def residual(self, x, branch):
+        """x + self(branch(x)) for a residual branch (a function of x's samples one by one), with
+        the branch computed for the kept samples only: the same draw, the same values up to float
+        rounding, a dropped sample's branch not computed at all. On the CPU in eager mode; on other
+        devices (no host sync) and under torch.compile (static shapes), the masked product above.
+        With gradients and every sample dropped the branch still runs, so that its parameters get
+        zero gradients (not none) as in the plain form."""
+        if self.drop_prob == 0.0 or not self.training:
+            return x + branch(x)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return x + self(branch(x))
+        keep_prob = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)  # `forward`'s draw
+        kept = mask.view(-1).nonzero().view(-1)  # (K,) indices of the kept samples
+        if len(kept) == x.shape[0] or (len(kept) == 0 and torch.is_grad_enabled()):
+            out = branch(x)
+            return x + out * mask.to(out.dtype) / keep_prob
+        if len(kept) == 0:
+            return x
+        x_kept = x[kept]  # (K, ...)
+        out = branch(x_kept)
+        return x.index_copy(0, kept, x_kept + out * mask[kept].to(out.dtype) / keep_prob)
+
     def extra_repr(self):
         return f"drop_prob={self.drop_prob}"
 
@@ -220,14 +243,16 @@ class Block(nn.Module):
         return self.mlp_residual(x + self.drop_path(attn_out)), logits
 
     def mlp_residual(self, x):
-        """The block's second half: x (B, T, D) -> x + MLP(LN(x))."""
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        """The block's second half: x (B, T, D) -> x + MLP(LN(x)), stochastic depth as
+        `DropPath.residual` (a dropped sample's branch is not computed)."""
+        return self.drop_path.residual(x, lambda t: self.mlp(self.norm2(t)))
 
     # ---- speed paths: same numbers, less work ------------------------------------------------
 
     def forward_fused(self, x):
         """`forward`'s x (B, T, D) alone, through `Attention.forward_fused` (the same output)."""
-        return self.mlp_residual(x + self.drop_path(self.attn.forward_fused(self.norm1(x))))
+        x = self.drop_path.residual(x, lambda t: self.attn.forward_fused(self.norm1(t)))  # (B, T, D)
+        return self.mlp_residual(x)
 
     def forward_factored(self, x):
         """`forward` with the logits as factors: (x (B, T, D), q, k (B, nh, T, d)), logits = q·kᵀ,

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (AFANet, DropPath, MixTransformer, SegFormerHead, bilinear_adjoint, interpolation_matrix,
+from model import (AFANet, Block, DropPath, MixTransformer, SegFormerHead, bilinear_adjoint, interpolation_matrix,
                    mit_b0, mit_b1)
 from pretrained import load_pretrained
 
@@ -225,6 +225,90 @@ def test_drop_path():
     dropped = (y == 0).flatten(1).all(dim=1)
     assert torch.all(kept | dropped) and dropped.any() and kept.any()  # whole samples, both outcomes
     assert torch.allclose(y[kept], x[kept] / 0.75)
+
+
+def plain_residual(self, x, branch):
+    """`DropPath.residual` as defined: x + self(branch(x)), the branch run on every sample."""
+    return x + self(branch(x))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_drop_path_residual_runs_the_branch_on_the_kept_samples_only(grad, monkeypatch):
+    torch.manual_seed(0)
+    weight = torch.randn(5, 5, requires_grad=grad)
+    seen = []
+
+    def branch(t):  # a per-sample branch that records the batch it is given
+        seen.append(t.shape[0])
+        return torch.tanh(t @ weight)  # (K, 3, 5)
+
+    drop = DropPath(0.5).train()
+    for seed in range(12):
+        x = torch.randn(8, 3, 5, requires_grad=grad)
+        torch.manual_seed(seed)
+        y = drop.residual(x, branch)
+        after = torch.get_rng_state()
+        torch.manual_seed(seed)
+        expected = plain_residual(drop, x, branch)  # the same draw (one per sample)
+        assert torch.equal(torch.get_rng_state(), after)
+        assert torch.allclose(y, expected, atol=1e-6)
+        kept = (expected != x).flatten(1).any(1)  # (8,) samples whose branch was added
+        assert torch.equal(y[~kept], x[~kept])  # dropped: the input as it is
+        runs_all = kept.all() or (grad and not kept.any())  # else the kept samples only
+        assert seen[-2:] == [8 if runs_all else int(kept.sum()), 8]
+        if grad:
+            (g1,) = torch.autograd.grad((y * expected.detach()).sum(), weight)
+            (g2,) = torch.autograd.grad((expected * expected.detach()).sum(), weight)
+            assert torch.allclose(g1, g2, atol=1e-5)
+    assert any(n not in (0, 8) for n in seen)  # some draws dropped part of the batch
+    assert torch.equal(drop.eval().residual(x, branch), x + branch(x))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # compiled: static shapes
+    drop.train().residual(x, branch)
+    assert seen[-1] == 8
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_blocks_skipping_dropped_branches_equal_the_plain_blocks(grad, monkeypatch):
+    """MiT and ViT blocks (stochastic depth 0.5, batch 4; with gradients, batch 1 at 0.9, where
+    every sample is dropped at times): outputs, logits, random state and every gradient as with the
+    plain x + drop_path(branch(x)); a parameter's gradient is zero, not none, when all are dropped."""
+    from vit import Block as ViTBlock
+
+    def run(residual, make, call, shape, seed, batch, drop_prob):
+        monkeypatch.setattr(DropPath, "residual", residual)
+        torch.manual_seed(0)
+        block = make(drop_prob).train()
+        block.mlp.register_forward_hook(lambda m, args, out: mlp_batches.append(args[0].shape[0]))
+        x = torch.randn(batch, *shape, requires_grad=grad)
+        torch.manual_seed(seed)
+        with torch.set_grad_enabled(grad):
+            outputs = call(block, x)
+            if grad:
+                sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outputs).backward()
+        grads = [p.grad for p in block.parameters()] + ([x.grad] if grad else [])
+        return outputs, torch.get_rng_state(), grads
+
+    fast, mlp_batches = DropPath.residual, []
+    cases = [(lambda p: Block(16, 2, 4, 2, drop_path=p), (64, 16),
+              lambda b, x: (b.forward_fused(x, 8, 8), *b(x, 8, 8))),
+             (lambda p: ViTBlock(16, 2, drop_path=p), (10, 16),
+              lambda b, x: (b.forward_fused(x), *b(x)))]
+    for make, shape, call in cases:
+        skipped = False
+        for batch, drop_prob in [(4, 0.5)] + ([(1, 0.9)] if grad else []):
+            for seed in range(8):
+                plain = run(plain_residual, make, call, shape, seed, batch, drop_prob)
+                mlp_batches.clear()
+                ours = run(fast, make, call, shape, seed, batch, drop_prob)
+                skipped = skipped or min(mlp_batches) < batch
+                assert torch.equal(plain[1], ours[1])  # the same draws
+                for a, b in zip(plain[0], ours[0]):
+                    assert torch.allclose(a, b, atol=1e-5)
+                for a, b in zip(plain[2], ours[2]):
+                    assert (a is None) == (b is None)
+                    if a is not None:
+                        assert torch.allclose(a, b, atol=3e-5 * a.abs().max().item() + 1e-7)  # float sums
+        assert skipped  # some draws dropped a sample's MLP branch, which then did not run
 
 
 def test_stochastic_depth_grows_linearly_over_blocks():
