@@ -27,6 +27,7 @@ measures both in one run, on the same synthetic batch:
     python bench.py --crops 320 448 --profile    # and the operators that take the time
     python bench.py --amp                        # bf16 autocast (fp16 on GPUs without bf16)
     python bench.py --compile                    # torch.compile the encoder and decoder
+    python bench.py --plain-paths                # the plain forms of the switchable speed paths
     python bench.py --options reuse_forward_cam bf16_cam   # also the step with options that
                                                  # change its numbers (off in training)
 
@@ -55,7 +56,7 @@ import data
 import pipeline
 from attention_affinity import affinity_loss
 from config import Config
-from model import BACKBONES, AFANet
+from model import BACKBONES, AFANet, DropPath, SegFormerHead
 from par import PAR
 from runner import compile_and_wrap, keep_freed_memory
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
@@ -148,6 +149,8 @@ def build(spec: dict) -> Setup:
                  cam_bf16="bf16_cam" in options,
                  cam_bn_stats="no_cam_bn_stats" not in options)
     model = AFANet(cfg.num_classes, backbone=cfg.backbone).to(device).train()
+    if spec.get("plain_paths"):
+        use_plain_paths(model)
     freeze_encoder_norms(model)
     optimizer = build_optimizer(model, cfg)
     autocast, scaler = make_autocast(cfg, device)
@@ -157,6 +160,17 @@ def build(spec: dict) -> Setup:
     batch = synthetic_batch(spec["batch_size"], spec["crop"], cfg.num_classes, device, generator)
     return Setup(cfg, model, PAR(num_iter=cfg.par_iters).to(device), optimizer, autocast, scaler,
                  batch, generator)
+
+
+def use_plain_paths(model: torch.nn.Module) -> None:
+    """The plain forms of the speed paths whose numbers are the same up to float rounding and
+    that a switch turns off: the decoder's stride-4 fusion, stochastic depth running every
+    sample's residual branch."""
+    for module in model.modules():
+        if isinstance(module, SegFormerHead):
+            module.plain_fusion = True
+        if isinstance(module, DropPath):
+            module.skip_dropped = False
 
 
 def training_step(s: Setup, step: int) -> None:
@@ -356,6 +370,7 @@ def reg_share(row: dict, stages_key: str, step_key: str) -> float:
 
 def format_report(result: dict) -> str:
     mode = "+".join(m for m in ("amp", "compile") if result[m]) or "eager"
+    mode += ", plain paths" if result.get("plain_paths") else ""
     lines = [f"AFA training step, {result['backbone']}, batch {result['batch_size']}, "
              f"{result['device']} ({result['threads']} threads), {mode}; median of "
              f"{result['num_steps']} steps after {result['warmup']} warm-up; load before "
@@ -429,6 +444,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--options", nargs="+", default=[], choices=list(OPTIONS),
                         help="also time the full step with these options, alone and together: "
                              + "; ".join(f"{k}: {v}" for k, v in OPTIONS.items()))
+    parser.add_argument("--plain-paths", action="store_true", help="time everything with the "
+                        "plain forms of the switchable speed paths that keep the numbers (the "
+                        "decoder's stride-4 fusion; stochastic depth computing dropped branches)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timing")
     parser.add_argument("--no-bn-stats", action="store_true", help="skip the timing of the CAM "
                         "passes' BatchNorm statistics (the steps without them)")
@@ -496,10 +514,11 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if args.compile else 1)
     common = dict(device=device, backbone=args.backbone, batch_size=args.batch_size,
                   steps=args.steps, warmup=warmup, amp=args.amp, compile=args.compile,
-                  threads=args.threads)
+                  threads=args.threads, plain_paths=args.plain_paths)
     result = {"backbone": args.backbone, "batch_size": args.batch_size, "device": device,
-              "amp": args.amp, "compile": args.compile, "steps": [], "stages": [], "options": [],
-              "bn_stats": [], "profile": [], "warmup": warmup, "num_steps": args.steps,
+              "amp": args.amp, "compile": args.compile, "plain_paths": args.plain_paths,
+              "steps": [], "stages": [], "options": [], "bn_stats": [], "profile": [],
+              "warmup": warmup, "num_steps": args.steps,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
               "load_before": load_average()}
     for crop in args.crops:

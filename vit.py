@@ -103,6 +103,9 @@ class DropPath(nn.Module):
     def __init__(self, drop_prob=0.0):
         super().__init__()
         self.drop_prob = drop_prob
+        # True: `residual` skips the branch of a dropped sample; False: it runs it on every sample
+        # and masks, as written (the same draws and values up to float rounding)
+        self.skip_dropped = True
 
     def forward(self, x):
         if self.drop_prob == 0.0 or not self.training:
@@ -121,7 +124,7 @@ class DropPath(nn.Module):
         zero gradients (not none) as in the plain form."""
         if self.drop_prob == 0.0 or not self.training:
             return x + branch(x)
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
+        if not self.skip_dropped or x.device.type != "cpu" or torch.compiler.is_compiling():
             return x + self(branch(x))
         keep_prob = 1.0 - self.drop_prob
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)  # `forward`'s draw

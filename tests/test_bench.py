@@ -36,6 +36,24 @@ def test_abbreviated_flags_are_refused(capsys):
     assert e.value.code == 2 and "--crop" in capsys.readouterr().err
 
 
+def test_plain_paths_give_the_same_step():
+    """--plain-paths times the plain forms of the switchable speed paths: every one switched,
+    and the step's loss the same up to float rounding."""
+    spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
+                compile=False, threads=0, crop=64, kind="full", options=[])
+    results = []
+    for plain in (False, True):
+        s = bench.build({**spec, "plain_paths": plain})
+        switched = [m.plain_fusion for m in s.model.modules() if hasattr(m, "plain_fusion")]
+        switched += [not m.skip_dropped for m in s.model.modules() if hasattr(m, "skip_dropped")]
+        assert len(switched) > 8 and set(switched) == {plain}
+        torch.manual_seed(1)
+        out = train_step.compute_losses(s.model, s.model, s.par, s.batch, s.cfg.switch_iters + 1,
+                                        s.cfg, s.autocast)
+        results.append(out.loss.detach())
+    assert torch.allclose(results[0], results[1], rtol=1e-4)
+
+
 def test_staged_step_times_every_stage_of_the_training_step():
     """The stages bench.py times are the training step's: same loss as compute_losses after the
     switch, from the same weights and random draws."""
