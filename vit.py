@@ -110,10 +110,11 @@ class DropPath(nn.Module):
     def forward(self, x):
         if self.drop_prob == 0.0 or not self.training:
             return x
-        keep_prob = 1.0 - self.drop_prob
-        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
-        mask = x.new_empty(mask_shape).bernoulli_(keep_prob)
-        return x * mask / keep_prob
+        return x * self.sample_mask(x) / (1.0 - self.drop_prob)
+
+    def sample_mask(self, x):
+        """One draw per sample of x (B, ...): (B, 1, ..., 1) of 0 (dropped) or 1 (kept)."""
+        return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.drop_prob)
 
     def residual(self, x, branch):
         """x + self(branch(x)) for a residual branch (a function of x's samples one by one), with
@@ -127,7 +128,7 @@ class DropPath(nn.Module):
         if not self.skip_dropped or x.device.type != "cpu" or torch.compiler.is_compiling():
             return x + self(branch(x))
         keep_prob = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)  # `forward`'s draw
+        mask = self.sample_mask(x)  # (B, 1, ..., 1), `forward`'s draw
         kept = mask.view(-1).nonzero().view(-1)  # (K,) indices of the kept samples
         if len(kept) == x.shape[0] or (len(kept) == 0 and torch.is_grad_enabled()):
             out = branch(x)
