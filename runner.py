@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -226,12 +227,12 @@ def resume_from(cfg: Config, model: AFANet, optimizer, scaler, log) -> tuple:
 # =============================================================================================
 # The work dir: one run per folder
 # =============================================================================================
-RUN_FILES = ("config.json", "log.jsonl", "metrics.json")
+RUN_FILES = ("log.jsonl", "metrics.json")  # with a checkpoint, what makes a folder a run's
 
 
 def existing_run_files(work_dir: str) -> list:
-    """The files of a run already in `work_dir` (logs, metrics, checkpoints); the label cache
-    does not count."""
+    """The files of a run already in `work_dir` (log, metrics, checkpoints). config.json alone,
+    left by a start that failed, and the label cache do not count: a corrected retry may go on."""
     files = [os.path.join(work_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(work_dir, n))]
     return files + checkpoints(work_dir)
 
@@ -248,23 +249,31 @@ def check_new_run(cfg: Config) -> None:
                           "start it over with --overwrite, or pass another --work-dir")
 
 
-def prepare_work_dir(cfg: Config) -> None:
-    """Rank 0: a writable folder; with --overwrite the old run's files and figures removed."""
+def check_work_dir_writable(work_dir: str) -> None:
+    """Rank 0, before anything is loaded: the folder (and its checkpoints/) exists and takes files."""
     try:
-        os.makedirs(os.path.join(cfg.work_dir, "checkpoints"), exist_ok=True)
-        probe = os.path.join(cfg.work_dir, ".write_test")
+        os.makedirs(os.path.join(work_dir, "checkpoints"), exist_ok=True)
+        probe = os.path.join(work_dir, ".write_test")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"work dir {cfg.work_dir} is not writable ({e.strerror}); pass "
+        raise ConfigError(f"work dir {work_dir} is not writable ({e.strerror}); pass "
                           "--work-dir with a folder you can write to") from e
+
+
+def start_work_dir(cfg: Config, start_step: int) -> None:
+    """Rank 0, once data, weights and checkpoint have loaded (a start that fails writes nothing):
+    with --overwrite the old run's files and figures go, on resume the log is cut back to the
+    checkpoint; config.json is written."""
     if cfg.overwrite and not cfg.resume:
         figures = os.path.join(cfg.work_dir, "figures")
         old_figures = [os.path.join(figures, n) for n in os.listdir(figures)] \
             if os.path.isdir(figures) else []
         for path in existing_run_files(cfg.work_dir) + old_figures:
             os.remove(path)
+    if cfg.resume:
+        trim_log(cfg.work_dir, start_step)
     with open(os.path.join(cfg.work_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
 
@@ -492,16 +501,20 @@ def stop_nonfinite(run: Run, step: int, values: dict, before: StepStart) -> None
         f"saved in {path}; lower --lr or try without --amp, then --resume it.")
 
 
-def stop_on_signal(run: Run, bar, done: int, signum: int) -> None:
-    """After the first SIGINT / SIGTERM: save, say how to continue, exit with 128 + signal."""
+def stop_on_signal(run: Run, bar, done: int, signum: int, cut_short: bool = False) -> None:
+    """After the first SIGINT / SIGTERM: save, say how to continue, exit with 128 + signal.
+    `cut_short`: the signal stopped the validation after iteration `done`, which the resumed run
+    does first."""
     path = save(run, done, name=f"interrupted_iter_{done}.pth")
     if run.world > 1:
         dist.barrier()                          # the file is complete before anyone exits
         dist.destroy_process_group()
     bar.close()
     if run.is_main:
+        validation = (f"; its validation was cut short and runs first on resume" if cut_short
+                      else "")
         print(f"\ninterrupted after iteration {done} ({signal.Signals(signum).name}); saved "
-              f"{path}; continue with --resume auto (or --resume {path})", flush=True)
+              f"{path}{validation}; continue with --resume auto (or --resume {path})", flush=True)
     raise SystemExit(128 + signum)
 
 
@@ -525,14 +538,17 @@ def stop_worker_died(run: Run, done: int, before: StepStart | None, error: Runti
 
 class StopSignal:
     """The first SIGINT (Ctrl-C) or SIGTERM (a cluster's time limit or preemption) asks the loop
-    to finish its step, save a checkpoint and exit; a second Ctrl-C stops at once. A second
-    SIGTERM changes nothing: torchrun passes its own SIGTERM on to the ranks that the group's
-    already reached, and SLURM follows its SIGTERM with a SIGKILL anyway."""
+    to finish its step, save a checkpoint and exit; inside `cutting_short()` (validation) it stops
+    the work at once instead (`CutShort`), as nothing there needs finishing. A second Ctrl-C stops
+    at once (KeyboardInterrupt). A second SIGTERM changes nothing: torchrun passes its own SIGTERM
+    on to the ranks that the group's already reached, and SLURM follows its SIGTERM with a
+    SIGKILL anyway."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signum = None
         self.previous = {}
+        self.cut_short = False
 
     @classmethod
     def install(cls) -> StopSignal:
@@ -549,14 +565,47 @@ class StopSignal:
                 raise KeyboardInterrupt
             return
         self.signum = signum
+        if self.cut_short:
+            raise CutShort
         again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
         tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this iteration"
                    f"{again}")
+
+    @contextlib.contextmanager
+    def cutting_short(self, allowed: bool = True):
+        """A stop signal inside the block raises `CutShort` at once (when `allowed`)."""
+        self.cut_short = allowed
+        try:
+            if allowed and self.signum is not None:
+                raise CutShort
+            yield
+        finally:
+            self.cut_short = False
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
             if handler is not None:
                 signal.signal(signum, handler)
+
+
+class CutShort(Exception):
+    """A stop signal arrived during work that can be dropped (validation): save and exit now."""
+
+
+class StoppedAtOnce(Exception):
+    """A second Ctrl-C: the run stopped without saving."""
+
+
+def stop_at_once(run: Run, done: int) -> None:
+    """After a second Ctrl-C: no save; one line that says what is kept and what is lost."""
+    if not run.is_main:
+        raise SystemExit(128 + signal.SIGINT)
+    kept = latest_checkpoint(run.cfg.work_dir)
+    kept_step = int(CHECKPOINT_NAME.fullmatch(os.path.basename(kept)).group(2)) if kept else 0
+    what = (f"kept: {kept} (iteration {kept_step}), continue with --resume auto" if kept else
+            "no checkpoint was written yet")
+    lost = (f"; lost: iterations {kept_step + 1}–{done}" if done > kept_step else "")
+    raise StoppedAtOnce(f"stopped at once by a second Ctrl-C after iteration {done}; {what}{lost}")
 
 
 # =============================================================================================
@@ -575,7 +624,8 @@ def one_line(error: Exception) -> str:
 
 def exit_code(command: Callable[[], object], debug: bool) -> int:
     """Run `command()`: 0 when it returns; a user error is printed as one line "error: …" and
-    gives 2 (with `debug`, it is raised with its traceback)."""
+    gives 2 (with `debug`, it is raised with its traceback); Ctrl-C gives one line and 130.
+    However it ends, no data-loading worker outlives it (`end_data_workers`)."""
     try:
         command()
     except USER_ERRORS as e:
@@ -583,4 +633,28 @@ def exit_code(command: Callable[[], object], debug: bool) -> int:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except (StoppedAtOnce, KeyboardInterrupt) as e:
+        if debug:
+            raise
+        print(f"\n{str(e) or 'stopped by Ctrl-C'}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+    finally:
+        end_data_workers()
     return 0
+
+
+def end_data_workers() -> None:
+    """Kill the data-loading workers that are still alive when a script ends.
+
+    A DataLoader shuts its workers down when its iterator is freed, but an error raised in the
+    loop keeps the iterator alive in its traceback until the interpreter exits; multiprocessing's
+    exit handler then ends the workers with SIGTERM, which they ignore
+    (`leave_stop_signals_to_main`), and waits for them forever. Nothing is lost: a worker holds
+    no state of the run."""
+    children = multiprocessing.active_children()
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader's handler would call it a crash
+    for child in children:
+        child.kill()
+    for child in multiprocessing.active_children():
+        child.join(timeout=10)

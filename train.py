@@ -54,11 +54,11 @@ from model import AFANet
 from par import PAR
 from pipeline import LabelSettings
 from pretrained import load_pretrained
-from runner import (Run, StepSampler, StepStart, StopSignal, TrainStream, agree, check_new_run,
-                    compile_and_wrap, deferred, exit_code, keep_freed_memory,
-                    leave_stop_signals_to_main, one_line, prepare_work_dir, resume_from, save,
-                    setup_distributed, shard_loader, stop_nonfinite, stop_on_signal,
-                    stop_worker_died, trim_log, warn_if_bf16_is_emulated, write_metrics)
+from runner import (CutShort, Run, StepSampler, StepStart, StopSignal, TrainStream, agree,
+                    check_new_run, check_work_dir_writable, compile_and_wrap, deferred, exit_code,
+                    keep_freed_memory, leave_stop_signals_to_main, one_line, resume_from, save,
+                    setup_distributed, shard_loader, start_work_dir, stop_at_once, stop_nonfinite,
+                    stop_on_signal, stop_worker_died, warn_if_bf16_is_emulated, write_metrics)
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 from visualize import class_names_of, training_figure
 
@@ -171,10 +171,8 @@ def train(cfg: Config) -> TrainResult:
     if world > 1:
         dist.barrier()                       # every process has looked before rank 0 writes
     if rank == 0:
-        prepare_work_dir(cfg)
+        check_work_dir_writable(cfg.work_dir)
         log("config:\n" + "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(cfg).items()))
-    if world > 1:
-        dist.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -186,8 +184,10 @@ def train(cfg: Config) -> TrainResult:
     optimizer = build_optimizer(model, cfg)
     autocast, scaler = make_autocast(cfg, device)
     start_step, history = resume_from(cfg, model, optimizer, scaler, log)
-    if rank == 0 and cfg.resume:
-        trim_log(cfg.work_dir, start_step)
+    if rank == 0:                            # data, weights and checkpoint loaded: now it is a run
+        start_work_dir(cfg, start_step)
+    if world > 1:
+        dist.barrier()
     net = compile_and_wrap(model, cfg, device, world)
     run = Run(cfg, rank, world, device, model, net, PAR(num_iter=cfg.par_iters).to(device),
               optimizer, autocast, scaler, history)
@@ -205,8 +205,8 @@ def train(cfg: Config) -> TrainResult:
 
 def train_loop(run: Run, loader, val_loader, val_set, start_step: int) -> dict:
     """Steps start_step … iters−1: the step, its update, the log; validation and checkpoints
-    every eval_every; a stop after a non-finite loss, on SIGINT / SIGTERM, or when a data-loading
-    worker dies. Returns the last validation's scores."""
+    every eval_every; a stop after a non-finite loss, on SIGINT / SIGTERM (during validation at
+    once), or when a data-loading worker dies. Returns the last validation's scores."""
     cfg = run.cfg
     bar = tqdm(total=cfg.iters, initial=start_step, disable=not run.is_main, dynamic_ncols=True,
                desc="train")
@@ -215,6 +215,8 @@ def train_loop(run: Run, loader, val_loader, val_set, start_step: int) -> dict:
     done, before = start_step, None  # steps completed; the state a step in progress started from
     stop = StopSignal.install()
     try:
+        if validation_missing(run, start_step):  # a stop cut it short: it comes first
+            metrics = validate_and_save(run, val_loader, val_set, start_step, stop)
         for step, batch in zip(range(start_step, cfg.iters), loader):
             batch = to_device(batch, run.device)
             set_lr(run.optimizer, step, cfg)
@@ -233,11 +235,13 @@ def train_loop(run: Run, loader, val_loader, val_set, start_step: int) -> dict:
                               else "full steps", time.perf_counter() - step_started)
                 running = log_progress(run, bar, running, values, done, started)
             if done % cfg.eval_every == 0 or done == cfg.iters:
-                validation_started = time.perf_counter()
-                metrics = validate_and_save(run, val_loader, val_set, done)
-                run.times.add("validation", time.perf_counter() - validation_started)
+                metrics = validate_and_save(run, val_loader, val_set, done, stop)
             if signum:
                 stop_on_signal(run, bar, done, signum)
+    except CutShort:
+        stop_on_signal(run, bar, done, stop.signum, cut_short=True)
+    except KeyboardInterrupt:
+        stop_at_once(run, done)
     except RuntimeError as error:
         if "DataLoader worker" not in str(error):
             raise
@@ -272,23 +276,35 @@ def log_progress(run: Run, bar, running: dict, values: dict, done: int, started:
     return {}
 
 
-def validate_and_save(run: Run, val_loader, val_set, step: int) -> dict:
-    """The validation scores (metrics.json, a line on screen), the figures, a checkpoint."""
+def validation_missing(run: Run, step: int) -> bool:
+    """Whether the validation after `step` is due but not in the history (a stop cut it short)."""
+    due = step > 0 and (step % run.cfg.eval_every == 0 or step == run.cfg.iters)
+    return due and not any(m["step"] == step for m in run.history)
+
+
+def validate_and_save(run: Run, val_loader, val_set, step: int, stop: StopSignal) -> dict:
+    """The validation scores (metrics.json, a line on screen), the figures, a checkpoint. A stop
+    signal during the validation and the figures cuts them short (single process: under DDP
+    every process must finish the validation's collectives)."""
     cfg = run.cfg
+    validation_started = time.perf_counter()
     run.model.eval()
     settings = LabelSettings.from_config(cfg)
-    scores = validate(run.model, val_loader, cfg.num_classes, run.device, settings, world=run.world)
-    metrics = {"step": step, **scores}
-    run.history.append(metrics)
-    if run.is_main:
-        if cfg.num_figures > 0:
+    with stop.cutting_short(allowed=run.world == 1):
+        scores = validate(run.model, val_loader, cfg.num_classes, run.device, settings,
+                          world=run.world)
+        if run.is_main and cfg.num_figures > 0:
             training_figure(run.model, run.par, val_set, range(min(cfg.num_figures, len(val_set))),
                             os.path.join(cfg.work_dir, "figures", f"val_iter_{step}.png"),
                             run.device, class_names_of(cfg.data, cfg.num_classes), settings)
+    run.model.train()
+    metrics = {"step": step, **scores}
+    run.history.append(metrics)
+    if run.is_main:
         write_metrics(cfg.work_dir, run.history)
         tqdm.write(format_metrics(metrics))
     save(run, step)
-    run.model.train()
+    run.times.add("validation", time.perf_counter() - validation_started)
     return metrics
 
 

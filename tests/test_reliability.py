@@ -292,6 +292,30 @@ def test_a_new_run_refuses_a_work_dir_that_holds_one(synthetic, tmp_path, capsys
     assert [line["step"] for line in log_lines(work_dir)] == [1, 2]
 
 
+@pytest.mark.parametrize("bad", [["--data-root", "missing"], ["--resume", "missing.pth"],
+                                 ["--pretrained", "missing.pth"]],
+                         ids=["no data", "bad --resume", "bad --pretrained"])
+def test_a_failed_start_writes_no_run_and_the_corrected_retry_runs(bad, voc, tmp_path, capsys):
+    work_dir = tmp_path / "wd"
+    bad = [str(tmp_path / b) if b.startswith("missing") else b for b in bad]
+    code, err = run([*VOC, *tiny(voc, work_dir, "--iters", 1), *bad], capsys)
+    assert code == 2 and error_line(err)
+    assert not runner.existing_run_files(str(work_dir))
+    assert not (work_dir / "config.json").exists()
+    code, err = run([*VOC, *tiny(voc, work_dir, "--iters", 1)], capsys)
+    assert code == 0, err
+    assert (work_dir / "config.json").exists() and log_lines(work_dir)
+
+
+def test_a_config_json_alone_is_no_run(voc, tmp_path, capsys):
+    """A failed start of an earlier version left config.json only: the folder is free."""
+    work_dir = tmp_path / "wd"
+    work_dir.mkdir()
+    (work_dir / "config.json").write_text("{}")
+    code, err = run([*VOC, *tiny(voc, work_dir, "--iters", 1)], capsys)
+    assert code == 0, err
+
+
 def test_training_voc_from_random_weights_warns(voc, tmp_path, capsys):
     code, err = run(tiny(voc, tmp_path / "wd", *VOC, "--iters", 1, "--cam-iters", 1), capsys)
     assert code == 0, err

@@ -404,25 +404,41 @@ def test_resume_auto_takes_the_newest_checkpoint_of_any_kind(tmp_path):
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_every_process_looks_at_the_work_dir_before_rank_0_writes_into_it(rank, monkeypatch):
-    """Otherwise a slower rank finds rank 0's fresh config.json and refuses the run as an old one."""
+def test_rank_0_writes_into_the_work_dir_after_all_has_loaded_and_every_process_looked(rank,
+                                                                                       monkeypatch):
+    """A slower rank must not find rank 0's fresh files and refuse the run as an old one; a start
+    that fails while loading data, weights or checkpoint writes nothing (only the probe that the
+    folder takes files)."""
     events = []
 
     class Stop(Exception):
         pass
 
-    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (rank, 2, torch.device("cpu")))
-    monkeypatch.setattr(train.dist, "barrier", lambda: events.append("barrier"))
-    monkeypatch.setattr(train, "check_new_run", lambda cfg: events.append("check"))
-    monkeypatch.setattr(train, "prepare_work_dir", lambda cfg: events.append("write"))
+    def event(name, value=None):
+        return lambda *args, **kwargs: events.append(name) or value
 
-    def load_datasets(cfg, rank, world):
+    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (rank, 2, torch.device("cpu")))
+    monkeypatch.setattr(train.dist, "barrier", event("barrier"))
+    monkeypatch.setattr(train, "check_new_run", event("check"))
+    monkeypatch.setattr(train, "check_work_dir_writable", event("probe"))
+    monkeypatch.setattr(train, "load_datasets", event("data", (None, None)))
+    monkeypatch.setattr(train, "build_model", event("model"))
+    monkeypatch.setattr(train, "build_optimizer", event("optimizer"))
+    monkeypatch.setattr(train, "make_autocast", event("autocast", (None, None)))
+    monkeypatch.setattr(train, "resume_from", event("checkpoint", (0, [])))
+    monkeypatch.setattr(train, "warn_if_unlearnable", event("warn"))
+    monkeypatch.setattr(train, "warn_if_bf16_is_emulated", event("warn"))
+    monkeypatch.setattr(train, "start_work_dir", event("write"))
+
+    def compile_and_wrap(*args):
         raise Stop
-    monkeypatch.setattr(train, "load_datasets", load_datasets)
+    monkeypatch.setattr(train, "compile_and_wrap", compile_and_wrap)
     with pytest.raises(Stop):
         train.train(Config(data="VOC2012"))
-    assert events == (["check", "barrier", "write", "barrier"] if rank == 0
-                      else ["check", "barrier", "barrier"])
+    events = [e for e in events if e not in ("warn", "optimizer", "autocast")]
+    assert events == (["check", "barrier", "probe", "data", "model", "checkpoint", "write",
+                       "barrier"] if rank == 0 else
+                      ["check", "barrier", "data", "model", "checkpoint", "barrier"])
 
 
 # --- bf16 on a CPU without it; the speed line ----------------------------------------------------
