@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 
 from model import BACKBONES
@@ -171,12 +172,38 @@ def parse_config(argv=None, summary: str = "") -> Config:
             kind = {"int": int, "float": float, "str": str}[f.type]
             choices = list(PRESETS) if f.name == "data" else None
             parser.add_argument(flag, type=kind, choices=choices, help=help_text)
-    given = vars(parser.parse_args(argv))
+    given = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in vars(parser.parse_args(argv)).items()}
     preset = PRESETS[given.get("data", Config.data)]
-    cfg = Config(**{**preset, **{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in given.items()}})
+    cfg = Config(**{**yield_to_flags(preset, given), **given})
     check_config(cfg)
     return cfg
+
+
+def yield_to_flags(preset: dict, given: dict) -> dict:
+    """The preset without the defaults that would contradict a flag given on the command line: a
+    preset's default never turns an explicit flag into an error (a note on stderr says what
+    changed)."""
+    preset = dict(preset)
+    defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, **preset}
+
+    def set_default(name, value, why):
+        if name not in given and defaults[name] != value:
+            preset[name] = value
+            flag = name.replace("_", "-")
+            flag = (f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool) else
+                    f"--{flag} {value}")
+            print(f"note: {why}: {flag} for this run, against the preset's default",
+                  file=sys.stderr)
+    if given.get("aff_weight", None) == 0:
+        set_default("aff_from_afa", False, "--aff-weight 0 trains no affinity to take labels from")
+    if "switch_iters" in given and "cam_iters" not in given:
+        set_default("cam_iters", min(defaults["cam_iters"], given["switch_iters"]),
+                    f"--switch-iters {given['switch_iters']} comes before the preset's --cam-iters")
+    if "cam_iters" in given and "switch_iters" not in given:
+        set_default("switch_iters", max(defaults["switch_iters"], given["cam_iters"]),
+                    f"--cam-iters {given['cam_iters']} comes after the preset's --switch-iters")
+    return preset
 
 
 def check_config(cfg: Config) -> None:

@@ -309,7 +309,13 @@ def list_images(path: str) -> list:
 
 def load_image(path: str) -> torch.Tensor:
     """An image file as the network's input (3, H, W), normalised like the data sets."""
-    rgb = data.read_image(path).astype(np.float32)                            # (H, W, 3)
+    try:
+        rgb = data.read_image(path).astype(np.float32)                        # (H, W, 3)
+    except data.DatasetError as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"--image {path} cannot be read as an image ({type(cause).__name__}: "
+                          f"{str(cause).rstrip('.')}); pass an image file "
+                          f"({', '.join(IMAGE_SUFFIXES)}) or a folder of them") from e
     rgb = (rgb - np.asarray(data.IMAGENET_MEAN, np.float32)) / np.asarray(data.IMAGENET_STD, np.float32)
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))     # (3, H, W)
 

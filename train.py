@@ -90,6 +90,11 @@ def build_datasets(cfg: Config):
     in a --data-root of the user's, most likely means a forgotten --data: the error says so."""
     cache_dir = os.path.join(cfg.work_dir, "cache")
     if cfg.data == "synthetic" and not os.path.isdir(cfg.data_root):
+        own = cfg.data_root != PRESETS["synthetic"]["data_root"]
+        print(f"building the built-in synthetic data set in {cfg.data_root}: "
+              + ("the --data-root given does not exist (a typo? for your own data in VOC layout "
+                 "pass --data VOC2012)" if own else "the first run (kept for later runs)"),
+              file=sys.stderr)
         synthetic.make_synthetic(cfg.data_root)  # once; a set made with other sizes is kept
     common = dict(num_classes=cfg.num_classes, cache_dir=cache_dir)
     try:
@@ -197,7 +202,8 @@ def train(cfg: Config) -> TrainResult:
     if rank == 0 and history:
         print(metrics_table(history))
         print(f"done in {time.time() - t_start:.0f} s; checkpoints in {cfg.work_dir}/checkpoints")
-        print(f"speed on this machine: {run.times.summary()}")
+        if run.times.summary():                  # nothing ran: a finished run resumed
+            print(f"speed on this machine: {run.times.summary()}")
     if world > 1:
         dist.destroy_process_group()
     return TrainResult(model, metrics)

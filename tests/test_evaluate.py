@@ -552,12 +552,16 @@ def test_checkpoint_of_unknown_layout_names_the_known_ones(tiny_run, capsys):
     assert "the authors' release" in err and "attn_proj" in err
 
 
-def test_cli_unreadable_image(tiny_run, capsys):
-    broken = tiny_run["root"] / "broken.jpg"
+@pytest.mark.parametrize("name", ["broken.jpg", "README.md"])
+def test_cli_unreadable_image(name, tiny_run, capsys):
+    """One line that says the file is no image, not a data set's advice (its archive)."""
+    broken = tiny_run["root"] / name
     broken.write_bytes(b"not a jpeg")
     code, _ = run_cli(tiny_run, "--image", str(broken), out="errors")
     assert code == 2
-    assert_one_error_line(capsys.readouterr().err, f"cannot decode image {broken}")
+    err = capsys.readouterr().err
+    assert_one_error_line(err, f"--image {broken} cannot be read as an image")
+    assert "archive" not in err and "split list" not in err
 
 
 def test_cli_crf_without_the_package_is_one_clear_line(tiny_run, capsys, monkeypatch):

@@ -316,6 +316,32 @@ def test_a_config_json_alone_is_no_run(voc, tmp_path, capsys):
     assert code == 0, err
 
 
+def test_a_data_root_typo_on_the_built_in_data_says_where_it_builds(tmp_path, capsys,
+                                                                     monkeypatch):
+    class Built(Exception):
+        pass
+
+    def make_synthetic(root, *args, **kwargs):
+        raise Built(root)
+    monkeypatch.setattr(train.synthetic, "make_synthetic", make_synthetic)
+    typo = tmp_path / "data" / "synthtic"
+    with pytest.raises(Built):
+        train.main(["--data-root", str(typo), "--work-dir", str(tmp_path / "wd")])
+    err = capsys.readouterr().err
+    assert f"building the built-in synthetic data set in {typo}: the --data-root given does " \
+           "not exist (a typo?" in err
+
+
+def test_resuming_a_finished_run_prints_no_empty_speed_line(synthetic, tmp_path, capsys):
+    work_dir = tmp_path / "wd"
+    assert train.main(tiny(synthetic, work_dir, "--iters", 2)) == 0
+    assert "speed on this machine: classification-only steps" in capsys.readouterr().out
+    assert train.main(tiny(synthetic, work_dir, "--iters", 2, "--resume", "auto")) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do: the checkpoint is at iteration 2 of 2" in out
+    assert "speed on this machine" not in out
+
+
 def test_training_voc_from_random_weights_warns(voc, tmp_path, capsys):
     code, err = run(tiny(voc, tmp_path / "wd", *VOC, "--iters", 1, "--cam-iters", 1), capsys)
     assert code == 0, err

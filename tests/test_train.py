@@ -130,6 +130,27 @@ def test_contradictory_flags_are_refused(argv, words):
         parse_config(argv)
 
 
+@pytest.mark.parametrize("data", ["synthetic", "VOC2012", "COCO"])
+@pytest.mark.parametrize("flags", [["--aff-weight", "0", "--seg-label", "cam"],
+                                   ["--aff-weight", "0", "--seg-label", "par"],
+                                   ["--switch-iters", "1"], ["--cam-iters", "100000"]],
+                         ids=["baseline row", "+PAR row", "early switch", "late cam phase"])
+def test_a_presets_default_never_turns_an_explicit_flag_into_an_error(data, flags, capsys):
+    """What the user typed holds; the contradicting default yields, and a note says so."""
+    cfg = parse_config(["--data", data, *flags])
+    given = dict(zip(flags[::2], flags[1::2]))
+    if "--aff-weight" in given:
+        assert cfg.aff_weight == 0 and not cfg.aff_from_afa
+    if "--switch-iters" in given:
+        assert cfg.switch_iters == 1 and cfg.cam_iters == 1
+    if "--cam-iters" in given:
+        assert cfg.cam_iters == cfg.switch_iters == 100000
+    err = capsys.readouterr().err
+    assert ("note: " in err) == (data == "COCO" or "--aff-weight" not in given), err
+    with pytest.raises(ConfigError, match="drop --aff-from-afa"):  # typed by the user: refused
+        parse_config(["--data", data, "--aff-weight", "0", "--seg-label", "cam", "--aff-from-afa"])
+
+
 def test_bad_flag_value_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(["--iters", "many"])
