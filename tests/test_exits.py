@@ -43,20 +43,21 @@ def flags(root, work_dir, *extra):
             "--num-figures", "0", "--log-every", "1", *extra]
 
 
-def session(sid: int) -> list:
-    """The live (not zombie) processes of session `sid`."""
-    members = []
+def tagged(tag: str) -> list:
+    """The live (not zombie) processes whose environment holds AFA_TEST_TAG=tag: a program and
+    every process it started, in whatever session (torchrun starts each rank in one of its own)."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        state, _, _, process_session = stat.rsplit(")", 1)[1].split()[:4]
-        if int(process_session) == sid and state != "Z":
-            members.append(int(entry))
-    return members
+        if f"AFA_TEST_TAG={tag}".encode() in environ and state != "Z":
+            found.append(int(entry))
+    return found
 
 
 class Program:
@@ -64,10 +65,12 @@ class Program:
 
     def __init__(self, command, tmp_path, env=None):
         self.out, self.err = tmp_path / "out.txt", tmp_path / "err.txt"
+        self.tag = str(tmp_path)
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.process = subprocess.Popen([str(c) for c in command], cwd=PROJECT, stdout=out,
                                             stderr=err, start_new_session=True,
-                                            env={**os.environ, **(env or {})})
+                                            env={**os.environ, **(env or {}),
+                                                 "AFA_TEST_TAG": self.tag})
 
     def wait_for(self, text: str, where="out"):
         """Until `text` is printed (the program still running)."""
@@ -84,15 +87,16 @@ class Program:
         try:
             self.process.wait(timeout=HUNG)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            for pid in tagged(self.tag):
+                os.kill(pid, signal.SIGKILL)
             self.process.wait()
             pytest.fail(f"hung: still running after {HUNG} s\n{self.err.read_text()[-2000:]}")
         deadline = time.time() + GONE
-        while session(self.process.pid) and time.time() < deadline:
+        while tagged(self.tag) and time.time() < deadline:
             time.sleep(0.1)
-        left = session(self.process.pid)
-        if left:
-            os.killpg(self.process.pid, signal.SIGKILL)
+        left = tagged(self.tag)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
         assert not left, f"processes left behind: {left}"
         return self.process.returncode, self.out.read_text(), self.err.read_text()
 
