@@ -388,16 +388,37 @@ def compile_and_wrap(model: AFANet, cfg: Config, device: torch.device, world: in
 # =============================================================================================
 class PhaseTimes:
     """Wall-clock seconds per phase of the run, for the speed line at its end: a user can tell a
-    slow machine from a slow program."""
+    slow machine from a slow program. When a phase's steps run far slower than its first steps
+    did (another program took the cores), one line on stderr says why and what to do."""
 
     PHASES = ("classification-only steps", "full steps", "validation")
+    PACE = slice(2, 10)      # the steps of a phase whose median is its pace (after two warm-ups)
+    RECENT = 10              # the last steps compared with it
+    SLOWER = 4.0             # how many times slower counts as "far slower"
 
-    def __init__(self):
-        self.seconds, self.counts = {}, {}
+    def __init__(self, warn: Callable[[str], None] | None = None):
+        self.seconds, self.counts, self.steps = {}, {}, {}
+        self.warn = warn or (lambda line: tqdm.write(line, file=sys.stderr))
+        self.warned = False
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
         self.counts[phase] = self.counts.get(phase, 0) + 1
+        if phase == "validation" or self.warned:
+            return
+        steps = self.steps.setdefault(phase, [])
+        steps.append(seconds)
+        if len(steps) < self.PACE.stop + self.RECENT:
+            return
+        pace, recent = (float(np.median(s)) for s in (steps[self.PACE], steps[-self.RECENT:]))
+        del steps[self.PACE.stop:-self.RECENT]
+        if recent > self.SLOWER * pace:
+            self.warned = True
+            self.warn(f"warning: {phase} now take {recent:.2f} s, {recent / pace:.0f}× the "
+                      f"{pace:.2f} s of this run's first ones: another program is using the CPU "
+                      "(see top). Threads of programs that share cores wait for each other far "
+                      "beyond a fair share: run one job at a time, or give each fewer threads "
+                      "(OMP_NUM_THREADS=1 before the command).")
 
     def summary(self) -> str:
         """"classification-only steps 0.30 s/it (201), full steps 0.74 s/it (399), validation

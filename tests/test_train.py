@@ -487,6 +487,27 @@ def test_phase_times_average_per_phase():
                                "validation 8.00 s (1)")
 
 
+def test_phase_times_warn_once_when_steps_run_far_slower_than_the_phases_first_ones():
+    warnings = []
+    times = runner.PhaseTimes(warn=warnings.append)
+    for _ in range(30):                                  # steady: no warning
+        times.add("full steps", 0.5)
+    for _ in range(5):                                   # 5 of the last 10 slow: median not
+        times.add("full steps", 2.5)
+    assert warnings == []
+    times.add("full steps", 2.5)
+    assert len(warnings) == 1 and warnings[0].startswith("warning: full steps now take 2.50 s, 5×")
+    assert "another program is using the CPU" in warnings[0] and "OMP_NUM_THREADS=1" in warnings[0]
+    for _ in range(30):
+        times.add("full steps", 5.0)
+    assert len(warnings) == 1                            # once per run
+    quiet = runner.PhaseTimes(warn=warnings.append)
+    for seconds in [3.0, 3.0] + [0.5] * 30 + [1.9] * 10:  # slow warm-ups, then under 4×
+        quiet.add("classification-only steps", seconds)
+        quiet.add("validation", 50.0)
+    assert len(warnings) == 1
+
+
 FAULTS_OF_A_REUSED_BLOCK = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
