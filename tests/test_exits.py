@@ -283,3 +283,20 @@ def test_a_stop_signal_during_validation_saves_at_once_and_resume_validates_firs
     assert train.main([str(f) for f in run_flags + ["--resume", "auto", "--workers", 0]]) == 0
     history = json.loads((work_dir / "metrics.json").read_text())["history"]
     assert [m["step"] for m in history] == [2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_group_ends_torchrun_and_every_worker(synthetic, tmp_path):
+    work_dir = tmp_path / "wd"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", "train.py", *flags(synthetic, work_dir, "--data", "synthetic", "--iters", 200,
+                                       "--eval-every", 1000, "--batch-size", 4)]
+    program = Program(command, tmp_path, env={"OMP_NUM_THREADS": "1"})
+    deadline = time.time() + HUNG
+    while not ((work_dir / "log.jsonl").exists() and (work_dir / "log.jsonl").read_text()):
+        assert program.process.poll() is None and time.time() < deadline, "the run did not start"
+        time.sleep(0.1)
+    os.killpg(program.process.pid, signal.SIGTERM)
+    code, out, err = program.end()
+    assert "interrupted after iteration" in out, err[-3000:]
+    assert [n for n in os.listdir(work_dir / "checkpoints") if n.startswith("interrupted_iter_")]
