@@ -7,14 +7,17 @@ tests/test_reliability.py and (under torchrun) tests/test_train_e2e.py:
   them back, so a resumed run repeats the uninterrupted one number for number;
 - atomic checkpoints: written to a temporary file and renamed (`save_checkpoint`), the last
   keep_ckpts periodic ones kept (`save`), read back with one clear message per failure;
-- one run per work dir (`check_new_run`, `prepare_work_dir`), its log cut back on resume
-  (`trim_log`);
+- one run per work dir (`check_new_run`), written to only once data, weights and checkpoint have
+  loaded (`start_work_dir`), its log cut back on resume (`trim_log`);
 - processes: DDP set-up (`setup_distributed`), every process stopping at the same step (`agree`);
 - stops that keep the work: SIGINT / SIGTERM save and exit with 128 + signal (`StopSignal`,
   `stop_on_signal`), a non-finite loss undoes its step and saves the weights before it
   (`StepStart`, `stop_nonfinite`), a data-loading worker's death ends in one line and a
-  checkpoint of the last completed step (`deferred`, `stop_worker_died`);
-- user errors as one line and exit code 2 (`exit_code`).
+  checkpoint of the last completed step (`deferred`, `stop_worker_died`); a signal during
+  validation saves at once (`CutShort`), a second Ctrl-C stops in one line (`stop_at_once`);
+- user errors as one line and exit code 2, and no data-loading worker outliving the script,
+  however it ends (`exit_code`, `end_data_workers`);
+- a warning when steps run far slower than at the start (`PhaseTimes`).
 """
 from __future__ import annotations
 
@@ -532,8 +535,7 @@ def stop_on_signal(run: Run, bar, done: int, signum: int, cut_short: bool = Fals
         dist.destroy_process_group()
     bar.close()
     if run.is_main:
-        validation = (f"; its validation was cut short and runs first on resume" if cut_short
-                      else "")
+        validation = "; its validation was cut short and runs first on resume" if cut_short else ""
         print(f"\ninterrupted after iteration {done} ({signal.Signals(signum).name}); saved "
               f"{path}{validation}; continue with --resume auto (or --resume {path})", flush=True)
     raise SystemExit(128 + signum)
