@@ -1,7 +1,7 @@
 """How train.py runs, apart from what it computes: a reader of the method can skip this file.
 
 Each guarantee of a training run lives here, tested in tests/test_train.py,
-tests/test_reliability.py and (under torchrun) tests/test_train_e2e.py:
+tests/test_reliability.py, tests/test_exits.py and (under torchrun) tests/test_train_e2e.py:
 - exact resume: the training set is a stream seeded by (seed, position) (`TrainStream`,
   `StepSampler`), every checkpoint carries every RNG state (`rng_state`), and `resume_from` puts
   them back, so a resumed run repeats the uninterrupted one number for number;
