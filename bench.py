@@ -27,7 +27,9 @@ measures both in one run, on the same synthetic batch:
     python bench.py --crops 320 448 --profile    # and the operators that take the time
     python bench.py --amp                        # bf16 autocast (fp16 on GPUs without bf16)
     python bench.py --compile                    # torch.compile the encoder and decoder
-    python bench.py --plain-paths                # the plain forms of the switchable speed paths
+    python bench.py --plain-paths                # the plain forms alone (--no-speed-paths)
+    python bench.py --crops 320 448 --variants --no-stages --no-bn-stats
+                                                 # what each speed variant of fast.py saves
     python bench.py --options reuse_forward_cam bf16_cam   # also the step with options that
                                                  # change its numbers (off in training)
 
@@ -56,7 +58,7 @@ import data
 import pipeline
 from attention_affinity import affinity_loss
 from config import Config
-from model import BACKBONES, AFANet, DropPath, SegFormerHead
+from model import BACKBONES, AFANet
 from par import PAR
 from runner import compile_and_wrap, keep_freed_memory
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
@@ -68,7 +70,7 @@ PAR_MASKS = 3
 # Options of the full step that change its numbers (off in training), timed on request.
 OPTIONS = {
     "reuse_forward_cam": "the multi-scale CAM reuses the training forward's scale-1.0 CAMs "
-                         "(multi_scale_cam_partial_affinity(forward_cams=...))",
+                         "(multi_scale_cam(forward_cams=...))",
     "bf16_cam": "the multi-scale CAM alone runs under bf16 autocast",
     "no_cam_bn_stats": "the CAM passes leave the decoder's BatchNorm statistics alone "
                        "(--no-cam-bn-stats)",
@@ -147,10 +149,10 @@ def build(spec: dict) -> Setup:
                  compile=spec["compile"], num_classes=NUM_CLASSES,
                  reuse_forward_cam="reuse_forward_cam" in options,
                  cam_bf16="bf16_cam" in options,
-                 cam_bn_stats="no_cam_bn_stats" not in options)
+                 cam_bn_stats="no_cam_bn_stats" not in options,
+                 speed_paths=not spec.get("plain_paths"))
     model = AFANet(cfg.num_classes, backbone=cfg.backbone).to(device).train()
-    if spec.get("plain_paths"):
-        use_plain_paths(model)
+    pipeline.choose_paths(model, cfg.speed_paths)  # also the network-only step's forward
     freeze_encoder_norms(model)
     optimizer = build_optimizer(model, cfg)
     autocast, scaler = make_autocast(cfg, device)
@@ -160,17 +162,6 @@ def build(spec: dict) -> Setup:
     batch = synthetic_batch(spec["batch_size"], spec["crop"], cfg.num_classes, device, generator)
     return Setup(cfg, model, PAR(num_iter=cfg.par_iters).to(device), optimizer, autocast, scaler,
                  batch, generator)
-
-
-def use_plain_paths(model: torch.nn.Module) -> None:
-    """The plain forms of the speed paths whose numbers are the same up to float rounding and
-    that a switch turns off: the decoder's stride-4 fusion, stochastic depth running every
-    sample's residual branch."""
-    for module in model.modules():
-        if isinstance(module, SegFormerHead):
-            module.plain_fusion = True
-        if isinstance(module, DropPath):
-            module.skip_dropped = False
 
 
 def training_step(s: Setup, step: int) -> None:
@@ -203,11 +194,11 @@ def staged_step(s: Setup, stage) -> torch.Tensor:
     images, cls_labels, box = batch["image"], batch["cls_labels"], batch["valid_box"]
     with stage("forward"), s.autocast():
         out = s.model(images)
-    settings = pipeline.LabelSettings.from_config(cfg)
+    settings = pipeline.LabelSettings.from_config(cfg, s.model)
     with torch.no_grad(), pipeline.label_precision(images.device.type):
         with stage("multi-scale CAM"):
             cams, affinity = pipeline.multi_scale_cams(
-                s.model, images, settings.cam_scales, cam_bf16=cfg.cam_bf16,
+                s.model, images, settings, cam_bf16=cfg.cam_bf16,
                 decoder_stats=cfg.cam_bn_stats,
                 forward_cams=out.cams.detach() if cfg.reuse_forward_cam else None)
         with stage("CAM label"):
@@ -445,8 +436,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time the full step with these options, alone and together: "
                              + "; ".join(f"{k}: {v}" for k, v in OPTIONS.items()))
     parser.add_argument("--plain-paths", action="store_true", help="time everything with the "
-                        "plain forms of the switchable speed paths that keep the numbers (the "
-                        "decoder's stride-4 fusion; stochastic depth computing dropped branches)")
+                        "plain forms of the method files alone (train.py --no-speed-paths)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timing")
     parser.add_argument("--no-bn-stats", action="store_true", help="skip the timing of the CAM "
                         "passes' BatchNorm statistics (the steps without them)")

@@ -93,6 +93,8 @@ class Config:
                            "bf16); the pseudo labels stay fp32. On a CPU only with bf16 "
                            "instructions (AVX512-BF16, AMX): elsewhere it is emulated and slower")
     compile: bool = opt(False, "torch.compile the encoder and decoder")
+    speed_paths: bool = opt(True, "run the speed variants of fast.py (the same numbers up to float "
+                                  "rounding); off: the plain forms of the method files alone")
     resume: str = opt("", "checkpoint to resume from ('auto': the newest in work_dir)")
     eval_every: int = opt(2000, "validate and checkpoint every this many iterations")
     log_every: int = opt(20, "write a log line every this many iterations")

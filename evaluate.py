@@ -69,8 +69,8 @@ def resize_long_side(images: torch.Tensor, long_side: int) -> torch.Tensor:
 
 
 def seg_logits(model: AFANet, images: torch.Tensor) -> torch.Tensor:
-    """The decoder's logits (B, C, H/4, W/4) alone: no attention maps are materialised."""
-    features, _ = model.encoder(images, num_attn=0)
+    """The decoder's logits (B, C, H/4, W/4) alone."""
+    features, _ = model.encoder(images)
     return model.decoder(features)
 
 
@@ -446,8 +446,9 @@ def read_checkpoint(path: str) -> dict:
 
 
 def load_model(path: str, args: argparse.Namespace, device) -> tuple:
-    """(AFANet in eval mode on `device`, its Config) from a checkpoint of train.py or a trained
-    network of the authors' release (`read_checkpoint`)."""
+    """(AFANet in eval mode on `device`, its Config, its LabelSettings) from a checkpoint of
+    train.py or a trained network of the authors' release (`read_checkpoint`); the settings also
+    choose the network's implementation (`--speed-paths`, as the run trained)."""
     ckpt = read_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, args)
     if ckpt["config"] is None:
@@ -466,7 +467,8 @@ def load_model(path: str, args: argparse.Namespace, device) -> tuple:
         raise ConfigError(f"checkpoint {path}: its weights do not fit AFANet(num_classes="
                           f"{cfg.num_classes}, backbone={cfg.backbone}) as its config says "
                           f"({first}); use a checkpoint written by train.py") from e
-    return model.to(device).eval(), cfg
+    model = model.to(device).eval()
+    return model, cfg, LabelSettings.from_config(cfg, model)
 
 
 def release_mismatch(path: str, state: dict, cfg: Config, error: RuntimeError) -> str:
@@ -517,8 +519,8 @@ def check_pixel(pixel, image: torch.Tensor) -> None:
                           f"(H×W) image; give 0 <= y < {H} and 0 <= x < {W}")
 
 
-def figures_of_split(model, cfg: Config, dataset, chosen: list, out_dir: str, names,
-                     pixel=None) -> None:
+def figures_of_split(model, cfg: Config, settings: LabelSettings, dataset, chosen: list,
+                     out_dir: str, names, pixel=None) -> None:
     """--figures on images of a split: the named ones, or the first cfg.num_figures."""
     for name in chosen or dataset.names[:cfg.num_figures]:
         if name not in dataset.names:
@@ -529,11 +531,12 @@ def figures_of_split(model, cfg: Config, dataset, chosen: list, out_dir: str, na
         path = os.path.join(out_dir, "figures", name + ".png")
         attention_figure(model, sample["image"], path, names, cls_labels=sample["cls_labels"],
                          truth=sample["label"], pixel=pixel,
-                         settings=LabelSettings.from_config(cfg))
+                         settings=settings)
         print(f"figure: {path}")
 
 
-def figures_of_files(model, cfg: Config, paths: list, out_dir: str, names, pixel=None) -> None:
+def figures_of_files(model, settings: LabelSettings, paths: list, out_dir: str, names,
+                     pixel=None) -> None:
     """--figures with --image: the classes are those the classifier finds."""
     for image_path in paths:
         stem = os.path.splitext(os.path.basename(image_path))[0]
@@ -541,15 +544,14 @@ def figures_of_files(model, cfg: Config, paths: list, out_dir: str, names, pixel
         image = load_image(image_path)
         check_pixel(pixel, image)
         attention_figure(model, image, path, names, pixel=pixel,
-                         settings=LabelSettings.from_config(cfg))
+                         settings=settings)
         print(f"figure: {path}")
 
 
-def pseudo_label_report(model, cfg: Config, loader, device, names) -> dict:
+def pseudo_label_report(model, cfg: Config, settings: LabelSettings, loader, device, names) -> dict:
     """--pseudo: the table on screen, the entries of metrics.json returned."""
     par = PAR(num_iter=cfg.par_iters).to(device)
-    result = pseudo_label_quality(model, par, loader, cfg.num_classes, device,
-                                  LabelSettings.from_config(cfg))
+    result = pseudo_label_quality(model, par, loader, cfg.num_classes, device, settings)
     split = loader.dataset.split
     print(f"\npseudo labels on {split} ({len(loader.dataset)} images), random walk with the "
           f"{'learned affinity' if cfg.propagate_with == 'affinity' else 'MHSA maps'}:\n"
@@ -586,7 +588,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.pixel is not None and args.figures is None:
         raise ConfigError("--pixel is for --figures; add --figures")
     device = pick_device(args.device)
-    model, cfg = load_model(args.checkpoint, args, device)
+    model, cfg, settings = load_model(args.checkpoint, args, device)
     out_dir = args.out or os.path.splitext(args.checkpoint)[0] + "_eval"
     os.makedirs(out_dir, exist_ok=True)
     names = class_names_of(cfg.data, cfg.num_classes)
@@ -604,14 +606,14 @@ def run(args: argparse.Namespace) -> dict:
         predict_images(model, paths, folder, device, scales, args.long_side, crf=args.crf)
         print(f"{len(paths)} prediction(s) in {folder} (masks; overlays in {folder}/overlay)")
         if args.figures is not None:
-            figures_of_files(model, cfg, paths, out_dir, names, args.pixel)
+            figures_of_files(model, settings, paths, out_dir, names, args.pixel)
     elif args.figures is not None:
         dataset = load_split(cfg, args.split or cfg.val_split, cache_dir)
-        figures_of_split(model, cfg, dataset, args.figures, out_dir, names, args.pixel)
+        figures_of_split(model, cfg, settings, dataset, args.figures, out_dir, names, args.pixel)
     if args.pseudo:
         # On train by default, as the paper's tables.
         pseudo_loader = loader(args.split or "train", cfg.val_batch_size)
-        metrics.update(pseudo_label_report(model, cfg, pseudo_loader, device, names))
+        metrics.update(pseudo_label_report(model, cfg, settings, pseudo_loader, device, names))
     # The segmentation table is the default task; --save-masks and --crf (without --image) ask for it.
     if (not (args.pseudo or args.image or args.figures is not None) or args.save_masks
             or (args.crf and not args.image)):

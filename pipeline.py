@@ -24,14 +24,15 @@ walk with the raw multi-head self-attention instead of the learned affinity
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from attention_affinity import affinity_labels, window_mask
-from cam import (cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed,
-                 refine_propagated_with_par, valid_box_mask)
+import fast
+from cam import (cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par,
+                 valid_box_mask)
 from crf_loss import DenseCRFLoss
 from data import IMAGENET_MEAN, IMAGENET_STD
 from random_walk import propagate
@@ -64,17 +65,39 @@ def label_precision(device_type: str, cam_bf16: bool = False):
 
 
 # =============================================================================================
+# The implementation: the plain forms, or the speed variants of fast.py (one switch)
+# =============================================================================================
+class Paths(NamedTuple):
+    """The label chain's stage-1 and stage-2 functions: the plain forms of cam.py, or fast.py's."""
+    multi_scale_cam: Callable = multi_scale_cam
+    refine_cams_with_par: Callable = refine_cams_with_par
+
+
+def choose_paths(model, speed_paths: bool) -> Paths:
+    """The one choice point of the implementation (`--speed-paths`): with it off the network and
+    the label chain run the plain forms of the method files only; with it on, the speed variants
+    of fast.py that are on (`fast.active()`; all of them unless `fast.without` turns some off),
+    bound onto `model` and returned as the chain's stage functions. The same numbers up to float
+    rounding either way (tests/test_fast.py). Binding again what is bound does nothing."""
+    variants = fast.active() if speed_paths else ()
+    fast.apply(model, variants)
+    return Paths(**fast.chain(variants))
+
+
+# =============================================================================================
 # Stages 1–3: CAM → label → PAR (→ random walk → PAR), without gradient: the one label chain
 # =============================================================================================
 @dataclass(frozen=True)
 class LabelSettings:
-    """The numbers of the pseudo-label chain (paper §3.1–3.3), the paper's defaults."""
+    """The numbers of the pseudo-label chain (paper §3.1–3.3), the paper's defaults, and the
+    implementation of its stages (`choose_paths`; the plain forms by default)."""
     cam_scales: tuple = (1.0, 0.5, 1.5)  # scales of the multi-scale CAM (§3.1)
     low: float = 0.35                    # background threshold below which a pixel is background
     high: float = 0.55                   # … above which it is its class; ignored in between
     bkg_score: float = 0.45              # the single threshold of the CAM label at evaluation
     radius: int = 8                      # the random walk's window on the stride-16 grid (§3.2)
     propagate_with: str = "affinity"     # the walk's pairwise scores: "affinity" or "attention" (MHSA)
+    paths: Paths = Paths()               # the stage functions: plain, or fast.py's (`choose_paths`)
 
     def __post_init__(self):
         if self.propagate_with not in PROPAGATE_WITH:
@@ -82,10 +105,12 @@ class LabelSettings:
                              f"got {self.propagate_with!r}")
 
     @classmethod
-    def from_config(cls, cfg) -> "LabelSettings":
-        """The settings of a run's configuration (train.Config), read once where it is read."""
+    def from_config(cls, cfg, model) -> "LabelSettings":
+        """The settings of a run's configuration (train.Config), read once where it is read; its
+        `speed_paths` chooses the implementation for `model` (`choose_paths`)."""
         return cls(cam_scales=tuple(cfg.cam_scales), low=cfg.low, high=cfg.high,
-                   bkg_score=cfg.bkg_score, radius=cfg.radius, propagate_with=cfg.propagate_with)
+                   bkg_score=cfg.bkg_score, radius=cfg.radius, propagate_with=cfg.propagate_with,
+                   paths=choose_paths(model, cfg.speed_paths))
 
 
 class PseudoLabels(NamedTuple):
@@ -143,7 +168,7 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
     mhsa_in_pass = bool(walk_scores) and affinity_from == "cam_pass" and mhsa
     with label_precision(images.device.type):
         # --- Stage 1: multi-scale CAM (paper §3.1) and the CAM label ---------------------------
-        cams, affinity = multi_scale_cams(model, images, settings.cam_scales, mhsa=mhsa_in_pass,
+        cams, affinity = multi_scale_cams(model, images, settings, mhsa=mhsa_in_pass,
                                           cam_bf16=cam_bf16, decoder_stats=decoder_stats,
                                           forward_cams=forward_cams)  # (B, C-1, H, W), (B, N, N)
         cam = (cam_label(cams, cls_labels, valid_box, settings, thresholds)
@@ -168,25 +193,24 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
     return PseudoLabels(par_label, afa, cam, walk, cams, walked[0], affinity)
 
 
-def multi_scale_cams(model, images: torch.Tensor, scales=(1.0, 0.5, 1.5), *, mhsa: bool = False,
+def multi_scale_cams(model, images: torch.Tensor, settings: LabelSettings, *, mhsa: bool = False,
                      cam_bf16: bool = False, decoder_stats: bool | None = None,
                      forward_cams: torch.Tensor | None = None) -> tuple:
-    """Stage 1: the multi-scale CAMs (B, C-1, H, W) of images (B, 3, H, W) and the affinity
-    (B, N, N) at the largest scale, of the un-flipped images, from the same pass; both float32.
+    """Stage 1: the multi-scale CAMs (B, C-1, H, W) of images (B, 3, H, W) at `settings.cam_scales`
+    and the affinity (B, N, N) at the largest scale, of the un-flipped images, from the same pass;
+    both float32.
 
-    With `mhsa` the affinity is `mhsa_affinity` of that pass's attention logits (the model's
-    `cam_with_partial_attention`) instead of the AFA head's output. The training step's options:
-    `cam_bf16` runs the passes in bfloat16; `decoder_stats` (None: the model's default) whether
-    the passes update the decoder's BatchNorm statistics in train mode, as in the release;
-    `forward_cams` (B, C-1, h, w) the training forward's CAMs, reused at scale 1.0 (faster;
-    other stochastic-depth draws, so other numbers). The fast path of the multi-scale CAM
-    (`multi_scale_cam_partial_affinity`, the same values as `multi_scale_cam`).
+    With `mhsa` the affinity is `mhsa_affinity` of that pass's attention logits (`AFANet.cam`'s
+    `attention`) instead of the AFA head's output. The training step's options: `cam_bf16` runs
+    the passes in bfloat16; `decoder_stats` (None: the model's default) whether the passes update
+    the decoder's BatchNorm statistics in train mode, as in the release; `forward_cams`
+    (B, C-1, h, w) the training forward's CAMs, reused at scale 1.0 (faster; other
+    stochastic-depth draws, so other numbers).
     """
-    cam_pass = model.cam_with_partial_attention if mhsa else model.cam_with_partial_affinity
     with label_precision(images.device.type, cam_bf16):
-        cams, pairwise = multi_scale_cam_partial_affinity(
-            model, images, scales, decoder_stats=decoder_stats, forward_cams=forward_cams,
-            cam_pass=cam_pass)            # (B, C-1, H, W), (B, N, N) or (B, L, nh, N, N) logits
+        cams, pairwise = settings.paths.multi_scale_cam(
+            model, images, settings.cam_scales, decoder_stats=decoder_stats,
+            forward_cams=forward_cams, attention=mhsa)  # (B, C-1, H, W), (B, N, N) or (B, L, nh, N, N)
     if mhsa:
         pairwise = mhsa_affinity(pairwise.unbind(1), head_dim_of(model))   # (B, N, N)
     return cams.float(), pairwise.float()
@@ -205,10 +229,9 @@ def cam_label(cams: torch.Tensor, cls_labels: torch.Tensor, valid_box: torch.Ten
 def refine_cam_label(par, pixels: torch.Tensor, cams: torch.Tensor, cls_labels: torch.Tensor,
                      valid_box: torch.Tensor | None, settings: LabelSettings) -> torch.Tensor:
     """Stage 2, the PAR label (B, H, W) (paper §3.3): pixels (B, 3, H, W) in [0, 1], cams
-    (B, C-1, H, W); all images in one PAR call (`refine_cams_with_par_packed`, the same labels
-    as the one-image-at-a-time `refine_cams_with_par`)."""
-    return refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=settings.low,
-                                       high=settings.high, valid_box=valid_box)
+    (B, C-1, H, W)."""
+    return settings.paths.refine_cams_with_par(par, pixels, cams, cls_labels, low=settings.low,
+                                               high=settings.high, valid_box=valid_box)
 
 
 def random_walks(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: torch.Tensor,
@@ -269,19 +292,19 @@ def head_dim_of(model) -> int:
 def mhsa_affinity_of(model, x: torch.Tensor) -> torch.Tensor:
     """`mhsa_affinity` of the model's `afa_blocks` last blocks for images x (B, 3, H, W): (B, N, N)
     on the ⌈H/16⌉ × ⌈W/16⌉ grid, the same blocks, grid and pass as the learned affinity's."""
-    _, attn_logits = model.encoder(x, num_attn=model.afa_blocks)           # each (B, nh, N, N)
-    return mhsa_affinity(attn_logits, head_dim_of(model))
+    _, attn_logits = model.encoder(x)                                      # each (B, nh, N, N)
+    return mhsa_affinity(attn_logits[-model.afa_blocks:], head_dim_of(model))
 
 
 @torch.no_grad()
-def cam_statistics_passes(model, images: torch.Tensor, scales=(1.0, 0.5, 1.5),
+def cam_statistics_passes(model, images: torch.Tensor, settings: LabelSettings,
                           cam_bf16: bool = False) -> None:
     """The CAM passes of the classification-only phase, for the decoder's BatchNorm statistics
     alone. The release runs its multi-scale CAM on every iteration, in train mode, before it
     knows whether the labels are used, and each pass updates those statistics; this does the same
     passes (same stochastic-depth draws, same statistics) and keeps nothing else."""
     with label_precision(images.device.type, cam_bf16):
-        multi_scale_cam_partial_affinity(model, images, scales, decoder_stats=True)
+        settings.paths.multi_scale_cam(model, images, settings.cam_scales, decoder_stats=True)
 
 
 def random_walk_cams(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: torch.Tensor,

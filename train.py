@@ -276,7 +276,7 @@ def validate_and_save(run: Run, val_loader, val_set, step: int) -> dict:
     """The validation scores (metrics.json, a line on screen), the figures, a checkpoint."""
     cfg = run.cfg
     run.model.eval()
-    settings = LabelSettings.from_config(cfg)
+    settings = LabelSettings.from_config(cfg, run.model)
     scores = validate(run.model, val_loader, cfg.num_classes, run.device, settings, world=run.world)
     metrics = {"step": step, **scores}
     run.history.append(metrics)

@@ -298,9 +298,9 @@ def attention_rows(model, x: torch.Tensor, scale: float, pixel: tuple) -> tuple:
     H, W = x.shape[-2:]
     scaled = x if scale == 1.0 else F.interpolate(
         x, size=(int(scale * H), int(scale * W)), mode="bilinear", align_corners=False)
-    _, attn_logits = model.encoder(scaled, num_attn=model.afa_blocks)         # each (1, nh, N, N)
+    _, attn_logits = model.encoder(scaled)                                    # each (1, nh, N, N)
     head_dim = model.encoder.embed_dims[-1] // model.encoder.num_heads[-1]
-    maps = torch.cat(attn_logits, dim=1).float()                              # (1, maps, N, N)
+    maps = torch.cat(attn_logits[-model.afa_blocks:], dim=1).float()                              # (1, maps, N, N)
     attention = maps.mul(head_dim ** -0.5).softmax(-1).mean(1)               # (1, N, N)
     grid = (token_grid(scaled.shape[-2]), token_grid(scaled.shape[-1]))
     y, x_ = pixel

@@ -316,7 +316,7 @@ def test_pseudo_labels_are_the_training_labels_and_validation_agrees(tiny_run):
     images, cls_labels = batch["image"], batch["cls_labels"]
     B, _, H, W = images.shape
     box = torch.tensor([[0, H, 0, W]] * B)
-    settings = pipeline.LabelSettings.from_config(cfg)
+    settings = pipeline.LabelSettings.from_config(cfg, model)
     labels = pipeline.make_pseudo_labels(model, par, images, cls_labels, box, settings)
     one = torch.utils.data.Subset(dataset, range(B))
     conf = {k: confusion_matrix(v, batch["label"], NUM_CLASSES)
@@ -358,7 +358,7 @@ def test_validation_walks_with_the_eval_forward_affinity_at_scale_one(tiny_run):
     torch.manual_seed(3)
     images = torch.cat([dataset[0]["image"][None], torch.randn(1, 3, SIZE, SIZE)])[:, :, :56, :]
     cls_labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 1]])
-    settings = LabelSettings.from_config(cfg)
+    settings = LabelSettings.from_config(cfg, model)
     _, labels = metrics.validation_labels(model, images, cls_labels, settings)
     expected = release_validation_afa_label(model, images, cls_labels, cfg.cam_scales, cfg.radius,
                                             cfg.low)
@@ -501,7 +501,7 @@ def test_release_checkpoint_predicts_as_the_original(tiny_run, prefix, capsys):
     weights and gives the same predictions; the configuration comes from the flags' preset."""
     path = release_file(tiny_run, prefix)
     flags = ["--data", "synthetic", "--data-root", tiny_run["data_root"]]
-    model, cfg = evaluate.load_model(path, evaluate.parse_args(["--checkpoint", path, *flags]), "cpu")
+    model, cfg, _ = evaluate.load_model(path, evaluate.parse_args(["--checkpoint", path, *flags]), "cpu")
     assert "assumed the synthetic preset: backbone mit_b0, num_classes 6" in capsys.readouterr().out
     assert (cfg.data, cfg.backbone, cfg.num_classes) == ("synthetic", "mit_b0", NUM_CLASSES)
     original = tiny_run["model"].state_dict()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attention_affinity import window_mask
+from model import AFANet
 from par import PAR
 from pipeline import (LabelSettings, afa_pseudo_label, make_pseudo_labels, mhsa_affinity,
                       random_walks)
@@ -98,8 +99,8 @@ def test_a_constant_factor_on_the_mhsa_affinity_keeps_the_walks_arg_max(factor):
 
 def test_label_settings_are_read_once_from_a_config():
     cfg = SimpleNamespace(cam_scales=[1.0, 1.5], low=0.3, high=0.6, bkg_score=0.4, radius=5,
-                          propagate_with="attention", lr=1e-3)     # other fields are not read
-    assert LabelSettings.from_config(cfg) == LabelSettings(
+                          propagate_with="attention", speed_paths=False, lr=1e-3)  # others unread
+    assert LabelSettings.from_config(cfg, AFANet(3, backbone="mit_b0")) == LabelSettings(
         cam_scales=(1.0, 1.5), low=0.3, high=0.6, bkg_score=0.4, radius=5,
         propagate_with="attention")
     with pytest.raises(ValueError, match="propagate_with"):
