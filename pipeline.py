@@ -9,9 +9,10 @@ One chain makes every pseudo label of the project (`make_pseudo_labels`): the tr
 the validation's (`metrics.py`), the pseudo-label table's (`evaluate.py`) and the figures'
 (`visualize.py`), with what differs between them as explicit arguments (which labels, the CAM
 label's thresholds, which pass the walk's affinity comes from) and the numbers in one
-`LabelSettings`; `bench.py` times its stage functions. So what they measure is what the network
-trains on. The method itself lives below this module (`cam.py`, `par.py`,
-`attention_affinity.py`, `random_walk.py`, `crf_loss.py`, `model.py`); here it is put in order.
+`LabelSettings`; `bench.py` times the training step by its stage labels (`record_function`). So
+what they measure is what the network trains on. The method itself lives below this module
+(`cam.py`, `par.py`, `attention_affinity.py`, `random_walk.py`, `crf_loss.py`, `model.py`, and
+the speed variants of `fast.py`); here it is put in order.
 The pseudo labels are made without gradient and in float32 whatever autocast surrounds the call
 (`--amp` covers the network's forward and backward only); `cam_bf16=True` runs the CAM passes
 alone in bfloat16.
@@ -28,6 +29,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function  # the stage labels bench.py times the step by
 
 from attention_affinity import affinity_labels, window_mask
 import fast
@@ -168,15 +170,18 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
     mhsa_in_pass = bool(walk_scores) and affinity_from == "cam_pass" and mhsa
     with label_precision(images.device.type):
         # --- Stage 1: multi-scale CAM (paper §3.1) and the CAM label ---------------------------
-        cams, affinity = multi_scale_cams(model, images, settings, mhsa=mhsa_in_pass,
-                                          cam_bf16=cam_bf16, decoder_stats=decoder_stats,
-                                          forward_cams=forward_cams)  # (B, C-1, H, W), (B, N, N)
-        cam = (cam_label(cams, cls_labels, valid_box, settings, thresholds)
-               if "cam" in need else None)                                 # (B, H, W)
+        with record_function("multi-scale CAM"):
+            cams, affinity = multi_scale_cams(model, images, settings, mhsa=mhsa_in_pass,
+                                              cam_bf16=cam_bf16, decoder_stats=decoder_stats,
+                                              forward_cams=forward_cams)  # (B, C-1, H, W), (B, N, N)
+        with record_function("CAM label"):
+            cam = (cam_label(cams, cls_labels, valid_box, settings, thresholds)
+                   if "cam" in need else None)                             # (B, H, W)
         # --- Stage 2: the CAM label refined with PAR (paper §3.3) ------------------------------
-        pixels = denormalize(images.float())                                # (B, 3, H, W) in [0, 1]
-        par_label = (refine_cam_label(par, pixels, cams, cls_labels, valid_box, settings)
-                     if "par" in need else None)                           # (B, H, W)
+        with record_function("PAR label"):
+            pixels = denormalize(images.float())                            # (B, 3, H, W) in [0, 1]
+            par_label = (refine_cam_label(par, pixels, cams, cls_labels, valid_box, settings)
+                         if "par" in need else None)                       # (B, H, W)
         if not walk_scores:
             return PseudoLabels(par_label, None, cam, cams=cams)
         # --- Stage 3: random walk with the learned affinity (or the MHSA maps), PAR (§3.2) ----
@@ -185,10 +190,12 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
             scale = 1.0
             affinity = (mhsa_affinity_of(model, images) if mhsa
                         else forward_affinity).float()                     # (B, N, N)
-        walked = random_walks(cams, affinity, cls_labels, scale, walk_scores,
-                              settings.radius)                             # (B, C, H, W) each
-        afa = (afa_pseudo_label(par, pixels, *walked, cls_labels, valid_box)
-               if "afa" in need else None)                                 # (B, H, W)
+        with record_function("random walk"):
+            walked = random_walks(cams, affinity, cls_labels, scale, walk_scores,
+                                  settings.radius)                         # (B, C, H, W) each
+        with record_function("AFA label (PAR)"):
+            afa = (afa_pseudo_label(par, pixels, *walked, cls_labels, valid_box)
+                   if "afa" in need else None)                             # (B, H, W)
     walk = walked[0].argmax(1) if "walk" in need else None                 # (B, H, W)
     return PseudoLabels(par_label, afa, cam, walk, cams, walked[0], affinity)
 
