@@ -12,8 +12,8 @@ to 512; at each scale run the image with its horizontal flip and average the two
 take the element-wise max of the logits over scales (on the stride-4 grid of scale 1); upsample to
 the image; arg-max — optionally after a dense CRF on the softmax (10 iterations, Gaussian sxy 3 /
 compat 3, bilateral sxy 64 / srgb 5 / compat 4). Pseudo labels (the paper's Tables 2–3): on a
-split with masks, the mIoU of the CAM label, CAM + PAR, the AFA-propagated CAM, AFA + PAR (the
-training label) and the seg branch, made by the training pipeline's own functions (pipeline.py).
+split with masks, the mIoU of the labels cam (the CAM label), par (CAM + PAR), walk (the
+AFA-propagated CAM), afa (AFA + PAR, the training label) and of the seg branch, made by the training pipeline's own functions (pipeline.py).
 The scores are metrics.py's, the figures visualize.py's; everything reads the run's configuration
 from the checkpoint that `train.py` wrote. A trained network of the authors' release loads as it
 is (pretrained.afanet_from_release); its file holds the weights alone, so the configuration is the
@@ -226,8 +226,9 @@ def evaluate_segmentation(model: AFANet, loader, num_classes: int, device, scale
 # ---------------------------------------------------------------------------------------------
 # Pseudo-label quality (paper Tables 2–3): every label of the training pipeline against the masks
 # ---------------------------------------------------------------------------------------------
-PSEUDO_LABELS = (("cam", "CAM"), ("cam_par", "CAM + PAR"), ("afa", "AFA (random walk)"),
-                 ("afa_par", "AFA + PAR (training label)"), ("seg", "seg branch"))
+# Each label's one name (pipeline.PseudoLabels, metrics.json's "<name>_miou") and what it is.
+PSEUDO_LABELS = (("cam", "cam: CAM"), ("par", "par: CAM + PAR"), ("walk", "walk: AFA random walk"),
+                 ("afa", "afa: AFA + PAR, the training label"), ("seg", "seg: the seg branch"))
 
 
 @torch.no_grad()
@@ -236,26 +237,21 @@ def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: 
     """The labels of `PSEUDO_LABELS`, each (B, H, W), for images (B, 3, H, W) with their
     image-level labels cls_labels (B, C-1), the whole image as valid box.
 
-    "cam" the CAM label at `bkg_score` (paper §3.1); "cam_par" the PAR label (§3.3); "afa" the
+    "cam" the CAM label at `bkg_score` (paper §3.1); "par" the PAR label (§3.3); "walk" the
     arg-max of the random walk with background `low`, with the affinity the training step walks
     with (the largest CAM scale's; the in-training validation uses the release's eval-mode
-    scale-1.0 affinity instead); "afa_par" the AFA pseudo label (§3.2), the segmentation target
+    scale-1.0 affinity instead); "afa" the AFA pseudo label (§3.2), the segmentation target
     after the switch; "seg" the seg branch at one scale. `propagate_with="attention"`: both walks
     use the MHSA maps of the same blocks, scale and pass instead of the learned affinity
     (pipeline.mhsa_affinity; paper Table 4, "AFA (prop. with MHSA)").
     """
     B, _, H, W = images.shape
     whole = torch.tensor([[0, H, 0, W]], device=images.device).expand(B, 4)  # (B, 4) valid box
-    labels = make_pseudo_labels(model, par, images, cls_labels, whole, settings,
-                                need=("cam", "par", "walk", "afa"), thresholds="eval",
-                                affinity_from="cam_pass")
-    return {
-        "cam": labels.cam,
-        "cam_par": labels.par,
-        "afa": labels.walk,
-        "afa_par": labels.afa,
-        "seg": upsample(seg_logits(model, images), (H, W)).argmax(1),
-    }
+    labels = make_pseudo_labels(model, par, {"image": images, "cls_labels": cls_labels,
+                                             "valid_box": whole},
+                                settings.for_evaluation(), need=("cam", "par", "walk", "afa"))
+    return {"cam": labels.cam, "par": labels.par, "walk": labels.walk, "afa": labels.afa,
+            "seg": upsample(seg_logits(model, images), (H, W)).argmax(1)}
 
 
 def pseudo_label_quality(model: AFANet, par: PAR, loader, num_classes: int, device,

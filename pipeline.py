@@ -24,6 +24,7 @@ walk with the raw multi-head self-attention instead of the learned affinity
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -89,58 +90,72 @@ def choose_paths(model, speed_paths: bool) -> Paths:
 # =============================================================================================
 # Stages 1–3: CAM → label → PAR (→ random walk → PAR), without gradient: the one label chain
 # =============================================================================================
+THRESHOLDS = ("train", "eval")     # the CAM label's bands: low / high (training), bkg_score alone
+AFFINITY_FROM = ("cam_pass", "forward")  # the walk's affinity: the CAM pass's largest scale, or
+                                         # the scale-1.0 forward (the release's validation)
+
+
 @dataclass(frozen=True)
 class LabelSettings:
-    """The numbers of the pseudo-label chain (paper §3.1–3.3), the paper's defaults, and the
-    implementation of its stages (`choose_paths`; the plain forms by default)."""
+    """How the pseudo-label chain runs (paper §3.1–3.3): its numbers, the paper's defaults; what
+    differs between its callers (the training step's settings by default, `for_evaluation` for
+    the others); the implementation of its stages (`choose_paths`; the plain forms by default)."""
     cam_scales: tuple = (1.0, 0.5, 1.5)  # scales of the multi-scale CAM (§3.1)
     low: float = 0.35                    # background threshold below which a pixel is background
     high: float = 0.55                   # … above which it is its class; ignored in between
     bkg_score: float = 0.45              # the single threshold of the CAM label at evaluation
     radius: int = 8                      # the random walk's window on the stride-16 grid (§3.2)
     propagate_with: str = "affinity"     # the walk's pairwise scores: "affinity" or "attention" (MHSA)
+    thresholds: str = "train"            # the CAM label: three bands ("train") or bkg_score ("eval")
+    affinity_from: str = "cam_pass"      # the walk's affinity: "cam_pass" or "forward" (`forward`)
+    cam_bf16: bool = False               # the CAM passes in bfloat16 (training's --cam-bf16)
+    decoder_stats: bool | None = None    # the CAM passes update the decoder's BatchNorm statistics
+    reuse_forward_cam: bool = False      # the forward's CAMs stand for the scale-1.0 pass's
     paths: Paths = Paths()               # the stage functions: plain, or fast.py's (`choose_paths`)
 
     def __post_init__(self):
-        if self.propagate_with not in PROPAGATE_WITH:
-            raise ValueError(f"propagate_with must be one of {PROPAGATE_WITH}, "
-                             f"got {self.propagate_with!r}")
+        if (self.propagate_with not in PROPAGATE_WITH or self.thresholds not in THRESHOLDS
+                or self.affinity_from not in AFFINITY_FROM):
+            raise ValueError(f"propagate_with, thresholds and affinity_from must be in "
+                             f"{PROPAGATE_WITH}, {THRESHOLDS} and {AFFINITY_FROM}, got "
+                             f"{self.propagate_with!r}, {self.thresholds!r}, {self.affinity_from!r}")
 
     @classmethod
     def from_config(cls, cfg, model) -> "LabelSettings":
-        """The settings of a run's configuration (train.Config), read once where it is read; its
-        `speed_paths` chooses the implementation for `model` (`choose_paths`)."""
+        """The training step's settings of a run's configuration (train.Config), read once where
+        it is read; its `speed_paths` chooses the implementation for `model` (`choose_paths`)."""
         return cls(cam_scales=tuple(cfg.cam_scales), low=cfg.low, high=cfg.high,
                    bkg_score=cfg.bkg_score, radius=cfg.radius, propagate_with=cfg.propagate_with,
-                   paths=choose_paths(model, cfg.speed_paths))
+                   cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
+                   reuse_forward_cam=cfg.reuse_forward_cam, paths=choose_paths(model, cfg.speed_paths))
+
+    def for_evaluation(self, affinity_from: str = "cam_pass") -> "LabelSettings":
+        """The same numbers for the labels of a network in eval mode (validation, evaluate.py,
+        the figures): the CAM label at bkg_score, none of the training step's options."""
+        return dataclasses.replace(self, thresholds="eval", affinity_from=affinity_from,
+                                   cam_bf16=False, decoder_stats=None, reuse_forward_cam=False)
 
 
 class PseudoLabels(NamedTuple):
-    par: torch.Tensor | None     # (B, H, W) the CAM label refined with PAR (paper §3.3); None if not asked
-    afa: torch.Tensor | None     # (B, H, W) the AFA pseudo label (paper §3.2); None if not asked
-    cam: torch.Tensor | None = None  # (B, H, W) the CAM label (paper §3.1); None if not asked
-    walk: torch.Tensor | None = None  # (B, H, W) arg-max of the walk at background `low`, no PAR
-    cams: torch.Tensor | None = None  # (B, C-1, H, W) the multi-scale CAMs in [0, 1]
-    walked: torch.Tensor | None = None  # (B, C, H, W) the CAMs walked at background `low`
+    """The chain's results in its order; what was not asked for is None."""
+    cams: torch.Tensor | None = None      # (B, C-1, H, W) the multi-scale CAMs in [0, 1] (§3.1)
+    cam: torch.Tensor | None = None       # (B, H, W) the CAM label (§3.1)
+    par: torch.Tensor | None = None       # (B, H, W) the CAM label refined with PAR (§3.3)
     affinity: torch.Tensor | None = None  # (B, N, N) what the walk used; None without a walk
+    walked: torch.Tensor | None = None    # (B, C, H, W) the CAMs walked at background `low`
+    walk: torch.Tensor | None = None      # (B, H, W) arg-max of the walk at background `low`, no PAR
+    afa: torch.Tensor | None = None       # (B, H, W) the AFA pseudo label: walks, then PAR (§3.2)
 
 
 LABELS = ("cam", "par", "walk", "afa")
-THRESHOLDS = ("train", "eval")     # the CAM label's bands: low / high (training), bkg_score alone
-AFFINITY_FROM = ("cam_pass", "forward")  # the walk's affinity: the CAM pass's largest scale, or
-                                         # the scale-1.0 forward (the release's validation)
 
 
 @torch.no_grad()
-def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tensor,
-                       valid_box: torch.Tensor | None, settings: LabelSettings, *,
-                       need=("par", "afa"), thresholds: str = "train",
-                       affinity_from: str = "cam_pass",
-                       forward_affinity: torch.Tensor | None = None,
-                       cam_bf16: bool = False, decoder_stats: bool | None = None,
-                       forward_cams: torch.Tensor | None = None) -> PseudoLabels:
-    """Every pseudo label of the project, for images (B, 3, H, W) with cls_labels (B, C-1) and
-    valid_box (B, 4) (None: the whole crop): training, validation, evaluate.py and the figures.
+def make_pseudo_labels(model, par, batch: dict, settings: LabelSettings, need=("par", "afa"),
+                       forward=None) -> PseudoLabels:
+    """Every pseudo label of the project, for batch["image"] (B, 3, H, W) with batch["cls_labels"]
+    (B, C-1) and batch.get("valid_box") (B, 4) (None: the whole crop): training, validation,
+    evaluate.py and the figures.
 
     `model` runs in the mode it is in (training: train mode, stochastic depth active; the
     others: eval mode). What differs between the callers is explicit:
@@ -148,34 +163,34 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
     need: which of `LABELS` to make (the others are None): "cam" the CAM label, "par" the PAR
       label (§3.3), "walk" the arg-max of the random walk at background `low` without PAR (the
       release's validation), "afa" the AFA pseudo label (§3.2: walks at low and high, PAR).
-    thresholds: "train" for the three-band CAM label (v ≤ low → 0, low < v ≤ high → 255, else
-      the class), "eval" for the single threshold bkg_score (v ≤ bkg_score → 0).
-    affinity_from: the walk's affinity at the largest CAM scale of the un-flipped images from
-      the CAM pass itself ("cam_pass": same stochastic-depth draws), or at scale 1.0 from the
-      eval-mode forward ("forward", the release's validation: `forward_affinity` (B, N, N) is
-      that forward's learned affinity).
+    settings.thresholds: "train" for the three-band CAM label (v ≤ low → 0, low < v ≤ high → 255,
+      else the class), "eval" for the single threshold bkg_score (v ≤ bkg_score → 0).
+    settings.affinity_from: the walk's affinity at the largest CAM scale of the un-flipped images
+      from the CAM pass itself ("cam_pass": same stochastic-depth draws), or at scale 1.0 from the
+      eval-mode forward ("forward", the release's validation: `forward.affinity` (B, N, N)).
     settings.propagate_with: "affinity" walks with the learned affinity, "attention" with the
       raw MHSA maps of the same blocks and pass (`mhsa_affinity`; paper Table 4).
-    cam_bf16, decoder_stats, forward_cams: how training runs the CAM passes (`multi_scale_cams`).
+    settings.cam_bf16, decoder_stats, reuse_forward_cam: how training runs the CAM passes
+      (`multi_scale_cams`; `forward.cams` are the reused CAMs, where `forward` is given).
+    forward: the AFAOutput of the network's forward on these images, where the settings read it.
     """
     if not set(need) <= set(LABELS):
         raise ValueError(f"need must be a subset of {LABELS}, got {need}")
-    if thresholds not in THRESHOLDS or affinity_from not in AFFINITY_FROM:
-        raise ValueError(f"thresholds must be one of {THRESHOLDS} and affinity_from one of "
-                         f"{AFFINITY_FROM}, got {thresholds!r}, {affinity_from!r}")
+    images, cls_labels, valid_box = batch["image"], batch["cls_labels"], batch.get("valid_box")
     # The walk's background scores: low for "walk", low and high for "afa"; none: no walk.
     walk_scores = [t for t, asked in ((settings.low, "walk" in need or "afa" in need),
                                       (settings.high, "afa" in need)) if asked]
     mhsa = settings.propagate_with == "attention"
-    mhsa_in_pass = bool(walk_scores) and affinity_from == "cam_pass" and mhsa
+    mhsa_in_pass = bool(walk_scores) and settings.affinity_from == "cam_pass" and mhsa
     with label_precision(images.device.type):
         # --- Stage 1: multi-scale CAM (paper §3.1) and the CAM label ---------------------------
         with record_function("multi-scale CAM"):
-            cams, affinity = multi_scale_cams(model, images, settings, mhsa=mhsa_in_pass,
-                                              cam_bf16=cam_bf16, decoder_stats=decoder_stats,
-                                              forward_cams=forward_cams)  # (B, C-1, H, W), (B, N, N)
-        with record_function("CAM label"):
-            cam = (cam_label(cams, cls_labels, valid_box, settings, thresholds)
+            cams, affinity = multi_scale_cams(
+                model, images, settings, mhsa=mhsa_in_pass,
+                forward_cams=(forward.cams.detach() if settings.reuse_forward_cam and forward
+                              else None))
+        with record_function("CAM label"):                                 # (B, C-1, H, W) cams
+            cam = (cam_label(cams, cls_labels, valid_box, settings)
                    if "cam" in need else None)                             # (B, H, W)
         # --- Stage 2: the CAM label refined with PAR (paper §3.3) ------------------------------
         with record_function("PAR label"):
@@ -183,13 +198,13 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
             par_label = (refine_cam_label(par, pixels, cams, cls_labels, valid_box, settings)
                          if "par" in need else None)                       # (B, H, W)
         if not walk_scores:
-            return PseudoLabels(par_label, None, cam, cams=cams)
+            return PseudoLabels(cams=cams, cam=cam, par=par_label)
         # --- Stage 3: random walk with the learned affinity (or the MHSA maps), PAR (§3.2) ----
         scale = max(settings.cam_scales)
-        if affinity_from == "forward":   # the release's validation: scale 1.0, eval mode
+        if settings.affinity_from == "forward":   # the release's validation: scale 1.0, eval mode
             scale = 1.0
             affinity = (mhsa_affinity_of(model, images) if mhsa
-                        else forward_affinity).float()                     # (B, N, N)
+                        else forward.affinity).float()                     # (B, N, N)
         with record_function("random walk"):
             walked = random_walks(cams, affinity, cls_labels, scale, walk_scores,
                                   settings.radius)                         # (B, C, H, W) each
@@ -197,11 +212,11 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
             afa = (afa_pseudo_label(par, pixels, *walked, cls_labels, valid_box)
                    if "afa" in need else None)                             # (B, H, W)
     walk = walked[0].argmax(1) if "walk" in need else None                 # (B, H, W)
-    return PseudoLabels(par_label, afa, cam, walk, cams, walked[0], affinity)
+    return PseudoLabels(cams=cams, cam=cam, par=par_label, affinity=affinity, walked=walked[0],
+                        walk=walk, afa=afa)
 
 
 def multi_scale_cams(model, images: torch.Tensor, settings: LabelSettings, *, mhsa: bool = False,
-                     cam_bf16: bool = False, decoder_stats: bool | None = None,
                      forward_cams: torch.Tensor | None = None) -> tuple:
     """Stage 1: the multi-scale CAMs (B, C-1, H, W) of images (B, 3, H, W) at `settings.cam_scales`
     and the affinity (B, N, N) at the largest scale, of the un-flipped images, from the same pass;
@@ -214,9 +229,9 @@ def multi_scale_cams(model, images: torch.Tensor, settings: LabelSettings, *, mh
     (B, C-1, h, w) the training forward's CAMs, reused at scale 1.0 (faster; other
     stochastic-depth draws, so other numbers).
     """
-    with label_precision(images.device.type, cam_bf16):
+    with label_precision(images.device.type, settings.cam_bf16):
         cams, pairwise = settings.paths.multi_scale_cam(
-            model, images, settings.cam_scales, decoder_stats=decoder_stats,
+            model, images, settings.cam_scales, decoder_stats=settings.decoder_stats,
             forward_cams=forward_cams, attention=mhsa)  # (B, C-1, H, W), (B, N, N) or (B, L, nh, N, N)
     if mhsa:
         pairwise = mhsa_affinity(pairwise.unbind(1), head_dim_of(model))   # (B, N, N)
@@ -224,10 +239,10 @@ def multi_scale_cams(model, images: torch.Tensor, settings: LabelSettings, *, mh
 
 
 def cam_label(cams: torch.Tensor, cls_labels: torch.Tensor, valid_box: torch.Tensor | None,
-              settings: LabelSettings, thresholds: str = "train") -> torch.Tensor:
+              settings: LabelSettings) -> torch.Tensor:
     """The CAM label (B, H, W) of cams (B, C-1, H, W): three bands low / high ("train") or the
-    single threshold bkg_score ("eval"); 255 outside the valid box."""
-    if thresholds == "train":
+    single threshold bkg_score ("eval"), as `settings.thresholds` says; 255 outside the valid box."""
+    if settings.thresholds == "train":
         return cam_to_label(cams, cls_labels, low=settings.low, high=settings.high,
                             valid_box=valid_box)
     return cam_to_label(cams, cls_labels, bkg_score=settings.bkg_score, valid_box=valid_box)
@@ -304,13 +319,12 @@ def mhsa_affinity_of(model, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cam_statistics_passes(model, images: torch.Tensor, settings: LabelSettings,
-                          cam_bf16: bool = False) -> None:
+def cam_statistics_passes(model, images: torch.Tensor, settings: LabelSettings) -> None:
     """The CAM passes of the classification-only phase, for the decoder's BatchNorm statistics
     alone. The release runs its multi-scale CAM on every iteration, in train mode, before it
     knows whether the labels are used, and each pass updates those statistics; this does the same
     passes (same stochastic-depth draws, same statistics) and keeps nothing else."""
-    with label_precision(images.device.type, cam_bf16):
+    with label_precision(images.device.type, settings.cam_bf16):
         settings.paths.multi_scale_cam(model, images, settings.cam_scales, decoder_stats=True)
 
 

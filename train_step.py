@@ -38,8 +38,14 @@ class StepOutput(NamedTuple):
 
 def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Config,
                    autocast) -> StepOutput:
-    """Forward, pseudo labels and losses of one step (paper §3.4). `net` may be the DDP wrapper
-    of `model`; `autocast` covers the forward alone: the pseudo labels stay float32."""
+    """Forward, pseudo labels and losses of one step (paper §3.4); `autocast` covers the forward
+    alone: the pseudo labels stay float32.
+
+    Two handles on one network: `net` runs the forward whose loss is backpropagated (`model`
+    itself, or its DistributedDataParallel wrapper, through which alone the gradients are
+    averaged over the processes); `model` is the bare network the label chain runs on, without
+    gradient: its CAM passes must not go through the wrapper, whose forward prepares a gradient
+    synchronisation that these passes never use."""
     images, cls_labels, valid_box = batch["image"], batch["cls_labels"], batch["valid_box"]
     settings = LabelSettings.from_config(cfg, model)  # --speed-paths: plain or fast, bound once
     # --- forward: classification, segmentation and affinity from one pass (paper §3.1) ---------
@@ -49,18 +55,14 @@ def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Co
     cls_loss = F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_labels)
     if step <= cfg.cam_iters:
         if cfg.cam_bn_stats:  # as the release: the CAM passes run, for the BatchNorm statistics
-            cam_statistics_passes(model, images, settings, cfg.cam_bf16)
+            cam_statistics_passes(model, images, settings)
         # Classification only. The zero-weighted terms keep every parameter in the graph (so DDP
         # needs no unused-parameter search) and give the release's zero gradients to the heads.
         zero = 0.0 * (out.seg_logits.float().sum() + out.affinity.float().sum())
         return StepOutput(cls_loss + zero, {"cls": cls_loss.detach()}, None)
     # --- stages 1–3: CAM → PAR label (→ random walk → AFA label), no gradient, float32 ---------
     seg_kind, aff_kind = label_targets(step, cfg)  # 'cam' | 'par' | 'afa' each
-    labels = make_pseudo_labels(
-        model, par, images, cls_labels, valid_box, settings,
-        need={seg_kind, aff_kind}, thresholds="train", affinity_from="cam_pass",
-        cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
-        forward_cams=out.cams.detach() if cfg.reuse_forward_cam else None)
+    labels = make_pseudo_labels(model, par, batch, settings, need={seg_kind, aff_kind}, forward=out)
     seg_target, aff_source = getattr(labels, seg_kind), getattr(labels, aff_kind)  # (B, H, W) each
     # --- stage 4: affinity labels from the pseudo label, L_aff (paper §3.2) ---------------------
     with record_function("losses"):

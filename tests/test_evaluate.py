@@ -295,13 +295,13 @@ def test_cli_pseudo_table(tiny_run, capsys):
     assert code == 0
     with open(os.path.join(out_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    keys = ("cam_miou", "cam_par_miou", "afa_miou", "afa_par_miou", "seg_miou")
+    keys = ("cam_miou", "par_miou", "walk_miou", "afa_miou", "seg_miou")
     assert metrics["pseudo_split"] == "train"
     assert all(0 <= metrics[k] <= 1 for k in keys)
     assert metrics["pseudo_labelled"]["cam"] == 1.0          # the CAM label labels every pixel
     assert "mIoU" not in metrics                             # the seg table was not asked for
     printed = capsys.readouterr().out
-    assert "AFA + PAR (training label)" in printed and "CAM + PAR" in printed
+    assert "afa: AFA + PAR, the training label" in printed and "par: CAM + PAR" in printed
 
 
 @torch.no_grad()
@@ -317,16 +317,17 @@ def test_pseudo_labels_are_the_training_labels_and_validation_agrees(tiny_run):
     B, _, H, W = images.shape
     box = torch.tensor([[0, H, 0, W]] * B)
     settings = pipeline.LabelSettings.from_config(cfg, model)
-    labels = pipeline.make_pseudo_labels(model, par, images, cls_labels, box, settings)
+    labels = pipeline.make_pseudo_labels(
+        model, par, {"image": images, "cls_labels": cls_labels, "valid_box": box}, settings)
     one = torch.utils.data.Subset(dataset, range(B))
     conf = {k: confusion_matrix(v, batch["label"], NUM_CLASSES)
-            for k, v in (("cam_par", labels.par), ("afa_par", labels.afa))}
+            for k, v in (("par", labels.par), ("afa", labels.afa))}
     result = evaluate.pseudo_label_quality(
         model, par, torch.utils.data.DataLoader(one, batch_size=B), NUM_CLASSES, "cpu", settings)
     for k in conf:
         assert result[f"{k}_miou"] == pytest.approx(segmentation_scores(conf[k])["mIoU"])
     valid = int((batch["label"] != 255).sum())
-    assert result["labelled"]["cam_par"] == pytest.approx(int(conf["cam_par"].sum()) / valid)
+    assert result["labelled"]["par"] == pytest.approx(int(conf["par"].sum()) / valid)
 
     scores = metrics.validate(model, loader, NUM_CLASSES, "cpu", settings)
     full = evaluate.pseudo_label_quality(model, par, loader, NUM_CLASSES, "cpu", settings)
@@ -362,11 +363,11 @@ def test_validation_walks_with_the_eval_forward_affinity_at_scale_one(tiny_run):
     _, labels = metrics.validation_labels(model, images, cls_labels, settings)
     expected = release_validation_afa_label(model, images, cls_labels, cfg.cam_scales, cfg.radius,
                                             cfg.low)
-    assert torch.equal(labels["afa"], expected)
+    assert torch.equal(labels["walk"], expected)
     # validate() scores exactly these labels
     batch = {"image": images, "label": expected, "cls_labels": cls_labels}
     scores = metrics.validate(model, [batch], NUM_CLASSES, "cpu", settings)
-    assert scores["afa_miou"] == 1.0
+    assert scores["walk_miou"] == 1.0
 
 
 def test_cli_image_file_and_folder(tiny_run):
@@ -600,7 +601,7 @@ def test_checkpoint_written_by_train_py(tmp_path):
     assert evaluate.main(["--checkpoint", checkpoint, "--pseudo", "--out", out_dir,
                           "--workers", "0"]) == 0
     with open(os.path.join(out_dir, "metrics.json")) as f:
-        assert 0 <= json.load(f)["afa_par_miou"] <= 1
+        assert 0 <= json.load(f)["afa_miou"] <= 1
 
 
 def test_abbreviated_flags_are_refused(capsys):

@@ -328,8 +328,8 @@ def test_amp_leaves_the_pseudo_labels_in_float32(monkeypatch):
     out = train_step.compute_losses(model, model, par, batch, 1, cfg, autocast)
     assert {kind for kind, _ in seen} == {"cam", "walk"}
     assert not any(low_precision for _, low_precision in seen), seen
-    expected = pipeline.make_pseudo_labels(model, par, batch["image"], batch["cls_labels"],
-                                           batch["valid_box"], pipeline.LabelSettings.from_config(cfg, model))
+    expected = pipeline.make_pseudo_labels(model, par, batch,
+                                           pipeline.LabelSettings.from_config(cfg, model))
     assert torch.equal(out.labels.par, expected.par) and torch.equal(out.labels.afa, expected.afa)
     seen.clear()
     train_step.compute_losses(model, model, par, batch, 1, dataclasses.replace(cfg, cam_bf16=True),
