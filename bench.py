@@ -202,8 +202,8 @@ def run_one(spec: dict) -> dict:
 
     Kinds: "full" (the step after the label switch, every stage), "cls" (a step of the
     classification-only phase), "network" (the same network on given labels), "stages" (the full
-    step under torch.profiler, timed by its stage labels), "variants" (the full step with each
-    speed variant of fast.py on and off, `time_variants`), "par" (PAR alone)."""
+    step under torch.profiler: its stage labels' times and, "profile", its operators), "variants"
+    (the full step with each speed variant of fast.py on and off), "par" (PAR alone)."""
     s = build(spec)
     device, kind = s.batch["image"].device, spec["kind"]
     row = {"crop": spec["crop"], "kind": kind, "device": str(device), "amp": s.cfg.amp,
@@ -222,10 +222,8 @@ def run_one(spec: dict) -> dict:
     row["base_mb"] = round(peak_memory_mb(device), 1)
     for _ in range(spec["warmup"]):
         step()
-    if kind == "profile":
-        return {**row, "operators": profile_operators(step, spec["steps"])}
-    if kind == "stages":
-        return {**row, **stage_times(step, spec["steps"], device)}
+    if kind in ("stages", "profile"):
+        return {**row, **profiled(step, spec["steps"], device)}
     times, cpu_times = [], []
     for _ in range(spec["steps"]):
         synchronize(device)
@@ -240,11 +238,13 @@ def run_one(spec: dict) -> dict:
             "cpu_s": statistics.median(cpu_times), "peak_mb": round(peak_memory_mb(device), 1)}
 
 
-def stage_times(step, steps: int, device: torch.device) -> dict:
-    """The step under torch.profiler (CPU): the wall time of each of its STAGES (their labels'
-    ranges) and of the whole step, medians over `steps` steps, and the peak memory."""
+def profiled(step, steps: int, device: torch.device, top: int = 12) -> dict:
+    """The step under torch.profiler (CPU), `steps` times: the medians of its wall time and of
+    each of its STAGES (their labels' ranges); its operators by self time, the `top` largest as
+    (name, share of the total self time, calls per step, self seconds per step), the stage labels
+    left out (their self time is the Python between the operators); the peak memory."""
     from torch.profiler import ProfilerActivity, profile
-    times, stages = [], {}
+    times, stages, operators = [], {}, {}
     for _ in range(steps):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             synchronize(device)
@@ -255,22 +255,23 @@ def stage_times(step, steps: int, device: torch.device) -> dict:
         for event in prof.key_averages():
             if event.key in STAGES:
                 stages.setdefault(event.key, []).append(event.cpu_time_total / 1e6)
+            elif event.self_cpu_time_total > 0:
+                seconds, calls = operators.get(event.key, (0.0, 0))
+                operators[event.key] = (seconds + event.self_cpu_time_total / 1e6, calls + event.count)
+    total = sum(seconds for seconds, _ in operators.values())
+    ranked = sorted(operators.items(), key=lambda item: -item[1][0])[:top]
     return {"step_s": statistics.median(times), "peak_mb": round(peak_memory_mb(device), 1),
-            "stages_s": {name: statistics.median(stages[name]) for name in STAGES if name in stages}}
-
-
-def variant_configurations() -> list:
-    """(name, speed paths on, variants turned off) of the --variants table: all on, all off, and
-    each variant of fast.py off alone."""
-    return ([("all on", True, ()), ("all off", False, ())]
-            + [(f"without {name}", True, (name,)) for name in fast.VARIANTS])
+            "stages_s": {name: statistics.median(stages[name]) for name in STAGES if name in stages},
+            "operators": [(name, seconds / total, calls / steps, seconds / steps)
+                          for name, (seconds, calls) in ranked]}
 
 
 def time_variants(s: Setup, warmup: int, steps: int) -> dict:
-    """The full step in every configuration of `variant_configurations`, one network, one
-    process: rounds of one step each, the order rotated every round so that a change of load
-    touches all alike; median seconds by configuration."""
-    configurations = variant_configurations()
+    """The full step with every speed variant of fast.py on, all off, and each one off alone, one
+    network, one process: rounds of one step in each configuration, the order rotated every
+    round so that a change of load touches all alike; median seconds by configuration."""
+    configurations = ([("all on", True, ()), ("all off", False, ())]  # (name, speed paths, off)
+                      + [(f"without {name}", True, (name,)) for name in fast.VARIANTS])
     times = {name: [] for name, _, _ in configurations}
     device = s.batch["image"].device
     for round_index in range(warmup + steps):
@@ -285,20 +286,6 @@ def time_variants(s: Setup, warmup: int, steps: int) -> dict:
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def profile_operators(step, steps: int, top: int = 12) -> list:
-    """The operators of `steps` steps under torch.profiler (CPU), by self time: the `top` largest
-    as (name, share of the total self time, calls per step, self seconds per step)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    events.sort(key=lambda e: -e.self_cpu_time_total)
-    return [(e.key, e.self_cpu_time_total / total, e.count / steps,
-             e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]
 
 
 def load_reference():

@@ -99,11 +99,6 @@ def _argmax(x, dim):
     return index
 
 
-def _check_down_scale(down_scale, H, W):
-    if not isinstance(down_scale, int) or down_scale < 1 or H < down_scale or W < down_scale:
-        raise ValueError(f"down_scale must be an int in [1, min(H, W)] = [1, {min(H, W)}], got {down_scale}")
-
-
 # ---------------------------------------------------------------------------------------------
 # multi-scale CAM (paper §3.1)
 # ---------------------------------------------------------------------------------------------
@@ -120,24 +115,19 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None
     max(CAM, un-flipped CAM of the mirror), ReLU; sum over scales; per image and class subtract the
     min and divide by the max (+ 1e-5). The model runs in whatever mode (train / eval) it is in.
 
-    decoder_stats: None calls `model.cam(x)` as it is; True / False is passed on as
-    `model.cam(x, decoder_stats=...)` (AFANet's: in train mode, whether the decoder's BatchNorm
-    statistics see each CAM pass, as in the release; False is faster).
-    attention: passed on as `model.cam(x, attention=True)`, whose pairwise scores (AFANet's: the
-    raw attention logits) are returned in the affinity's place.
+    decoder_stats (None: `model.cam`'s default) and attention (True: the pairwise scores are the
+    raw attention logits) are passed on to `model.cam` (AFANet's).
     forward_cams: (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the caller
-    already has (the training forward's `cams`); the scale-1.0 pass then runs on the mirrored
-    images only. Equal in eval mode; in train mode the forward drew its own stochastic-depth
-    masks, and the decoder's BatchNorm sees the mirrors alone at that scale, so the numbers
-    change. Not used when scale 1.0 is the largest (its affinity is needed).
+    already has (the training forward's); the scale-1.0 pass then runs on the mirrors only. Equal
+    in eval mode; in train mode the forward drew its own stochastic-depth masks and the decoder's
+    BatchNorm sees the mirrors alone at that scale: other numbers. Unused when 1.0 is the largest.
 
     The authors' release always evaluates scale 1.0, even when it is not among `scales`; here the
     given scales are used as they are (identical for the default scales).
     """
     B, H, W, scales = _check_multi_scale(images, scales, forward_cams)
-    options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
-    if attention:
-        options["attention"] = True
+    options = {**({} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}),
+               **({"attention": True} if attention else {})}
     cams, affinity = 0, None
     for s in scales:
         scaled = _resize(images, s)  # (B, 3, sH, sW)
@@ -145,7 +135,10 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None
         if forward_cams is not None and s == 1.0 and not keep_affinity:
             # The forward's CAMs are the un-flipped half of this pass (exactly so in eval mode).
             mirrored_cams, _ = model.cam(scaled.flip(-1), **options)  # (B, C-1, h, w)
-            scale_cams = _with_forward_cams(forward_cams, mirrored_cams)  # (2B, C-1, h, w)
+            if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
+                raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
+                                 f"got {tuple(forward_cams.shape)}")
+            scale_cams = torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams])  # (2B, C-1, h, w)
         else:
             both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
             scale_cams, scale_affinity = model.cam(both, **options)  # (2B, C-1, h, w), (2B, N, N)
@@ -168,14 +161,6 @@ def _check_multi_scale(images, scales, forward_cams=None):
         if forward_cams.shape[0] != B:
             raise ValueError(f"forward_cams must be (B, C-1, h, w) with B = {B}, got {tuple(forward_cams.shape)}")
     return B, H, W, scales
-
-
-def _with_forward_cams(forward_cams, mirrored_cams):
-    """The forward's CAMs (B, C-1, h, w) and the mirrors' (B, C-1, h, w) as one pass's (2B, C-1, h, w)."""
-    if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
-        raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
-                         f"got {tuple(forward_cams.shape)}")
-    return torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams])  # (2B, C-1, h, w)
 
 
 def _resize(images, s):
@@ -272,7 +257,8 @@ def _check_refine(images, cams, cls_labels, valid_box, down_scale):
     if cams.shape[0] != B or cams.shape[-2:] != (H, W):
         raise ValueError(f"cams must be (B, C-1, H, W) = ({B}, C-1, {H}, {W}), got {tuple(cams.shape)}")
     _check_cls_labels(cls_labels, B, cams.shape[1])
-    _check_down_scale(down_scale, H, W)
+    if not isinstance(down_scale, int) or down_scale < 1 or H < down_scale or W < down_scale:
+        raise ValueError(f"down_scale must be an int in [1, min(H, W)] = [1, {min(H, W)}], got {down_scale}")
     return B, H, W, _checked_box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
 
 

@@ -13,8 +13,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-# The encoders model.build_encoder knows (model.BACKBONES, tests/test_structure.py holds the two
-# equal), named here so that a run's configuration is checked without building a network.
+# model.BACKBONES, named here to check a configuration without the network's code (tested equal)
 BACKBONES = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5", "vit_tiny16", "vit_s16",
              "vit_b16")
 

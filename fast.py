@@ -1,24 +1,20 @@
 """The speed variants: the plain forms' numbers with less work, one function per variant.
 
-The method files (`model.py`, `vit.py`, `cam.py`, `attention_affinity.py`, `par.py`) hold the
-plain forms only, and with `--no-speed-paths` they are all that runs. Each function here replaces
-one of them and takes the plain module it works on; its docstring opens with the plain function
-it replaces and the identity that makes the two equal (up to float rounding), and
-tests/test_fast.py holds its equality test. `apply(model, variants)` binds the chosen variants
-onto one network's modules as instance attributes that shadow the plain methods (the plain
-classes, their state dicts and checkpoints are untouched; `apply(model, ())` unbinds them all),
-and `chain(variants)` gives the label chain's two stage functions. `pipeline.choose_paths` is the
-one caller. A variant falls back to the plain form for an encoder it does not know (anything but
-a `MixTransformer` or a `VisionTransformer`).
+The method files hold the plain forms only; with `--no-speed-paths` they are all that runs. Each
+function here replaces one of them and takes the plain module it works on; its docstring opens
+with the plain function it replaces and the identity that makes the two equal (up to float
+rounding), and tests/test_fast.py holds its equality test. `apply(model, variants)` binds the
+variants onto one network's modules as instance attributes that shadow the plain methods (the
+classes, state dicts and checkpoints are untouched; `apply(model, ())` unbinds them), `chain`
+gives the label chain's two stage functions, and `pipeline.choose_paths` is the one caller. An
+encoder other than a MixTransformer or a VisionTransformer keeps its plain forward.
 
-The variants, by their names in `VARIANTS`; each can be turned off alone (`without(*names)`,
-`bench.py --variants` measures what each saves on the whole step):
+The variants (`VARIANTS`; `without(*names)` turns some off, `bench.py --variants` times each):
 - "fused_attention": blocks whose logits nothing reads run PyTorch's fused attention kernel;
 - "skip_dropped": stochastic depth does not compute the branch of a dropped sample (CPU, eager);
 - "grid_fusion": the decoder's 1×1 fusion conv runs on the stage grids, not at stride 4;
 - "bn_moments": the CAM passes' decoder BatchNorm statistics from moments on the stage grids;
-- "partial_affinity": the multi-scale CAM computes the affinity where it keeps it only (the
-  un-flipped images at the largest scale), from the factors q, k of the logits;
+- "partial_affinity": the multi-scale CAM computes only the affinity it keeps, from q and k;
 - "packed_par": the PAR label refines each image's present classes only.
 
 Symbols: B batch, C classes incl. background, K kept channels, H×W crop, N tokens, nh heads,
@@ -32,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import cam
-from model import Block, MixTransformer, SegFormerHead
+from model import Block, MixTransformer
 from vit import Block as ViTBlock
 from vit import DropPath, VisionTransformer
 
@@ -52,19 +48,15 @@ def without(*names):
     unknown = set(names) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown speed variants {sorted(unknown)}; choose from {VARIANTS}")
-    before = set(_turned_off)
-    _turned_off.update(names)
+    added = set(names) - _turned_off
+    _turned_off.update(added)
     try:
         yield
     finally:
-        _turned_off.clear()
-        _turned_off.update(before)
+        _turned_off.difference_update(added)
 
 
-# The instance attributes `apply` may bind, by the class whose plain method they shadow.
-BOUND = {MixTransformer: ("forward",), VisionTransformer: ("forward",), Block: ("forward",),
-         ViTBlock: ("forward",), SegFormerHead: ("forward", "update_batchnorm_statistics"),
-         DropPath: ("residual",)}
+BOUND = ("forward", "residual", "update_batchnorm_statistics")  # what `apply` may bind
 
 
 def apply(model, variants=VARIANTS):
@@ -77,9 +69,9 @@ def apply(model, variants=VARIANTS):
     if model.__dict__.get("_speed_variants") == variants:
         return model
     for module in model.modules():
-        for name in BOUND.get(type(module), ()):
-            module.__dict__.pop(name, None)  # back to the plain method
-    for module in model.modules():
+        for name in BOUND:  # back to the plain methods
+            if isinstance(module.__dict__.get(name), types.MethodType):
+                del module.__dict__[name]
         if "skip_dropped" in variants and isinstance(module, DropPath):
             module.residual = types.MethodType(skip_dropped_residual, module)
         if "skip_dropped" in variants and isinstance(module, (Block, ViTBlock)):
@@ -231,12 +223,9 @@ def decoder_forward(decoder, features):
 @torch.no_grad()
 def batchnorm_statistics_from_moments(decoder, features):
     """Replaces `SegFormerHead.update_batchnorm_statistics(features)`, which runs the fusion at
-    stride 4; identity: the mean and variance of a sum of upsampled maps follow from the maps'
-    own moments. Bound as the decoder's `update_batchnorm_statistics` ("bn_moments").
-
-    In train mode the BatchNorm takes in train mode the BatchNorm takes
-    only the per-channel mean and variance of its input y = conv(embed(features)), and both
-    follow from the features on their own grids. Returns nothing.
+    stride 4 ("bn_moments"); identity: in train mode the BatchNorm takes only the per-channel
+    mean and variance of its input y = conv(embed(features)), and both follow from the moments of
+    the features on their own grids. Returns nothing.
 
     Why it is the same: write y = β + Σ_g A_g·up_g(x_g) (`fusion_by_grid`: the fusion conv and
     the Linears commute with upsampling), up_g(x) = U_h,g x U_w,gᵀ the separable bilinear
@@ -298,12 +287,11 @@ def batchnorm_statistics_from_moments(decoder, features):
 
 
 def fuse_by_grid(decoder, features):
-    """The plain `decoder.linear_fuse.conv(decoder.embed(features))` (B, embed_dim, H_1, W_1) without the stride-4 map of
-    4·embed_dim channels: β + Σ_g up_g(A_g·x_g) (`fusion_by_grid`), each A_g applied on its own
-    grid, then upsampled. The 1×1 conv and bilinear upsampling commute (see fusion_by_grid),
-    so the values are the same up to float rounding (~1e-6); gradients reach every Linear and
-    the fusion conv through A_g and β. The plain path's largest products, the fusion conv over
-    4·embed_dim channels at stride 4 and its backward, never run (README, "Speed")."""
+    """The plain `decoder.linear_fuse.conv(decoder.embed(features))` (B, embed_dim, H_1, W_1)
+    without the stride-4 map of 4·embed_dim channels: β + Σ_g up_g(A_g·x_g), each A_g applied on
+    its own grid, then upsampled; the 1×1 conv and bilinear upsampling commute (`fusion_by_grid`),
+    so the values are the same up to float rounding (~1e-6), and gradients reach every Linear and
+    the fusion conv through A_g and β. The fusion conv at stride 4 and its backward never run."""
     terms, bias = fusion_by_grid(decoder, features)
     size = features[0].shape[-2:]  # (H_1, W_1), stride 4
     fused = None
@@ -314,6 +302,7 @@ def fuse_by_grid(decoder, features):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, embed_dim, H_1, W_1)
         fused = x if fused is None else fused + x
     return fused + bias[:, None, None]  # (B, embed_dim, H_1, W_1)
+
 
 def fusion_by_grid(decoder, features):
     """`linear_fuse.conv(embed(features))` as β + Σ_g A_g·up_g(x_g) over the grids g of the
@@ -432,31 +421,20 @@ def partial_cam(model, x, num_pairwise, *, decoder_stats=True, attention=False):
     return model.classifier(features[-1]), pairwise  # (B, C−1, h, w), (n, ...)
 
 
-@torch.no_grad()
-def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None,
-                                     forward_cams=None, attention=False):
-    """Replaces `cam.multi_scale_cam` ("partial_affinity"): the same arguments and values up to
-    float rounding (~1e-6). Identity: the plain loop keeps the affinity of the un-flipped images at
-    the largest scale only, so `partial_cam` computes no other (n = 0 at the other scales).
-    """
-    B, H, W, scales = cam._check_multi_scale(images, scales, forward_cams)
-    options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
-    cams, affinity = 0, None
-    for s in scales:
-        scaled = cam._resize(images, s)  # (B, 3, sH, sW)
-        keep_affinity = s == max(scales) and affinity is None
-        if forward_cams is not None and s == 1.0 and not keep_affinity:
-            mirrored_cams, _ = partial_cam(model, scaled.flip(-1), 0, attention=attention,
-                                           **options)  # (B, C-1, h, w)
-            scale_cams = cam._with_forward_cams(forward_cams, mirrored_cams)  # (2B, C-1, h, w)
-        else:
-            both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
-            scale_cams, scale_affinity = partial_cam(model, both, B if keep_affinity else 0,
-                                                     attention=attention, **options)
-            if keep_affinity:
-                affinity = scale_affinity  # (B, N, N), the un-flipped images
-        cams = cams + cam._flip_max(scale_cams, B, H, W)  # (B, C-1, H, W)
-    return cam._normalise(cams), affinity
+def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), **options):
+    """Replaces `cam.multi_scale_cam(model, images, scales, **options)` ("partial_affinity"): the
+    same arguments and values up to float rounding (~1e-6). Identity: the plain loop keeps the
+    affinity of the un-flipped images at the largest scale only, so `partial_cam` computes that
+    one (n = B in the pass of the 2B images at that size) and no other (n = 0). The loop itself
+    is the plain one, run on the model as `partial_cam` presents it."""
+    B, largest = images.shape[0], cam._resize(images[:1], max(scales)).shape[-2:]
+
+    class PartialPasses:  # what the plain loop calls `model.cam`
+        def cam(self, x, **pass_options):
+            keep = x.shape[0] == 2 * B and x.shape[-2:] == largest
+            return partial_cam(model, x, B if keep else 0, **pass_options)
+
+    return cam.multi_scale_cam(PartialPasses(), images, scales, **options)
 
 
 # =============================================================================================
@@ -467,13 +445,9 @@ def refine_cams_with_par_packed(par, images, cams, cls_labels, low=0.35, high=0.
                                 down_scale=2, ignore_index=255):
     """Replaces `cam.refine_cams_with_par` ("packed_par"): the same arguments and labels.
     Identity: PAR refines each channel alone and linearly, so the channels of absent classes
-    (probability 0) may be left out.
-
-    Each image keeps K = 1 + max_b(#present classes) channel slots, its present classes first in
-    class order, the padding slots set to probability 0 (a softmax logit of −∞). PAR is linear per
-    channel, so padding stays 0 and never wins the arg-max, and each image's present channels
-    are refined as in `refine_cams_with_par`, which refines all C: the same labels.
-    """
+    (probability 0) may be left out. Each image keeps K = 1 + max_b(#present classes) channel
+    slots, its present classes first in class order, the padding slots at probability 0 (a
+    softmax logit of −∞), which stay 0 under PAR and never win the arg-max."""
     B, H, W, inside_box = cam._check_refine(images, cams, cls_labels, valid_box, down_scale)
     small_images, small_cams, small_background = cam._downsample_for_par(images, cams, high, low, down_scale)
     h, w = small_cams.shape[-2:]

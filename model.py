@@ -411,24 +411,19 @@ class AFANet(nn.Module):
     def cam(self, x, *, decoder_stats=True, attention=False):
         """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, affinity (B, N, N)).
 
-        The classifier on the un-pooled stage-4 features, and the affinity exactly as in `forward`.
-        Gradients flow as the caller's grad mode allows (the multi-scale CAM runs it under no_grad).
-        attention: return in the affinity's place the logits q·kᵀ that the AFA head reads,
-        (B, afa_blocks, nh, N, N): the raw attention of the paper's "propagation with MHSA".
+        The classifier on the un-pooled stage-4 features, and the affinity exactly as in `forward`
+        (`attention`: the logits q·kᵀ the AFA head reads, (B, afa_blocks, nh, N, N), the raw
+        attention of the paper's "propagation with MHSA"). Gradients as the grad mode allows.
 
         decoder_stats: in train mode, also run the decoder without gradient up to its BatchNorm,
-        so that its running mean and variance see this pass. The release's CAM path runs the
-        whole decoder before returning and its multi-scale CAM runs in train mode, so every CAM
-        pass updates those statistics, and the eval-mode segmentation depends on it; the running
-        statistics after this call equal those after a full decoder pass. False skips it (faster,
-        other statistics). In eval mode nothing is updated either way.
+        so that its running statistics see this pass as in the release, whose CAM path runs the
+        whole decoder, in train mode, on every CAM pass (the eval-mode segmentation depends on
+        it). False skips it (faster, other statistics). Eval mode updates nothing either way.
         """
         features, attn_logits = self.encoder(x)  # 4 maps (B, C_i, H_i, W_i), each block's logits
         attn_logits = attn_logits[-self.afa_blocks:]  # each (B, nh, N, N)
-        if attention:
-            pairwise = torch.stack(attn_logits, dim=1)  # (B, afa_blocks, nh, N, N)
-        else:
-            pairwise = self.affinity_head(torch.cat(attn_logits, dim=1))  # (B, N, N)
+        pairwise = (torch.stack(attn_logits, dim=1) if attention  # (B, afa_blocks, nh, N, N)
+                    else self.affinity_head(torch.cat(attn_logits, dim=1)))  # (B, N, N)
         if decoder_stats and self.training:
             self.decoder.update_batchnorm_statistics(features)
         return self.classifier(features[-1]), pairwise  # (B, C−1, h, w), (B, N, N)

@@ -14,8 +14,8 @@ what they measure is what the network trains on. The method itself lives below t
 (`cam.py`, `par.py`, `attention_affinity.py`, `random_walk.py`, `crf_loss.py`, `model.py`, and
 the speed variants of `fast.py`); here it is put in order.
 The pseudo labels are made without gradient and in float32 whatever autocast surrounds the call
-(`--amp` covers the network's forward and backward only); `cam_bf16=True` runs the CAM passes
-alone in bfloat16.
+(`--amp` covers the network's forward and backward only); `LabelSettings(cam_bf16=True)` runs
+the CAM passes alone in bfloat16.
 
 The paper's ablations (§4.3, Tables 3 and 4) change single stages: the seg branch supervised by
 the CAM label, the PAR label or the AFA label (`make_pseudo_labels(need=...)`), and the random
@@ -32,16 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function  # the stage labels bench.py times the step by
 
-from attention_affinity import affinity_labels, window_mask
 import fast
+from attention_affinity import affinity_labels, window_mask
 from cam import (cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par,
                  valid_box_mask)
 from crf_loss import DenseCRFLoss
 from random_walk import propagate
 
 ENCODER_STRIDE = 16  # the stride of the encoder's last stage: one token per 16 × 16 pixels
-# The normalisation data.py applies (its IMAGENET_MEAN, IMAGENET_STD: RGB on the 0–255 scale),
-# undone for PAR and L_reg; tests/test_structure.py holds the two equal.
+# data.py's normalisation (RGB, on the 0–255 scale), undone for PAR and L_reg (tested equal)
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 # What the random walk propagates with (paper §3.2; Table 4's "AFA (prop. with MHSA)").
@@ -80,11 +79,10 @@ class Paths(NamedTuple):
 
 
 def choose_paths(model, speed_paths: bool) -> Paths:
-    """The one choice point of the implementation (`--speed-paths`): with it off the network and
-    the label chain run the plain forms of the method files only; with it on, the speed variants
-    of fast.py that are on (`fast.active()`; all of them unless `fast.without` turns some off),
-    bound onto `model` and returned as the chain's stage functions. The same numbers up to float
-    rounding either way (tests/test_fast.py). Binding again what is bound does nothing."""
+    """The one choice point of the implementation (`--speed-paths`): off, the network and the
+    label chain run the plain forms of the method files only; on, the variants of fast.py that
+    are on (`fast.active()`), bound onto `model` (again: a no-op) and returned as the chain's
+    stage functions. The same numbers up to float rounding either way (tests/test_fast.py)."""
     variants = fast.active() if speed_paths else ()
     fast.apply(model, variants)
     return Paths(**fast.chain(variants))
@@ -280,21 +278,11 @@ def mhsa_affinity(attn_logits, head_dim: int) -> torch.Tensor:
         affinity = (Ā + Āᵀ) / 2              symmetric, non-negative, in [0, 1].
 
     The random walk then uses it as it uses the learned affinity (squared, windowed, columns
-    normalised): only the source of the pairwise scores changes.
-
-    What decides whether this walk helps is the rows' structure, not their scale. Pixel j takes
-    the class probabilities of the pixels i in its window weighted by a_ij², so its label follows
-    its object only where the attention of j's object goes to j's object. A constant factor on
-    the affinity, and the release's +0.1 column offset, scale all C scores of a pixel alike and
-    leave its arg-max in place (`tests/test_pipeline.py`: softmax-sized maps with object
-    structure recover an object its CAM covers three quarters of, through the whole chain).
-    Attention trained from scratch for the built-in demo lacks that structure, one map at a time
-    as well as averaged: every query, on the object or on the background, attends to the
-    object's tokens (the classifier pools its evidence there), so every pixel receives about the
-    same object-weighted mix of class scores and the label is foreground or ignored nearly
-    everywhere. The learned affinity, a signed mix of the same logits, keeps a background
-    pixel's weight on the background. The paper's row propagates with ImageNet-pretrained
-    attention. The measurements are in docs/demo_study.md ("Propagation with the raw attention").
+    normalised): only the source of the pairwise scores changes. Whether the walk helps depends
+    on the rows' structure, not their scale: pixel j's label follows its object only where the
+    attention of j's object goes to j's object (a constant factor, or the release's +0.1 column
+    offset, leaves each arg-max in place). What attention trained from scratch does here:
+    docs/demo_study.md ("Propagation with the raw attention").
     """
     if torch.is_tensor(attn_logits):
         attn_logits = [attn_logits]

@@ -41,11 +41,10 @@ def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Co
     """Forward, pseudo labels and losses of one step (paper §3.4); `autocast` covers the forward
     alone: the pseudo labels stay float32.
 
-    Two handles on one network: `net` runs the forward whose loss is backpropagated (`model`
-    itself, or its DistributedDataParallel wrapper, through which alone the gradients are
-    averaged over the processes); `model` is the bare network the label chain runs on, without
-    gradient: its CAM passes must not go through the wrapper, whose forward prepares a gradient
-    synchronisation that these passes never use."""
+    Two handles on one network: `net` runs the forward that is backpropagated (`model`, or its
+    DDP wrapper, through which alone the gradients are averaged over the processes); the label
+    chain runs on the bare `model`, without gradient, outside the wrapper, whose forward would
+    prepare a gradient synchronisation that these passes never use."""
     images, cls_labels, valid_box = batch["image"], batch["cls_labels"], batch["valid_box"]
     settings = LabelSettings.from_config(cfg, model)  # --speed-paths: plain or fast, bound once
     # --- forward: classification, segmentation and affinity from one pass (paper §3.1) ---------

@@ -1,6 +1,5 @@
 """Tests for model.py: the MiT encoder, SegFormer's checkpoint layout, the decoder and AFANet (paper §3.1)."""
 
-import copy
 import functools
 import math
 from pathlib import Path
