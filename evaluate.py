@@ -339,7 +339,7 @@ def predict_images(model: AFANet, paths: list, out_dir: str, device, scales=TEST
 # =============================================================================================
 # Run settings that may differ from the checkpoint's without changing the network.
 CONFIG_OVERRIDES = ("data_root", "cam_scales", "bkg_score", "low", "high", "radius", "par_iters",
-                    "propagate_with", "num_figures")
+                    "propagate_with", "num_figures", "speed_paths")
 # Flags that must match the checkpoint: a different value is an error, not a conversion.
 CONFIG_CHECKS = ("backbone", "num_classes")
 
@@ -381,12 +381,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for name in CONFIG_OVERRIDES + CONFIG_CHECKS:
         f = fields[name]
-        kind = {"int": int, "float": float, "str": str, "tuple": float}[f.type]
+        kind = {"int": int, "float": float, "str": str, "tuple": float}.get(f.type)
         what = ("must match the checkpoint; for the authors' release, default: the --data preset's"
                 if name in CONFIG_CHECKS else "default: the checkpoint's")
-        parser.add_argument("--" + name.replace("_", "-"), type=kind,
-                            nargs="+" if f.type == "tuple" else None,
-                            help=f"{f.metadata['help']} ({what})")
+        parser.add_argument("--" + name.replace("_", "-"), help=f"{f.metadata['help']} ({what})",
+                            **(dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else
+                               dict(type=kind, nargs="+" if f.type == "tuple" else None)))
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser.parse_args(argv)
 

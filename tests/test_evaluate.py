@@ -496,6 +496,21 @@ def release_file(tiny_run, prefix="module."):
     return str(path)
 
 
+@pytest.mark.parametrize("flag", [[], ["--no-speed-paths"]])
+def test_the_speed_switch_follows_the_checkpoint_or_the_flag(tiny_run, flag):
+    """evaluate.py runs the implementation the run trained with (the speed paths, by default)
+    unless --no-speed-paths asks for the plain forms; the same seg logits up to float rounding."""
+    path = tiny_run["checkpoint"]
+    model, cfg, settings = evaluate.load_model(path, evaluate.parse_args(["--checkpoint", path, *flag]), "cpu")
+    assert cfg.speed_paths is not bool(flag)
+    assert settings.paths == (pipeline.Paths() if flag else pipeline.choose_paths(model, True))
+    assert ("forward" in model.encoder.__dict__) is not bool(flag)
+    images = torch.stack([sample["image"] for sample in evaluate.load_split(cfg, "val", None)])
+    torch.testing.assert_close(multi_scale_seg_logits(model, images, long_side=0),
+                               multi_scale_seg_logits(tiny_run["model"], images, long_side=0),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("prefix", ["module.", ""])
 def test_release_checkpoint_predicts_as_the_original(tiny_run, prefix, capsys):
     """The same network in the release's layout, with or without "module.", loads into the same
