@@ -68,10 +68,10 @@ ROWS = (
 
 # The paper's pseudo-label table: (title, row whose run measures it, evaluate.py key, paper mIoU)
 PSEUDO_ROWS = (
-    ("w/o AFA (CAM + PAR)", "par", "cam_par_miou", 54.4),
-    ("AFA w/o propagation (CAM + PAR)", "afa", "cam_par_miou", 66.3),
-    ("AFA, propagation with MHSA", "afa", "eval_mhsa/afa_par_miou", 58.3),
-    ("AFA", "afa", "afa_par_miou", 68.7),
+    ("w/o AFA (CAM + PAR)", "par", "par_miou", 54.4),
+    ("AFA w/o propagation (CAM + PAR)", "afa", "par_miou", 66.3),
+    ("AFA, propagation with MHSA", "afa", "eval_mhsa/afa_miou", 58.3),
+    ("AFA", "afa", "afa_miou", 68.7),
 )
 
 
@@ -182,10 +182,12 @@ def run_row(row: Row, args, train_flags: list, use_crf: bool) -> dict:
             return {}
         raise AblationError(f"{row_dir}: training ended without its final checkpoint")
     result = {}
-    evaluations = [("eval", ["--pseudo"], "afa_par_miou"), ("eval_seg", [], "mIoU")]
+    # "walk_miou": a pseudo-label table with the labels' present names (before them, "afa_miou"
+    # named the walk), so that an older table is made again rather than misread
+    evaluations = [("eval", ["--pseudo"], "walk_miou"), ("eval_seg", [], "mIoU")]
     if use_crf:
         evaluations.append(("eval_crf", ["--crf"], "mIoU"))
-    evaluations += [(folder, list(flags), "afa_par_miou") for folder, flags in row.extra_evals]
+    evaluations += [(folder, list(flags), "walk_miou") for folder, flags in row.extra_evals]
     for folder, flags, key in evaluations:
         out = os.path.join(row_dir, folder)
         metrics = read_metrics(out, checkpoint, key)
@@ -231,15 +233,15 @@ def write_report(results: dict, work_dir: str, train_flags: list) -> str:
     for title, row_name, key, paper_value in PSEUDO_ROWS:
         value = results.get(row_name, {}).get(key)
         lines.append(f"| {title} | {row_name} | {percent(value)} | {paper(paper_value)} |")
-    lines += ["", "Every pseudo label of every row (CAM, CAM + PAR, AFA random walk, AFA + PAR, "
-              "seg branch at one scale):", "", "| row | CAM | CAM+PAR | AFA | AFA+PAR | seg |",
+    lines += ["", "Every pseudo label of every row (cam: CAM, par: CAM + PAR, walk: AFA random walk, "
+              "afa: AFA + PAR; seg branch at one scale):", "", "| row | cam | par | walk | afa | seg |",
               "|---|---|---|---|---|---|"]
     for row in ROWS:
         if row.name in results:
             r = results[row.name]
             lines.append(f"| {row.name} | " + " | ".join(
-                percent(r.get(k)) for k in ("cam_miou", "cam_par_miou", "afa_miou",
-                                            "afa_par_miou", "seg_miou")) + " |")
+                percent(r.get(k)) for k in ("cam_miou", "par_miou", "walk_miou",
+                                            "afa_miou", "seg_miou")) + " |")
     path = os.path.join(work_dir, "ablation.md")
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")

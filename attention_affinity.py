@@ -64,10 +64,6 @@ class AffinityHead(nn.Module):
     (the logits exactly; the sigmoid's vectorised kernel may differ from its scalar tail in the
     last bit). In AFANet num_maps is twice the heads of the last stage: the last two blocks, all
     their heads.
-
-    `forward` is that computation. Below it, two speed paths give the same affinity with less
-    memory: `forward_row_blocks` (no gradient; S a block of rows at a time) and `forward_factored`
-    (the logits as factors q, k, never formed).
     """
 
     def __init__(self, num_maps):
@@ -79,81 +75,13 @@ class AffinityHead(nn.Module):
 
     def forward(self, attn_logits):
         """attn_logits (B, num_maps, N, N), pre-softmax -> affinity (B, N, N) in (0, 1)."""
-        self._check_maps([attn_logits])
+        if not torch.is_tensor(attn_logits) or attn_logits.dim() != 4 or \
+                attn_logits.shape[1] != self.num_maps or attn_logits.shape[2] != attn_logits.shape[3]:
+            shape = tuple(attn_logits.shape) if torch.is_tensor(attn_logits) else type(attn_logits).__name__
+            raise ValueError(f"attn_logits must have shape (B, {self.num_maps}, N, N), got {shape}")
         symmetric = attn_logits + attn_logits.transpose(-2, -1)  # S = A + Aᵀ  (B, num_maps, N, N)
         logits = self.proj(symmetric)  # (B, 1, N, N), Σ_m w_m S_m + b
         return torch.sigmoid(logits).squeeze(1)  # (B, N, N)
-
-    def _check_maps(self, maps):
-        """maps: a non-empty sequence of (B, m_i, N, N) tensors with Σ m_i = num_maps."""
-        if not maps or any(not torch.is_tensor(m) or m.dim() != 4 or m.shape[0] != maps[0].shape[0]
-                           or m.shape[2] != m.shape[3] or m.shape[2] != maps[0].shape[2] for m in maps) \
-                or sum(m.shape[1] for m in maps) != self.num_maps:
-            raise ValueError(f"attn_logits must have shape (B, {self.num_maps}, N, N) (or be a sequence "
-                             f"of (B, m_i, N, N) with sum m_i = {self.num_maps}), "
-                             f"got {[tuple(m.shape) if torch.is_tensor(m) else type(m).__name__ for m in maps]}")
-
-    # ---- speed paths: same numbers, less work ------------------------------------------------
-
-    @torch.no_grad()
-    def forward_row_blocks(self, maps, block_elements=None):
-        """`forward` of the concatenated maps (a sequence of (B, m_i, N, N), Σ m_i = num_maps, the
-        encoder's per-block logits), without gradient, holding neither the concatenation nor S
-        whole (each num_maps · N² per image).
-
-        Rows r of S are rows r of A plus rows r of Aᵀ (columns r of A), and the 1×1 convolution
-        acts on each pair (i, j) alone, so each block of rows of the logits comes from that block of
-        S alone: the same values as `forward`. Blocks hold about `block_elements` elements of S
-        (ROW_BLOCK_ELEMENTS when None).
-        """
-        self._check_maps(maps)
-        B, _, N, _ = maps[0].shape
-        block_elements = ROW_BLOCK_ELEMENTS if block_elements is None else block_elements
-        rows = max(1, block_elements // (B * self.num_maps * N))
-        logits = None  # (B, 1, N, N), in the dtype the projection gives (autocast may lower it)
-        for start in range(0, N, rows):
-            block = slice(start, start + rows)
-            symmetric = torch.cat([m[:, :, block] + m[:, :, :, block].transpose(-2, -1) for m in maps],
-                                  dim=1)  # S rows = A rows + Aᵀ rows  (B, num_maps, r, N)
-            projected = self.proj(symmetric)  # (B, 1, r, N)
-            if logits is None:
-                logits = projected.new_empty(B, 1, N, N)
-            logits[:, :, block] = projected
-        return torch.sigmoid(logits).squeeze(1)  # (B, N, N), one sigmoid pass as in `forward`
-
-    def forward_factored(self, queries, keys):
-        """The affinity from the logits in factored form, A_m = q_m·k_mᵀ, without forming them.
-
-        queries, keys: sequences of (B, m_i, N, d) tensors, Σ m_i = num_maps (per block: its heads).
-        The 1×1 convolution is linear, so with w its weights and b its bias
-            Σ_m w_m (A_m + A_mᵀ) + b = L + Lᵀ + b,   L = Σ_m w_m q_m k_mᵀ = [w_m q_m]_m · [k_m]_mᵀ,
-        one (N × num_maps·d) · (num_maps·d × N) product per image instead of num_maps N × N maps
-        (16 × less memory in AFANet): the same values as `forward` up to float rounding (~1e-6).
-        """
-        if len(queries) != len(keys) or not queries or \
-                sum(q.shape[1] for q in queries) != self.num_maps or \
-                any(q.dim() != 4 or q.shape != k.shape or q.shape[0] != queries[0].shape[0]
-                    or q.shape[2] != queries[0].shape[2] for q, k in zip(queries, keys)):
-            raise ValueError(f"queries and keys must be matching sequences of (B, m_i, N, d) tensors "
-                             f"with sum m_i = {self.num_maps}, got {[tuple(q.shape) for q in queries]} "
-                             f"and {[tuple(k.shape) for k in keys]}")
-        weight = self.proj.weight.view(self.num_maps)  # (num_maps,)
-        weighted, flat_keys, first = [], [], 0
-        for q, k in zip(queries, keys):
-            B, m, N, d = q.shape
-            w = weight[first:first + m].to(q.dtype).view(1, m, 1, 1)  # (1, m, 1, 1)
-            weighted.append((q * w).transpose(1, 2).reshape(B, N, m * d))  # (B, N, m·d): w_m q_m
-            flat_keys.append(k.transpose(1, 2).reshape(B, N, m * d))  # (B, N, m·d)
-            first += m
-        weighted = torch.cat(weighted, dim=-1)  # (B, N, num_maps·d)
-        flat_keys = torch.cat(flat_keys, dim=-1)  # (B, N, num_maps·d)
-        L = weighted @ flat_keys.transpose(1, 2)  # (B, N, N), Σ_m w_m q_m k_mᵀ
-        logits = (L + L.transpose(1, 2)).add_(self.proj.bias.to(L.dtype))  # (B, N, N)
-        return torch.sigmoid(logits)  # (B, N, N)
-
-
-# S = A + Aᵀ a block of rows at a time, in blocks of about this many elements (64 MB in float32).
-ROW_BLOCK_ELEMENTS = 2 ** 24
 
 
 def affinity_labels(pseudo_label, grid, mask, ignore_index=255):

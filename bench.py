@@ -13,8 +13,11 @@ measures both in one run, on the same synthetic batch:
   labels, backward, AdamW;
 - the cost of those BatchNorm statistics: the full step and a step of the classification-only
   phase (where the CAM passes run for the statistics alone), each with and without them;
-- each stage of the full step on its own (the functions train.py chains), to see where time goes,
-  with L_reg (the dense-CRF energy loss, paper §3.4) as its own stage and its share of the step;
+- each stage of the full step, to see where time goes: the step itself under torch.profiler, its
+  stages the ranges labelled in compute_losses, make_pseudo_labels and update (`STAGES`), with
+  L_reg (the dense-CRF energy loss, paper §3.4) as its own stage and its share of the step;
+- with `--variants`, the full step with every speed variant of fast.py, with none, and with each
+  one off alone, interleaved in one process: what each variant saves;
 - PAR alone on one (1, 3, 160, 160) image with 3 masks, against the straightforward translation of
   paper §3.3 kept in tests/reference.py;
 - with `--profile`, the full step's operators by self time (torch.profiler, CPU);
@@ -27,7 +30,9 @@ measures both in one run, on the same synthetic batch:
     python bench.py --crops 320 448 --profile    # and the operators that take the time
     python bench.py --amp                        # bf16 autocast (fp16 on GPUs without bf16)
     python bench.py --compile                    # torch.compile the encoder and decoder
-    python bench.py --plain-paths                # the plain forms of the switchable speed paths
+    python bench.py --plain-paths                # the plain forms alone (--no-speed-paths)
+    python bench.py --crops 320 448 --variants --no-stages --no-bn-stats
+                                                 # what each speed variant of fast.py saves
     python bench.py --options reuse_forward_cam bf16_cam   # also the step with options that
                                                  # change its numbers (off in training)
 
@@ -39,6 +44,7 @@ share the machine; `--threads 1` makes it track the work done.
 """
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -53,10 +59,11 @@ import torch
 import torch.nn.functional as F
 
 import data
+import fast
 import pipeline
 from attention_affinity import affinity_loss
 from config import Config
-from model import BACKBONES, AFANet, DropPath, SegFormerHead
+from model import BACKBONES, AFANet
 from par import PAR
 from runner import compile_and_wrap, keep_freed_memory
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
@@ -68,7 +75,7 @@ PAR_MASKS = 3
 # Options of the full step that change its numbers (off in training), timed on request.
 OPTIONS = {
     "reuse_forward_cam": "the multi-scale CAM reuses the training forward's scale-1.0 CAMs "
-                         "(multi_scale_cam_partial_affinity(forward_cams=...))",
+                         "(multi_scale_cam(forward_cams=...))",
     "bf16_cam": "the multi-scale CAM alone runs under bf16 autocast",
     "no_cam_bn_stats": "the CAM passes leave the decoder's BatchNorm statistics alone "
                        "(--no-cam-bn-stats)",
@@ -147,10 +154,10 @@ def build(spec: dict) -> Setup:
                  compile=spec["compile"], num_classes=NUM_CLASSES,
                  reuse_forward_cam="reuse_forward_cam" in options,
                  cam_bf16="bf16_cam" in options,
-                 cam_bn_stats="no_cam_bn_stats" not in options)
+                 cam_bn_stats="no_cam_bn_stats" not in options,
+                 speed_paths=not spec.get("plain_paths"))
     model = AFANet(cfg.num_classes, backbone=cfg.backbone).to(device).train()
-    if spec.get("plain_paths"):
-        use_plain_paths(model)
+    pipeline.choose_paths(model, cfg.speed_paths)  # also the network-only step's forward
     freeze_encoder_norms(model)
     optimizer = build_optimizer(model, cfg)
     autocast, scaler = make_autocast(cfg, device)
@@ -160,17 +167,6 @@ def build(spec: dict) -> Setup:
     batch = synthetic_batch(spec["batch_size"], spec["crop"], cfg.num_classes, device, generator)
     return Setup(cfg, model, PAR(num_iter=cfg.par_iters).to(device), optimizer, autocast, scaler,
                  batch, generator)
-
-
-def use_plain_paths(model: torch.nn.Module) -> None:
-    """The plain forms of the speed paths whose numbers are the same up to float rounding and
-    that a switch turns off: the decoder's stride-4 fusion, stochastic depth running every
-    sample's residual branch."""
-    for module in model.modules():
-        if isinstance(module, SegFormerHead):
-            module.plain_fusion = True
-        if isinstance(module, DropPath):
-            module.skip_dropped = False
 
 
 def training_step(s: Setup, step: int) -> None:
@@ -195,49 +191,10 @@ def network_step(s: Setup, label: torch.Tensor, aff_label: torch.Tensor) -> None
     update(s.optimizer, s.scaler, loss)
 
 
-def staged_step(s: Setup, stage) -> torch.Tensor:
-    """The full step cut at the stages of compute_losses, each label stage the pipeline's own
-    function (those make_pseudo_labels chains); `stage(name)` is a context that times what runs
-    inside it. Returns the step's loss, detached (compute_losses's after the switch)."""
-    cfg, batch = s.cfg, s.batch
-    images, cls_labels, box = batch["image"], batch["cls_labels"], batch["valid_box"]
-    with stage("forward"), s.autocast():
-        out = s.model(images)
-    settings = pipeline.LabelSettings.from_config(cfg)
-    with torch.no_grad(), pipeline.label_precision(images.device.type):
-        with stage("multi-scale CAM"):
-            cams, affinity = pipeline.multi_scale_cams(
-                s.model, images, settings.cam_scales, cam_bf16=cfg.cam_bf16,
-                decoder_stats=cfg.cam_bn_stats,
-                forward_cams=out.cams.detach() if cfg.reuse_forward_cam else None)
-        with stage("CAM label"):
-            pipeline.cam_label(cams, cls_labels, box, settings, thresholds="train")
-        with stage("PAR label"):
-            pixels = pipeline.denormalize(images.float())
-            par_label = pipeline.refine_cam_label(s.par, pixels, cams, cls_labels, box, settings)
-        with stage("random walk"):
-            walked = pipeline.random_walks(cams, affinity, cls_labels, max(settings.cam_scales),
-                                           (settings.low, settings.high), settings.radius)
-        with stage("AFA label (PAR)"):
-            afa_label = pipeline.afa_pseudo_label(s.par, pixels, *walked, cls_labels, box)
-    with stage("losses"):
-        aff_loss = affinity_loss(out.affinity.float(), pipeline.affinity_targets(par_label, cfg.radius))
-        seg_logits = pipeline.upsample(out.seg_logits, images.shape[-2:])       # (B, C, H, W)
-        seg = pipeline.seg_loss(seg_logits, afa_label)
-        loss = (F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_labels)
-                + cfg.seg_weight * seg + cfg.aff_weight * aff_loss)
-    with stage("L_reg"):  # its forward: the lattice and the filter; its backward is in "backward"
-        loss = loss + cfg.reg_weight * pipeline.reg_loss(seg_logits, images, box, afa_label)
-    with stage("backward"):
-        s.optimizer.zero_grad(set_to_none=True)
-        (s.scaler.scale(loss) if s.scaler is not None else loss).backward()
-    with stage("optimizer"):
-        if s.scaler is not None:
-            s.scaler.step(s.optimizer)
-            s.scaler.update()
-        else:
-            s.optimizer.step()
-    return loss.detach()
+# The labels of compute_losses, make_pseudo_labels and update (torch.profiler.record_function),
+# in the step's order: the stages the full step is timed by.
+STAGES = ("forward", "multi-scale CAM", "CAM label", "PAR label", "random walk", "AFA label (PAR)",
+          "losses", "L_reg", "backward", "optimizer")
 
 
 def run_one(spec: dict) -> dict:
@@ -245,7 +202,8 @@ def run_one(spec: dict) -> dict:
 
     Kinds: "full" (the step after the label switch, every stage), "cls" (a step of the
     classification-only phase), "network" (the same network on given labels), "stages" (the full
-    step timed stage by stage), "par" (PAR alone)."""
+    step under torch.profiler: its stage labels' times and, "profile", its operators), "variants"
+    (the full step with each speed variant of fast.py on and off), "par" (PAR alone)."""
     s = build(spec)
     device, kind = s.batch["image"].device, spec["kind"]
     row = {"crop": spec["crop"], "kind": kind, "device": str(device), "amp": s.cfg.amp,
@@ -253,58 +211,81 @@ def run_one(spec: dict) -> dict:
            "options": list(spec.get("options", ()))}
     if kind == "par":
         return {**row, **time_par(s.par, spec, device)}
-    timers, cpu_timers = {}, {}
-
-    @contextlib.contextmanager
-    def stage(name):
-        synchronize(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        yield
-        synchronize(device)
-        timers.setdefault(name, []).append(time.perf_counter() - start)
-        cpu_timers.setdefault(name, []).append(time.process_time() - cpu_start)
-
     targets = fixed_targets(s.batch, s.cfg.num_classes, s.generator, s.cfg.radius)
-    step = {"full": lambda: training_step(s, s.cfg.switch_iters + 1),
-            "profile": lambda: training_step(s, s.cfg.switch_iters + 1),
-            "cls": lambda: training_step(s, 0),
-            "network": lambda: network_step(s, *targets),
-            "stages": lambda: staged_step(s, stage)}[kind]
+    step = {"cls": lambda: training_step(s, 0),
+            "network": lambda: network_step(s, *targets)}.get(
+                kind, lambda: training_step(s, s.cfg.switch_iters + 1))
+    if kind == "variants":
+        return {**row, "variants_s": time_variants(s, spec["warmup"], spec["steps"])}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row["base_mb"] = round(peak_memory_mb(device), 1)
     for _ in range(spec["warmup"]):
         step()
-    timers.clear()
-    cpu_timers.clear()
-    if kind == "profile":
-        return {**row, "operators": profile_operators(step, spec["steps"])}
+    if kind in ("stages", "profile"):
+        return {**row, **profiled(step, spec["steps"], device)}
+    times, cpu_times = [], []
     for _ in range(spec["steps"]):
-        with stage("step"):
-            step()
-    times, cpu_times = timers.pop("step"), cpu_timers.pop("step")
+        synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     # CPU time (all threads of the process) is less sensitive than wall time to other jobs on the
     # machine; with one thread it tracks the work done.
-    row.update(step_s=statistics.median(times), all_s=[round(t, 4) for t in times],
-               cpu_s=statistics.median(cpu_times), peak_mb=round(peak_memory_mb(device), 1))
-    if kind == "stages":
-        row["stages_s"] = {name: statistics.median(t) for name, t in timers.items()}
-        row["stages_cpu_s"] = {name: statistics.median(t) for name, t in cpu_timers.items()}
-    return row
+    return {**row, "step_s": statistics.median(times), "all_s": [round(t, 4) for t in times],
+            "cpu_s": statistics.median(cpu_times), "peak_mb": round(peak_memory_mb(device), 1)}
 
 
-def profile_operators(step, steps: int, top: int = 12) -> list:
-    """The operators of `steps` steps under torch.profiler (CPU), by self time: the `top` largest
-    as (name, share of the total self time, calls per step, self seconds per step)."""
+def profiled(step, steps: int, device: torch.device, top: int = 12) -> dict:
+    """The step under torch.profiler (CPU), `steps` times: the medians of its wall time and of
+    each of its STAGES (their labels' ranges); its operators by self time, the `top` largest as
+    (name, share of the total self time, calls per step, self seconds per step), the stage labels
+    left out (their self time is the Python between the operators); the peak memory."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
+    times, stages, operators = [], {}, {}
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            synchronize(device)
+            start = time.perf_counter()
             step()
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    events.sort(key=lambda e: -e.self_cpu_time_total)
-    return [(e.key, e.self_cpu_time_total / total, e.count / steps,
-             e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        for event in prof.key_averages():
+            if event.key in STAGES:
+                stages.setdefault(event.key, []).append(event.cpu_time_total / 1e6)
+            elif event.self_cpu_time_total > 0:
+                seconds, calls = operators.get(event.key, (0.0, 0))
+                operators[event.key] = (seconds + event.self_cpu_time_total / 1e6, calls + event.count)
+    total = sum(seconds for seconds, _ in operators.values())
+    ranked = sorted(operators.items(), key=lambda item: -item[1][0])[:top]
+    return {"step_s": statistics.median(times), "peak_mb": round(peak_memory_mb(device), 1),
+            "stages_s": {name: statistics.median(stages[name]) for name in STAGES if name in stages},
+            "operators": [(name, seconds / total, calls / steps, seconds / steps)
+                          for name, (seconds, calls) in ranked]}
+
+
+def time_variants(s: Setup, warmup: int, steps: int) -> dict:
+    """The full step with every speed variant of fast.py on, all off, and each one off alone, one
+    network, one process: rounds of one step in each configuration, the order rotated every
+    round so that a change of load touches all alike; median seconds by configuration."""
+    configurations = ([("all on", True, ()), ("all off", False, ())]  # (name, speed paths, off)
+                      + [(f"without {name}", True, (name,)) for name in fast.VARIANTS])
+    times = {name: [] for name, _, _ in configurations}
+    device = s.batch["image"].device
+    for round_index in range(warmup + steps):
+        shift = round_index % len(configurations)
+        for name, speed_paths, off in configurations[shift:] + configurations[:shift]:
+            setup = s._replace(cfg=dataclasses.replace(s.cfg, speed_paths=speed_paths))
+            with fast.without(*off):
+                synchronize(device)
+                start = time.perf_counter()
+                training_step(setup, s.cfg.switch_iters + 1)
+                synchronize(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def load_reference():
@@ -363,11 +344,6 @@ def markdown_table(header: list, rows: list) -> list:
             *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
 
 
-def reg_share(row: dict, stages_key: str, step_key: str) -> float:
-    """The L_reg stage's time over the whole staged step's (both medians over the steps)."""
-    return row[stages_key]["L_reg"] / row[step_key]
-
-
 def format_report(result: dict) -> str:
     mode = "+".join(m for m in ("amp", "compile") if result[m]) or "eager"
     mode += ", plain paths" if result.get("plain_paths") else ""
@@ -393,8 +369,8 @@ def format_report(result: dict) -> str:
               f"{r['cls_s']:.3f}", f"{r['cls_without_s']:.3f}",
               f"{r['cls_s'] - r['cls_without_s']:+.3f}"] for r in result["bn_stats"]])
     if result.get("options"):
-        lines += ["", "full step with options that change the numbers (off in training), timed "
-                  "as the staged step, same run:", ""]
+        lines += ["", "full step with options that change the numbers (off in training), same "
+                  "run:", ""]
         lines += markdown_table(
             ["crop", "options", "full step (s)", "ratio to network-only", "peak (MB)",
              "CPU time ratio"],
@@ -408,10 +384,18 @@ def format_report(result: dict) -> str:
             ["stage"] + [str(r["crop"]) for r in result["stages"]],
             [[name] + [f"{sum(r['stages_s'].values()) if name == 'sum' else r['stages_s'][name]:.3f}"
                        for r in result["stages"]] for name in names + ["sum"]])
-        lines += ["", "L_reg's share of the staged full step (its forward; wall time, CPU time): "
-                  + ", ".join(f"crop {r['crop']} {reg_share(r, 'stages_s', 'step_s'):.1%}, "
-                              f"{reg_share(r, 'stages_cpu_s', 'cpu_s'):.1%}"
+        lines += ["", "L_reg's share of the profiled full step (its forward, wall time): "
+                  + ", ".join(f"crop {r['crop']} {r['stages_s'].get('L_reg', 0) / r['step_s']:.1%}"
                               for r in result["stages"])]
+    for r in result.get("variants", []):
+        base = r["variants_s"]["all on"]
+        lines += ["", f"the speed variants of fast.py at crop {r['crop']}: the full step in each "
+                  "configuration, one process, rounds interleaved:", ""]
+        lines += markdown_table(
+            ["configuration", "full step (s)", "/ all on", "the variant saves"],
+            [[name, f"{seconds:.3f}", f"{seconds / base:.3f}x",
+              f"{1 - base / seconds:.1%}" if name.startswith("without") else ""]
+             for name, seconds in r["variants_s"].items()])
     for r in result.get("profile", []):
         lines += ["", f"operators of the full step at crop {r['crop']} by self time "
                   "(torch.profiler, CPU):", ""]
@@ -445,8 +429,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time the full step with these options, alone and together: "
                              + "; ".join(f"{k}: {v}" for k, v in OPTIONS.items()))
     parser.add_argument("--plain-paths", action="store_true", help="time everything with the "
-                        "plain forms of the switchable speed paths that keep the numbers (the "
-                        "decoder's stride-4 fusion; stochastic depth computing dropped branches)")
+                        "plain forms of the method files alone (train.py --no-speed-paths)")
+    parser.add_argument("--variants", action="store_true", help="also time the full step with "
+                        "every speed variant of fast.py on, all off, and each one off alone, "
+                        "interleaved in one process: what each variant saves")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timing")
     parser.add_argument("--no-bn-stats", action="store_true", help="skip the timing of the CAM "
                         "passes' BatchNorm statistics (the steps without them)")
@@ -486,21 +472,21 @@ def measure_crop(common: dict, crop: int, args, result: dict) -> None:
     if not args.no_stages:
         staged = run("stages")
         result["stages"].append({"crop": crop, "stages_s": staged["stages_s"],
-                                 "stages_cpu_s": staged["stages_cpu_s"],
-                                 "step_s": staged["step_s"], "cpu_s": staged["cpu_s"]})
+                                 "step_s": staged["step_s"]})
+    if args.variants:
+        result["variants"].append({"crop": crop, "variants_s": run("variants")["variants_s"]})
     if args.profile:
         result["profile"].append({"crop": crop, "operators": run("profile")["operators"]})
-    # the staged step without options first: the reference these variants are timed against
+    # the step without options first: the reference these options are timed against
     combinations = ([[]] + [[o] for o in args.options]
                     + ([args.options] if len(args.options) > 1 else []) if args.options else [])
     for options in combinations:
-        variant = run("stages", options)
+        variant = run("full", options)
         result["options"].append({"crop": crop, "options": options,
                                   "full_step_s": variant["step_s"],
                                   "ratio": variant["step_s"] / network["step_s"],
                                   "cpu_ratio": variant["cpu_s"] / network["cpu_s"],
-                                  "full_peak_mb": variant["peak_mb"],
-                                  "stages_s": variant["stages_s"]})
+                                  "full_peak_mb": variant["peak_mb"]})
 
 
 def main(argv=None) -> int:
@@ -517,7 +503,7 @@ def main(argv=None) -> int:
                   threads=args.threads, plain_paths=args.plain_paths)
     result = {"backbone": args.backbone, "batch_size": args.batch_size, "device": device,
               "amp": args.amp, "compile": args.compile, "plain_paths": args.plain_paths,
-              "steps": [], "stages": [], "options": [], "bn_stats": [], "profile": [],
+              "steps": [], "stages": [], "options": [], "bn_stats": [], "profile": [], "variants": [],
               "warmup": warmup, "num_steps": args.steps,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
               "load_before": load_average()}

@@ -9,9 +9,8 @@ is passed in.
 
 As in the authors' release, the background is a constant score channel (t = 0.35 or t = 0.55), and
 each refined label combines a high- and a low-threshold result (high says background -> ignore;
-both say background -> background). The CAM label is refined one image at a time, as in the
-release; training runs all images through PAR at once (`refine_cams_with_par_packed`, the same
-labels). The release fails on a valid box thinner than the PAR downsampling factor; here such a
+both say background -> background). The release refines the CAM label one image at a time;
+here all images go through PAR at once (the same labels). The release fails on a valid box thinner than the PAR downsampling factor; here such a
 box is labelled.
 
 Symbols: B batch, C classes incl. background, K kept channels, H×W crop, h×w a CAM grid,
@@ -100,17 +99,13 @@ def _argmax(x, dim):
     return index
 
 
-def _check_down_scale(down_scale, H, W):
-    if not isinstance(down_scale, int) or down_scale < 1 or H < down_scale or W < down_scale:
-        raise ValueError(f"down_scale must be an int in [1, min(H, W)] = [1, {min(H, W)}], got {down_scale}")
-
-
 # ---------------------------------------------------------------------------------------------
 # multi-scale CAM (paper §3.1)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None):
+def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None, forward_cams=None,
+                    attention=False):
     """Multi-scale, flip-augmented CAMs normalised to [0, 1], and the affinity at the largest scale.
 
     images (B, 3, H, W); `model.cam(x)` must return (cams (2B, C-1, h, w) before ReLU, affinity
@@ -120,35 +115,51 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None
     max(CAM, un-flipped CAM of the mirror), ReLU; sum over scales; per image and class subtract the
     min and divide by the max (+ 1e-5). The model runs in whatever mode (train / eval) it is in.
 
-    decoder_stats: None calls `model.cam(x)` as it is; True / False is passed on as
-    `model.cam(x, decoder_stats=...)` (AFANet's: in train mode, whether the decoder's BatchNorm
-    statistics see each CAM pass, as in the release; False is faster).
+    decoder_stats (None: `model.cam`'s default) and attention (True: the pairwise scores are the
+    raw attention logits) are passed on to `model.cam` (AFANet's).
+    forward_cams: (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the caller
+    already has (the training forward's); the scale-1.0 pass then runs on the mirrors only. Equal
+    in eval mode; in train mode the forward drew its own stochastic-depth masks and the decoder's
+    BatchNorm sees the mirrors alone at that scale: other numbers. Unused when 1.0 is the largest.
 
-    Training uses the faster `multi_scale_cam_partial_affinity` below (the same values).
     The authors' release always evaluates scale 1.0, even when it is not among `scales`; here the
     given scales are used as they are (identical for the default scales).
     """
-    B, H, W, scales = _check_multi_scale(images, scales)
-    options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
+    B, H, W, scales = _check_multi_scale(images, scales, forward_cams)
+    options = {**({} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}),
+               **({"attention": True} if attention else {})}
     cams, affinity = 0, None
     for s in scales:
         scaled = _resize(images, s)  # (B, 3, sH, sW)
-        both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
-        scale_cams, scale_affinity = model.cam(both, **options)  # (2B, C-1, h, w), (2B, N, N)
-        if s == max(scales) and affinity is None:
-            affinity = scale_affinity[:B]  # (B, N, N), the un-flipped images
-        del scale_affinity  # at (2B, N, N) it may be large; free it before the next scale
+        keep_affinity = s == max(scales) and affinity is None
+        if forward_cams is not None and s == 1.0 and not keep_affinity:
+            # The forward's CAMs are the un-flipped half of this pass (exactly so in eval mode).
+            mirrored_cams, _ = model.cam(scaled.flip(-1), **options)  # (B, C-1, h, w)
+            if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
+                raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
+                                 f"got {tuple(forward_cams.shape)}")
+            scale_cams = torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams])  # (2B, C-1, h, w)
+        else:
+            both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
+            scale_cams, scale_affinity = model.cam(both, **options)  # (2B, C-1, h, w), (2B, N, N)
+            if keep_affinity:
+                affinity = scale_affinity[:B]  # (B, N, N), the un-flipped images
+            del scale_affinity  # at (2B, N, N) it may be large; free it before the next scale
         cams = cams + _flip_max(scale_cams, B, H, W)  # (B, C-1, H, W)
     return _normalise(cams), affinity
 
 
-def _check_multi_scale(images, scales):
+def _check_multi_scale(images, scales, forward_cams=None):
     """Checks the multi-scale CAM's arguments; returns B, H, W and the scales as a tuple."""
     _check_4d("images", images, "(B, 3, H, W)")
     scales = tuple(scales)
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
     B, _, H, W = images.shape
+    if forward_cams is not None:
+        _check_4d("forward_cams", forward_cams, "(B, C-1, h, w)")
+        if forward_cams.shape[0] != B:
+            raise ValueError(f"forward_cams must be (B, C-1, h, w) with B = {B}, got {tuple(forward_cams.shape)}")
     return B, H, W, scales
 
 
@@ -178,54 +189,6 @@ def _normalise(cams):
     """Per image and class: subtract the min, divide by the max (+ eps). (B, C-1, H, W)."""
     cams = cams - cams.amin(dim=(2, 3), keepdim=True)
     return cams / (cams.amax(dim=(2, 3), keepdim=True) + CAM_NORM_EPS)
-
-
-# ---- speed paths: same numbers, less work -----------------------------------------------------
-
-@torch.no_grad()
-def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None,
-                                     forward_cams=None, cam_pass=None):
-    """`multi_scale_cam`, asking `model.cam_with_partial_affinity(x, n)` (AFANet's) for the
-    affinity of the un-flipped images at the largest scale only, n = 0 at the other scales: the
-    plain pass uses no other affinity, so the same values up to float rounding (~1e-6), without
-    computing affinities that are thrown away. Same arguments and returns, and:
-
-    forward_cams: (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the caller
-    already has (the training forward's `cams`); the scale-1.0 pass then runs on the mirrored images
-    only. Equal in eval mode; in train mode the forward drew its own stochastic-depth masks, and
-    the decoder's BatchNorm sees the mirrors alone at that scale, so the numbers change. Not used
-    when scale 1.0 is the largest (its affinity is needed).
-
-    cam_pass: the pass run at each scale, `model.cam_with_partial_affinity` when None; another
-    pass of the same form (x, n) -> (cams, pairwise scores of the first n images) returns its
-    scores in place of the affinity (AFANet's `cam_with_partial_attention`: the raw attention).
-    """
-    B, H, W, scales = _check_multi_scale(images, scales)
-    if forward_cams is not None:
-        _check_4d("forward_cams", forward_cams, "(B, C-1, h, w)")
-        if forward_cams.shape[0] != B:
-            raise ValueError(f"forward_cams must be (B, C-1, h, w) with B = {B}, got {tuple(forward_cams.shape)}")
-    options = {} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}
-    cam_pass = model.cam_with_partial_affinity if cam_pass is None else cam_pass
-    cams, affinity = 0, None
-    for s in scales:
-        scaled = _resize(images, s)  # (B, 3, sH, sW)
-        keep_affinity = s == max(scales) and affinity is None
-        if forward_cams is not None and s == 1.0 and not keep_affinity:
-            # The forward's CAMs are the un-flipped half of this pass (exactly so in eval mode).
-            mirrored_cams, _ = cam_pass(scaled.flip(-1), 0, **options)  # (B, C-1, h, w)
-            if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
-                raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
-                                 f"got {tuple(forward_cams.shape)}")
-            scale_cams = torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams])  # (2B, C-1, h, w)
-        else:
-            both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
-            scale_cams, scale_affinity = cam_pass(
-                both, B if keep_affinity else 0, **options)  # (2B, C-1, h, w), (B or 0, N, N)
-            if keep_affinity:
-                affinity = scale_affinity  # (B, N, N), the un-flipped images
-        cams = cams + _flip_max(scale_cams, B, H, W)  # (B, C-1, H, W)
-    return _normalise(cams), affinity
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,31 +225,26 @@ def refine_cams_with_par(par, images, cams, cls_labels, low=0.35, high=0.55, val
                          down_scale=2, ignore_index=255):
     """PAR-refined CAM label (B, H, W) int64 from images (B, 3, H, W) and cams (B, C-1, H, W).
 
-    Per image, for t in (high, low): prepend a background channel of value t to the CAMs of the
-    present classes; downsample it and the image by `down_scale`; softmax over background +
-    present classes; PAR; upsample to H × W; arg-max. The two results combine as in
-    `_combine_high_low`; pixels outside valid_box (B, 4) -> ignore. Both thresholds go through
-    one PAR call, stacked along the channels, so the image kernel is computed once.
-
-    Training uses the faster `refine_cams_with_par_packed` below (the same labels).
+    For t in (high, low): prepend a background channel of value t to the CAMs; downsample it and
+    the image by `down_scale`; softmax over background + present classes (an absent class has the
+    logit −∞, probability 0); PAR; upsample to H × W; arg-max. The two results combine as in
+    `_combine_high_low`; pixels outside valid_box (B, 4) -> ignore. All images and both
+    thresholds go through one PAR call, stacked along the channels (PAR refines each channel
+    alone), so each image's kernel is computed once.
     """
     B, H, W, inside_box = _check_refine(images, cams, cls_labels, valid_box, down_scale)
     small_images, small_cams, small_background = _downsample_for_par(images, cams, high, low, down_scale)
-    h, w = small_cams.shape[-2:]
+    C, h, w = small_cams.shape[1] + 1, *small_cams.shape[-2:]
+    logits = torch.stack([
+        torch.cat([small_background[:, i:i + 1].expand(B, 1, h, w), small_cams], dim=1)  # (B, C, h, w)
+        for i in range(2)  # 0: high, 1: low
+    ], dim=1)  # (B, 2, C, h, w)
     present = _with_background(cls_labels)  # (B, C)
-
-    label = torch.empty(B, 2, H, W, dtype=torch.long, device=cams.device)  # (B, 2, H, W): high, low
-    for b in range(B):
-        keys = present[b].nonzero()[:, 0]  # (K,) background + present class ids, in order
-        K = keys.numel()
-        foreground = small_cams[b, keys[1:] - 1]  # (K-1, h, w), class k is CAM channel k - 1
-        logits = torch.stack([torch.cat([small_background[0, i:i + 1], foreground])  # (K, h, w)
-                              for i in range(2)])  # (2, K, h, w), 0: high, 1: low
-        probs = logits.softmax(dim=1).view(1, 2 * K, h, w)  # (1, 2K, h, w)
-        refined = par(small_images[b:b + 1], probs)  # (1, 2K, h, w)
-        refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)  # (1, 2K, H, W)
-        label[b] = keys[_argmax(refined.view(2, K, H, W), dim=1)]  # (2, H, W) class ids
-    label_high, label_low = label.unbind(dim=1)  # (B, H, W) each
+    logits = logits.masked_fill(~present[:, None, :, None, None], float("-inf"))
+    probs = logits.softmax(dim=2).view(B, 2 * C, h, w)  # (B, 2C, h, w); absent classes exactly 0
+    refined = par(small_images, probs)  # (B, 2C, h, w)
+    refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)  # (B, 2C, H, W)
+    label_high, label_low = _argmax(refined.view(B, 2, C, H, W), dim=2).unbind(dim=1)  # (B, H, W) each
     return _combine_high_low(label_high, label_low, inside_box, ignore_index)
 
 
@@ -299,7 +257,8 @@ def _check_refine(images, cams, cls_labels, valid_box, down_scale):
     if cams.shape[0] != B or cams.shape[-2:] != (H, W):
         raise ValueError(f"cams must be (B, C-1, H, W) = ({B}, C-1, {H}, {W}), got {tuple(cams.shape)}")
     _check_cls_labels(cls_labels, B, cams.shape[1])
-    _check_down_scale(down_scale, H, W)
+    if not isinstance(down_scale, int) or down_scale < 1 or H < down_scale or W < down_scale:
+        raise ValueError(f"down_scale must be an int in [1, min(H, W)] = [1, {min(H, W)}], got {down_scale}")
     return B, H, W, _checked_box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
 
 
@@ -315,45 +274,6 @@ def _downsample_for_par(images, cams, high, low, down_scale):
     background = cams.new_tensor([high, low]).view(1, 2, 1, 1).expand(1, 2, H, W)  # (1, 2, H, W)
     small_background = F.interpolate(background, size=(h, w), mode="bilinear", align_corners=False)  # (1, 2, h, w)
     return small_images, small_cams, small_background
-
-
-# ---- speed paths: same numbers, less work -----------------------------------------------------
-
-@torch.no_grad()
-def refine_cams_with_par_packed(par, images, cams, cls_labels, low=0.35, high=0.55, valid_box=None,
-                                down_scale=2, ignore_index=255):
-    """`refine_cams_with_par` for all images in one PAR call: the same arguments and labels.
-
-    Each image keeps K = 1 + max_b(#present classes) channel slots, its present classes first in
-    class order, the padding slots set to probability 0 (a softmax logit of −∞). PAR is linear per
-    channel, so padding stays 0 and never wins the arg-max, and each image's present channels
-    are refined as in the loop of `refine_cams_with_par`: the same labels.
-    """
-    B, H, W, inside_box = _check_refine(images, cams, cls_labels, valid_box, down_scale)
-    small_images, small_cams, small_background = _downsample_for_par(images, cams, high, low, down_scale)
-    h, w = small_cams.shape[-2:]
-
-    # Pack background + present classes into K slots: stable sort puts present classes first, in order.
-    present = _with_background(cls_labels)  # (B, C)
-    K = int(present.sum(dim=1).max())
-    order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices  # (B, C)
-    class_index = order[:, :K]  # (B, K) class id of each slot; slot 0 is background
-    slot_used = present.gather(1, class_index)  # (B, K)
-    foreground_index = (class_index[:, 1:] - 1).clamp(min=0)  # (B, K-1) channel in cams
-    foreground = small_cams.gather(1, foreground_index[:, :, None, None].expand(B, K - 1, h, w))  # (B, K-1, h, w)
-    logits = torch.stack([
-        torch.cat([small_background[:, i:i + 1].expand(B, 1, h, w), foreground], dim=1)  # (B, K, h, w)
-        for i in range(2)  # 0: high, 1: low
-    ], dim=1)  # (B, 2, K, h, w)
-    logits = logits.masked_fill(~slot_used[:, None, :, None, None], float("-inf"))
-    probs = logits.softmax(dim=2).view(B, 2 * K, h, w)  # (B, 2K, h, w); padding slots exactly 0
-
-    refined = par(small_images, probs)  # (B, 2K, h, w)
-    refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)  # (B, 2K, H, W)
-    slot = _argmax(refined.view(B, 2, K, H, W), dim=2)  # (B, 2, H, W)
-    label = class_index.gather(1, slot.view(B, 2 * H * W)).view(B, 2, H, W)  # (B, 2, H, W) class ids
-    label_high, label_low = label.unbind(dim=1)  # (B, H, W) each
-    return _combine_high_low(label_high, label_low, inside_box, ignore_index)
 
 
 # ---------------------------------------------------------------------------------------------

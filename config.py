@@ -14,7 +14,9 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 
-from model import BACKBONES
+# model.BACKBONES, named here to check a configuration without the network's code (tested equal)
+BACKBONES = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5", "vit_tiny16", "vit_s16",
+             "vit_b16")
 
 
 class ConfigError(Exception):
@@ -94,6 +96,8 @@ class Config:
                            "bf16); the pseudo labels stay fp32. On a CPU only with bf16 "
                            "instructions (AVX512-BF16, AMX): elsewhere it is emulated and slower")
     compile: bool = opt(False, "torch.compile the encoder and decoder")
+    speed_paths: bool = opt(True, "run the speed variants of fast.py (the same numbers up to float "
+                                  "rounding); off: the plain forms of the method files alone")
     resume: str = opt("", "checkpoint to resume from ('auto': the newest in work_dir)")
     eval_every: int = opt(2000, "validate and checkpoint every this many iterations")
     log_every: int = opt(20, "write a log line every this many iterations")

@@ -12,8 +12,8 @@ to 512; at each scale run the image with its horizontal flip and average the two
 take the element-wise max of the logits over scales (on the stride-4 grid of scale 1); upsample to
 the image; arg-max — optionally after a dense CRF on the softmax (10 iterations, Gaussian sxy 3 /
 compat 3, bilateral sxy 64 / srgb 5 / compat 4). Pseudo labels (the paper's Tables 2–3): on a
-split with masks, the mIoU of the CAM label, CAM + PAR, the AFA-propagated CAM, AFA + PAR (the
-training label) and the seg branch, made by the training pipeline's own functions (pipeline.py).
+split with masks, the mIoU of the labels cam (the CAM label), par (CAM + PAR), walk (the
+AFA-propagated CAM), afa (AFA + PAR, the training label) and of the seg branch, made by the training pipeline's own functions (pipeline.py).
 The scores are metrics.py's, the figures visualize.py's; everything reads the run's configuration
 from the checkpoint that `train.py` wrote. A trained network of the authors' release loads as it
 is (pretrained.afanet_from_release); its file holds the weights alone, so the configuration is the
@@ -69,8 +69,8 @@ def resize_long_side(images: torch.Tensor, long_side: int) -> torch.Tensor:
 
 
 def seg_logits(model: AFANet, images: torch.Tensor) -> torch.Tensor:
-    """The decoder's logits (B, C, H/4, W/4) alone: no attention maps are materialised."""
-    features, _ = model.encoder(images, num_attn=0)
+    """The decoder's logits (B, C, H/4, W/4) alone."""
+    features, _ = model.encoder(images)
     return model.decoder(features)
 
 
@@ -226,8 +226,9 @@ def evaluate_segmentation(model: AFANet, loader, num_classes: int, device, scale
 # ---------------------------------------------------------------------------------------------
 # Pseudo-label quality (paper Tables 2–3): every label of the training pipeline against the masks
 # ---------------------------------------------------------------------------------------------
-PSEUDO_LABELS = (("cam", "CAM"), ("cam_par", "CAM + PAR"), ("afa", "AFA (random walk)"),
-                 ("afa_par", "AFA + PAR (training label)"), ("seg", "seg branch"))
+# Each label's one name (pipeline.PseudoLabels, metrics.json's "<name>_miou") and what it is.
+PSEUDO_LABELS = (("cam", "cam: CAM"), ("par", "par: CAM + PAR"), ("walk", "walk: AFA random walk"),
+                 ("afa", "afa: AFA + PAR, the training label"), ("seg", "seg: the seg branch"))
 
 
 @torch.no_grad()
@@ -236,26 +237,21 @@ def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: 
     """The labels of `PSEUDO_LABELS`, each (B, H, W), for images (B, 3, H, W) with their
     image-level labels cls_labels (B, C-1), the whole image as valid box.
 
-    "cam" the CAM label at `bkg_score` (paper §3.1); "cam_par" the PAR label (§3.3); "afa" the
+    "cam" the CAM label at `bkg_score` (paper §3.1); "par" the PAR label (§3.3); "walk" the
     arg-max of the random walk with background `low`, with the affinity the training step walks
     with (the largest CAM scale's; the in-training validation uses the release's eval-mode
-    scale-1.0 affinity instead); "afa_par" the AFA pseudo label (§3.2), the segmentation target
+    scale-1.0 affinity instead); "afa" the AFA pseudo label (§3.2), the segmentation target
     after the switch; "seg" the seg branch at one scale. `propagate_with="attention"`: both walks
     use the MHSA maps of the same blocks, scale and pass instead of the learned affinity
     (pipeline.mhsa_affinity; paper Table 4, "AFA (prop. with MHSA)").
     """
     B, _, H, W = images.shape
     whole = torch.tensor([[0, H, 0, W]], device=images.device).expand(B, 4)  # (B, 4) valid box
-    labels = make_pseudo_labels(model, par, images, cls_labels, whole, settings,
-                                need=("cam", "par", "walk", "afa"), thresholds="eval",
-                                affinity_from="cam_pass")
-    return {
-        "cam": labels.cam,
-        "cam_par": labels.par,
-        "afa": labels.walk,
-        "afa_par": labels.afa,
-        "seg": upsample(seg_logits(model, images), (H, W)).argmax(1),
-    }
+    labels = make_pseudo_labels(model, par, {"image": images, "cls_labels": cls_labels,
+                                             "valid_box": whole},
+                                settings.for_evaluation(), need=("cam", "par", "walk", "afa"))
+    return {"cam": labels.cam, "par": labels.par, "walk": labels.walk, "afa": labels.afa,
+            "seg": upsample(seg_logits(model, images), (H, W)).argmax(1)}
 
 
 def pseudo_label_quality(model: AFANet, par: PAR, loader, num_classes: int, device,
@@ -349,7 +345,7 @@ def predict_images(model: AFANet, paths: list, out_dir: str, device, scales=TEST
 # =============================================================================================
 # Run settings that may differ from the checkpoint's without changing the network.
 CONFIG_OVERRIDES = ("data_root", "cam_scales", "bkg_score", "low", "high", "radius", "par_iters",
-                    "propagate_with", "num_figures")
+                    "propagate_with", "num_figures", "speed_paths")
 # Flags that must match the checkpoint: a different value is an error, not a conversion.
 CONFIG_CHECKS = ("backbone", "num_classes")
 
@@ -391,12 +387,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for name in CONFIG_OVERRIDES + CONFIG_CHECKS:
         f = fields[name]
-        kind = {"int": int, "float": float, "str": str, "tuple": float}[f.type]
+        kind = {"int": int, "float": float, "str": str, "tuple": float}.get(f.type)
         what = ("must match the checkpoint; for the authors' release, default: the --data preset's"
                 if name in CONFIG_CHECKS else "default: the checkpoint's")
-        parser.add_argument("--" + name.replace("_", "-"), type=kind,
-                            nargs="+" if f.type == "tuple" else None,
-                            help=f"{f.metadata['help']} ({what})")
+        parser.add_argument("--" + name.replace("_", "-"), help=f"{f.metadata['help']} ({what})",
+                            **(dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else
+                               dict(type=kind, nargs="+" if f.type == "tuple" else None)))
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser.parse_args(argv)
 
@@ -452,8 +448,9 @@ def read_checkpoint(path: str) -> dict:
 
 
 def load_model(path: str, args: argparse.Namespace, device) -> tuple:
-    """(AFANet in eval mode on `device`, its Config) from a checkpoint of train.py or a trained
-    network of the authors' release (`read_checkpoint`)."""
+    """(AFANet in eval mode on `device`, its Config, its LabelSettings) from a checkpoint of
+    train.py or a trained network of the authors' release (`read_checkpoint`); the settings also
+    choose the network's implementation (`--speed-paths`, as the run trained)."""
     ckpt = read_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, args)
     if ckpt["config"] is None:
@@ -472,7 +469,8 @@ def load_model(path: str, args: argparse.Namespace, device) -> tuple:
         raise ConfigError(f"checkpoint {path}: its weights do not fit AFANet(num_classes="
                           f"{cfg.num_classes}, backbone={cfg.backbone}) as its config says "
                           f"({first}); use a checkpoint written by train.py") from e
-    return model.to(device).eval(), cfg
+    model = model.to(device).eval()
+    return model, cfg, LabelSettings.from_config(cfg, model)
 
 
 def release_mismatch(path: str, state: dict, cfg: Config, error: RuntimeError) -> str:
@@ -523,8 +521,8 @@ def check_pixel(pixel, image: torch.Tensor) -> None:
                           f"(H×W) image; give 0 <= y < {H} and 0 <= x < {W}")
 
 
-def figures_of_split(model, cfg: Config, dataset, chosen: list, out_dir: str, names,
-                     pixel=None) -> None:
+def figures_of_split(model, cfg: Config, settings: LabelSettings, dataset, chosen: list,
+                     out_dir: str, names, pixel=None) -> None:
     """--figures on images of a split: the named ones, or the first cfg.num_figures."""
     for name in chosen or dataset.names[:cfg.num_figures]:
         if name not in dataset.names:
@@ -535,11 +533,12 @@ def figures_of_split(model, cfg: Config, dataset, chosen: list, out_dir: str, na
         path = os.path.join(out_dir, "figures", name + ".png")
         attention_figure(model, sample["image"], path, names, cls_labels=sample["cls_labels"],
                          truth=sample["label"], pixel=pixel,
-                         settings=LabelSettings.from_config(cfg))
+                         settings=settings)
         print(f"figure: {path}")
 
 
-def figures_of_files(model, cfg: Config, paths: list, out_dir: str, names, pixel=None) -> None:
+def figures_of_files(model, settings: LabelSettings, paths: list, out_dir: str, names,
+                     pixel=None) -> None:
     """--figures with --image: the classes are those the classifier finds."""
     for image_path in paths:
         stem = os.path.splitext(os.path.basename(image_path))[0]
@@ -547,15 +546,14 @@ def figures_of_files(model, cfg: Config, paths: list, out_dir: str, names, pixel
         image = load_image(image_path)
         check_pixel(pixel, image)
         attention_figure(model, image, path, names, pixel=pixel,
-                         settings=LabelSettings.from_config(cfg))
+                         settings=settings)
         print(f"figure: {path}")
 
 
-def pseudo_label_report(model, cfg: Config, loader, device, names) -> dict:
+def pseudo_label_report(model, cfg: Config, settings: LabelSettings, loader, device, names) -> dict:
     """--pseudo: the table on screen, the entries of metrics.json returned."""
     par = PAR(num_iter=cfg.par_iters).to(device)
-    result = pseudo_label_quality(model, par, loader, cfg.num_classes, device,
-                                  LabelSettings.from_config(cfg))
+    result = pseudo_label_quality(model, par, loader, cfg.num_classes, device, settings)
     split = loader.dataset.split
     print(f"\npseudo labels on {split} ({len(loader.dataset)} images), random walk with the "
           f"{'learned affinity' if cfg.propagate_with == 'affinity' else 'MHSA maps'}:\n"
@@ -592,7 +590,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.pixel is not None and args.figures is None:
         raise ConfigError("--pixel is for --figures; add --figures")
     device = pick_device(args.device)
-    model, cfg = load_model(args.checkpoint, args, device)
+    model, cfg, settings = load_model(args.checkpoint, args, device)
     out_dir = args.out or os.path.splitext(args.checkpoint)[0] + "_eval"
     os.makedirs(out_dir, exist_ok=True)
     names = class_names_of(cfg.data, cfg.num_classes)
@@ -610,14 +608,14 @@ def run(args: argparse.Namespace) -> dict:
         predict_images(model, paths, folder, device, scales, args.long_side, crf=args.crf)
         print(f"{len(paths)} prediction(s) in {folder} (masks; overlays in {folder}/overlay)")
         if args.figures is not None:
-            figures_of_files(model, cfg, paths, out_dir, names, args.pixel)
+            figures_of_files(model, settings, paths, out_dir, names, args.pixel)
     elif args.figures is not None:
         dataset = load_split(cfg, args.split or cfg.val_split, cache_dir)
-        figures_of_split(model, cfg, dataset, args.figures, out_dir, names, args.pixel)
+        figures_of_split(model, cfg, settings, dataset, args.figures, out_dir, names, args.pixel)
     if args.pseudo:
         # On train by default, as the paper's tables.
         pseudo_loader = loader(args.split or "train", cfg.val_batch_size)
-        metrics.update(pseudo_label_report(model, cfg, pseudo_loader, device, names))
+        metrics.update(pseudo_label_report(model, cfg, settings, pseudo_loader, device, names))
     # The segmentation table is the default task; --save-masks and --crf (without --image) ask for it.
     if (not (args.pseudo or args.image or args.figures is not None) or args.save_masks
             or (args.crf and not args.image)):

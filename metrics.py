@@ -97,10 +97,10 @@ def scores_table(scores: dict, class_names) -> str:
 @torch.no_grad()
 def validation_labels(model, images: torch.Tensor, cls_labels: torch.Tensor,
                       settings: LabelSettings) -> tuple:
-    """(cls_logits (B, C-1), {"cam", "afa", "seg": (B, H, W) labels}) of images (B, 3, H, W), as
+    """(cls_logits (B, C-1), {"cam", "walk", "seg": (B, H, W) labels}) of images (B, 3, H, W), as
     the release's validation makes them, with the model in eval mode.
 
-    "cam": the multi-scale CAM's label at the evaluation threshold `bkg_score`; "afa": the arg-max
+    "cam": the multi-scale CAM's label at the evaluation threshold `bkg_score`; "walk": the arg-max
     of those CAMs propagated with the affinity of the eval forward at scale 1.0 (on its
     ⌈H/16⌉ × ⌈W/16⌉ grid) with background `low`, no PAR — or, with `propagate_with="attention"`,
     with the MHSA maps of the same blocks on that grid (pipeline.mhsa_affinity; paper Table 4);
@@ -109,10 +109,10 @@ def validation_labels(model, images: torch.Tensor, cls_labels: torch.Tensor,
     H, W = images.shape[-2:]
     out = model(images)                                                    # scale 1.0, eval mode
     seg = upsample(out.seg_logits, (H, W)).argmax(1)                       # (B, H, W)
-    labels = make_pseudo_labels(model, None, images, cls_labels, None, settings,
-                                need=("cam", "walk"), thresholds="eval", affinity_from="forward",
-                                forward_affinity=out.affinity)
-    return out.cls_logits, {"cam": labels.cam, "afa": labels.walk, "seg": seg}
+    labels = make_pseudo_labels(model, None, {"image": images, "cls_labels": cls_labels},
+                                settings.for_evaluation(affinity_from="forward"),
+                                need=("cam", "walk"), forward=out)
+    return out.cls_logits, {"cam": labels.cam, "walk": labels.walk, "seg": seg}
 
 
 @torch.no_grad()
@@ -120,10 +120,10 @@ def validate(model, loader, num_classes: int, device, settings: LabelSettings,
              world: int = 1) -> dict:
     """Scores of `validation_labels` on a (sharded) split; counts summed over the processes.
 
-    Returns {"cls_f1", "cam_miou", "afa_miou", "seg_miou"}.
+    Returns {"cls_f1", "cam_miou", "walk_miou", "seg_miou"}.
     """
     confs = {k: torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-             for k in ("cam", "afa", "seg")}
+             for k in ("cam", "walk", "seg")}
     counts = torch.zeros(3, dtype=torch.int64, device=device)
     for batch in loader:
         images = batch["image"].to(device)                                    # (B, 3, H, W)
@@ -140,7 +140,7 @@ def validate(model, loader, num_classes: int, device, settings: LabelSettings,
             **{f"{k}_miou": segmentation_scores(c.cpu())["mIoU"] for k, c in confs.items()}}
 
 
-METRIC_COLUMNS = (("cls_f1", "cls F1"), ("cam_miou", "CAM mIoU"), ("afa_miou", "AFA mIoU"),
+METRIC_COLUMNS = (("cls_f1", "cls F1"), ("cam_miou", "cam mIoU"), ("walk_miou", "walk mIoU"),
                   ("seg_miou", "seg mIoU"))
 
 

@@ -6,8 +6,7 @@ One forward pass of `AFANet` gives everything the training step needs:
   feature maps and the attention logits q·kᵀ of its blocks;
 - the classifier (a 1×1 conv on the stage-4 features) gives the image-level logits after global
   max pooling, and the class activation maps (CAMs) when applied to the un-pooled features (§3.1);
-- SegFormer's all-MLP decoder gives the segmentation logits at stride 4 (its 1×1 fusion conv
-  computed on the stage grids, `SegFormerHead.fuse_by_grid`: the same values, less work);
+- SegFormer's all-MLP decoder gives the segmentation logits at stride 4;
 - the AFA head turns the attention logits of the last `afa_blocks` blocks into a pairwise
   affinity (B, N, N) over the stride-16 grid (§3.2, "Affinity from Attention").
 
@@ -30,10 +29,18 @@ BatchNorm where the release synchronises it across GPUs (the same on one device;
 nn.SyncBatchNorm.convert_sync_batchnorm for several). As in the release, `AFANet.cam` in train mode lets the decoder's
 BatchNorm statistics see every CAM pass.
 
+The encoder interface. `AFANet(num_classes, backbone=module)` takes any encoder module that has
+- `forward(x)`: x (B, 3, H, W) -> (features, attn_logits), features a list of maps (B, C_i, H_i, W_i)
+  (the decoder reads them all, the classifier the last one) and attn_logits a list with one
+  pre-softmax logit map (B, nh, N, N) per block, on the last feature map's grid (the AFA head
+  reads the last `afa_blocks` of them);
+- `embed_dims` (C_i of each feature map) and `num_heads` (whose last entry is nh).
+The code in this file is all that runs with the speed paths off; `fast.py` holds their variants,
+each a function of these modules, and uses the plain form for an encoder it does not know.
+
 Symbols: B batch, C classes incl. background, H×W input, H_i×W_i and C_i the grid and width of
 stage i, h×w the stage-4 grid, N = h·w tokens, N_q / N_kv query / key tokens, nh heads, d head width.
 """
-import functools
 import math
 from typing import NamedTuple
 
@@ -139,22 +146,6 @@ class Attention(nn.Module):
         B, nh, N, d = out.shape
         return self.proj(out.transpose(1, 2).reshape(B, N, nh * d))  # (B, N_q, C)
 
-    # ---- speed paths: same numbers, less work ------------------------------------------------
-
-    def forward_fused(self, x, H, W):
-        """`forward`'s out (B, N_q, C) alone, by PyTorch's fused kernel, which computes
-        softmax(q·kᵀ/√d)·v with the same 1/√d scale without forming the logits: the same output
-        up to float rounding."""
-        q, k, v = self.queries_keys_values(x, H, W)  # (B, nh, N_q, d), (B, nh, N_kv, d), (B, nh, N_kv, d)
-        return self.merge_heads(F.scaled_dot_product_attention(q, k, v))  # (B, N_q, C)
-
-    def forward_factored(self, x, H, W):
-        """`forward` with the logits as their factors: (out (B, N_q, C), q (B, nh, N_q, d),
-        k (B, nh, N_kv, d)), logits = q·kᵀ. The out of `forward_fused`, and q, k are the very
-        tensors `forward` multiplies, so q·kᵀ gives its logits."""
-        q, k, v = self.queries_keys_values(x, H, W)  # (B, nh, N_q, d), (B, nh, N_kv, d), (B, nh, N_kv, d)
-        return self.merge_heads(F.scaled_dot_product_attention(q, k, v)), q, k  # (B, N_q, C), q, k
-
 
 class DWConv(nn.Module):
     """3×3 depthwise conv over the token grid (the positional cue of Mix-FFN)."""
@@ -197,25 +188,8 @@ class Block(nn.Module):
     def forward(self, x, H, W):
         """x (B, N, C) -> (x (B, N, C), attention logits (B, nh, N, N_kv)); see Attention."""
         attn_out, logits = self.attn(self.norm1(x), H, W)  # (B, N, C), (B, nh, N, N_kv)
-        return self.mlp_residual(x + self.drop_path(attn_out), H, W), logits
-
-    def mlp_residual(self, x, H, W):
-        """The block's second half: x (B, N, C) -> x + MixFFN(LN(x)), stochastic depth as
-        `DropPath.residual` (a dropped sample's branch is not computed)."""
-        return self.drop_path.residual(x, lambda t: self.mlp(self.norm2(t), H, W))
-
-    # ---- speed paths: same numbers, less work ------------------------------------------------
-
-    def forward_fused(self, x, H, W):
-        """`forward`'s x (B, N, C) alone, through `Attention.forward_fused` (the same output)."""
-        x = self.drop_path.residual(x, lambda t: self.attn.forward_fused(self.norm1(t), H, W))  # (B, N, C)
-        return self.mlp_residual(x, H, W)
-
-    def forward_factored(self, x, H, W):
-        """`forward` with the logits as factors: (x (B, N, C), q (B, nh, N, d), k (B, nh, N_kv, d)),
-        logits = q·kᵀ, through `Attention.forward_factored` (the same values)."""
-        attn_out, q, k = self.attn.forward_factored(self.norm1(x), H, W)  # (B, N, C), q, k
-        return self.mlp_residual(x + self.drop_path(attn_out), H, W), q, k
+        x = x + self.drop_path(attn_out)
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W)), logits
 
 
 class MixTransformer(nn.Module):
@@ -265,71 +239,25 @@ class MixTransformer(nn.Module):
         return [(getattr(self, f"patch_embed{s}"), getattr(self, f"block{s}"), getattr(self, f"norm{s}"))
                 for s in range(1, len(self.embed_dims) + 1)]
 
-    def forward(self, x, num_attn=None):
+    def forward(self, x):
         """x (B, in_chans, H, W) -> (features, attn_logits).
 
         features: 4 maps (B, C_i, H_i, W_i). attn_logits: the pre-softmax, unscaled logits q·kᵀ
-        (B, nh, N_q, N_kv), one per block in order — of all blocks when `num_attn` is None, of the
-        last `num_attn` blocks otherwise (the others then run `Block.forward_fused`, which gives
-        the same outputs faster; AFA needs only the last two).
+        (B, nh, N_q, N_kv), one per block in order.
         """
-        first_logit_block = self._first_logit_block(x, num_attn)
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         B = x.shape[0]
         features, attn_logits = [], []
-        block_index = 0
         for patch_embed, blocks, norm in self.stages():
             x, H, W = patch_embed(x)  # (B, N_i, C_i), N_i = H_i·W_i
             for block in blocks:
-                if block_index >= first_logit_block:
-                    x, logits = block(x, H, W)  # (B, N_i, C_i), (B, nh, N_i, N_kv)
-                    attn_logits.append(logits)
-                else:
-                    x = block.forward_fused(x, H, W)  # (B, N_i, C_i)
-                block_index += 1
+                x, logits = block(x, H, W)  # (B, N_i, C_i), (B, nh, N_i, N_kv)
+                attn_logits.append(logits)
             x = norm(x)
             x = x.transpose(1, 2).reshape(B, -1, H, W)  # (B, C_i, H_i, W_i)
             features.append(x)
         return features, attn_logits
-
-    def _first_logit_block(self, x, num_attn):
-        """The index of the first block whose logits `num_attn` asks for; checks x and num_attn."""
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        num_blocks = sum(self.depths)
-        if num_attn is None:
-            num_attn = num_blocks
-        if not 0 <= num_attn <= num_blocks:
-            raise ValueError(f"num_attn must be in [0, {num_blocks}] or None, got {num_attn}")
-        return num_blocks - num_attn
-
-    # ---- speed paths: same numbers, less work ------------------------------------------------
-
-    def forward_factored(self, x, num_attn):
-        """`forward` with the logits in factored form: x (B, in_chans, H, W) -> (features, queries,
-        keys), queries[i] (B, nh, N_q, d) and keys[i] (B, nh, N_kv, d) of the last `num_attn`
-        blocks, their logits = q·kᵀ. Every block runs the fused kernel (`Block.forward_fused`,
-        `Block.forward_factored`), so the features are `forward`'s and q, k the tensors whose
-        product is its logits: the AFA head reads the affinity off the factors without forming the
-        N × N maps (`AffinityHead.forward_factored`).
-        """
-        first_logit_block = self._first_logit_block(x, num_attn)
-        B = x.shape[0]
-        features, queries, keys = [], [], []
-        block_index = 0
-        for patch_embed, blocks, norm in self.stages():
-            x, H, W = patch_embed(x)  # (B, N_i, C_i), N_i = H_i·W_i
-            for block in blocks:
-                if block_index >= first_logit_block:
-                    x, q, k = block.forward_factored(x, H, W)  # (B, N_i, C_i), q, k
-                    queries.append(q)
-                    keys.append(k)
-                else:
-                    x = block.forward_fused(x, H, W)  # (B, N_i, C_i)
-                block_index += 1
-            x = norm(x)
-            x = x.transpose(1, 2).reshape(B, -1, H, W)  # (B, C_i, H_i, W_i)
-            features.append(x)
-        return features, queries, keys
 
 
 def mit(name, strides=(4, 2, 2, 1), **kwargs):
@@ -397,16 +325,10 @@ class SegFormerHead(nn.Module):
         self.linear_fuse.add_module("relu", nn.ReLU(inplace=True))
         self.dropout = nn.Dropout2d(dropout)
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
-        # True: forward fuses the concatenated stride-4 maps as written; False: on the stage
-        # grids (`fuse_by_grid`, the same values up to float rounding with far less work)
-        self.plain_fusion = False
 
     def forward(self, features):
         """features, 4 maps (B, C_i, H_i, W_i) -> logits (B, C, H_1, W_1)."""
-        if self.plain_fusion:
-            fused = self.linear_fuse.conv(self.embed(features))  # (B, 4·embed_dim, H_1, W_1) -> (B, embed_dim, H_1, W_1)
-        else:
-            fused = self.fuse_by_grid(features)  # (B, embed_dim, H_1, W_1), the same values
+        fused = self.linear_fuse.conv(self.embed(features))  # (B, 4·embed_dim, H_1, W_1) -> (B, embed_dim, H_1, W_1)
         x = self.linear_fuse.relu(self.linear_fuse.bn(fused))
         return self.linear_pred(self.dropout(x))  # (B, C, H_1, W_1)
 
@@ -432,143 +354,6 @@ class SegFormerHead(nn.Module):
         Dropout2d and the last conv, cannot change them). Returns nothing."""
         self.linear_fuse.bn(self.linear_fuse.conv(self.embed(features)))  # (B, embed_dim, H_1, W_1), discarded
 
-    # ---- speed paths: same numbers, less work ------------------------------------------------
-
-    @torch.no_grad()
-    def update_batchnorm_statistics_from_moments(self, features):
-        """`update_batchnorm_statistics` without the stride-4 map: in train mode the BatchNorm takes
-        only the per-channel mean and variance of its input y = conv(embed(features)), and both
-        follow from the features on their own grids. Returns nothing.
-
-        Why it is the same: write y = β + Σ_g A_g·up_g(x_g) (`fusion_by_grid`: the fusion conv and
-        the Linears commute with upsampling), up_g(x) = U_h,g x U_w,gᵀ the separable bilinear
-        upsampling from grid g to (H_1, W_1) (`interpolation_matrix`), and P = B·H_1·W_1 pixels:
-            mean(y)  = β + Σ_g A_g m_g,             m_g = Σ_{b,i,j} a_g[i] b_g[j] x_g[b, :, i, j] / P,
-            P·var(y) = Σ_{g,g'} diag(A_g S_gg' A_g'ᵀ),
-                S_gg' = Σ_b Σ_{i,j,k,l} x̃_g[b, :, i, j] x̃_g'[b, :, k, l]ᵀ G_h[i, k] G_w[j, l],
-        with a_g, b_g the column sums of U_h,g, U_w,g, x̃_g = x_g − m_g (bilinear rows sum to 1, so
-        up_g(x̃_g) = up_g(x_g) − m_g), and the Gram matrices G_h = U_h,gᵀ U_h,g', G_w = U_w,gᵀ U_w,g'.
-        The running statistics then move as nn.BatchNorm2d moves them: the unbiased variance
-        P·var / (P − 1), momentum or (momentum None) the cumulative average, num_batches_tracked + 1.
-        The same values up to float rounding (~1e-6, computed in float32 also under autocast); the
-        work is on the stage grids, in min(C_g, embed_dim) channels, never at stride 4 in embed_dim.
-        """
-        bn = self.linear_fuse.bn
-        if not (bn.training and bn.track_running_stats):
-            return  # a train-mode forward would update nothing either
-        B, _, H, W = features[0].shape  # (H_1, W_1), stride 4
-        pixels = B * H * W
-        if pixels < 2:
-            raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {pixels}")
-        with torch.autocast(features[0].device.type, enabled=False):  # statistics in float32
-            terms, bias = self.fusion_by_grid([f.float() for f in features])
-            mean, centred = bias.clone(), []
-            for x, projection in terms:  # x (B, C_g, H_g, W_g), projection A_g (embed_dim, C_g) or None
-                U_h = interpolation_matrix(H, x.shape[-2], device=x.device)  # (H_1, H_g)
-                U_w = interpolation_matrix(W, x.shape[-1], device=x.device)  # (W_1, W_g)
-                weights = torch.outer(U_h.sum(0), U_w.sum(0)).flatten()  # (H_g·W_g), a_g[i]·b_g[j]
-                m = (x.flatten(2) @ weights).sum(0) / pixels  # (C_g), m_g
-                mean += m if projection is None else projection @ m
-                centred.append((x - m[:, None, None], projection, U_h, U_w))  # x̃_g (B, C_g, H_g, W_g)
-            square_sum = torch.zeros_like(mean)  # P·var(y), (embed_dim)
-            for first in range(len(centred)):
-                for second in range(first, len(centred)):
-                    # S_g'g = S_gg'ᵀ: g is the finer grid, its map is carried onto the coarser g'
-                    (x, A, U_h, U_w), (x_other, A_other, U_h_other, U_w_other) = sorted(
-                        (centred[first], centred[second]), key=lambda term: -term[0].shape[-2:].numel())
-                    if x.shape[-2:] == x_other.shape[-2:] == (H, W):
-                        carried = x  # U = I on the stride-4 grid
-                    elif x.shape[-2:] == (H, W):  # G_hᵀ x̃_g G_w = U_h,g'ᵀ x̃_g U_w,g', upsampling's adjoint
-                        carried = bilinear_adjoint(x, x_other.shape[-2:])  # (B, C_g, H_g', W_g')
-                    else:
-                        G_h, G_w = U_h.T @ U_h_other, U_w.T @ U_w_other  # (H_g, H_g'), (W_g, W_g')
-                        carried = G_h.T @ (x @ G_w)  # (B, C_g, H_g', W_g')
-                    if A is None and A_other is None:
-                        products = (carried.flatten(2) * x_other.flatten(2)).sum(2).sum(0)  # diag(S_gg'), (embed_dim)
-                    else:
-                        S = (carried.flatten(2) @ x_other.flatten(2).transpose(1, 2)).sum(0)  # (C_g, C_g'), S_gg'
-                        left = S if A is None else A @ S  # (embed_dim, C_g')
-                        # diag(A_g S_gg' A_g'ᵀ), (embed_dim)
-                        products = left.diagonal() if A_other is None else (left * A_other).sum(1)
-                    square_sum += products if first == second else 2 * products
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        # Through .data, as the BatchNorm kernel writes them: a train-mode forward whose graph saved
-        # the buffers (the step's forward, before its CAM passes) can still run its backward.
-        bn.running_mean.data.mul_(1 - factor).add_(mean, alpha=factor)
-        bn.running_var.data.mul_(1 - factor).add_(square_sum / (pixels - 1), alpha=factor)  # unbiased
-
-    def fuse_by_grid(self, features):
-        """`linear_fuse.conv(embed(features))` (B, embed_dim, H_1, W_1) without the stride-4 map of
-        4·embed_dim channels: β + Σ_g up_g(A_g·x_g) (`fusion_by_grid`), each A_g applied on its own
-        grid, then upsampled. The 1×1 conv and bilinear upsampling commute (see fusion_by_grid),
-        so the values are the same up to float rounding (~1e-6); gradients reach every Linear and
-        the fusion conv through A_g and β. The plain path's largest products, the fusion conv over
-        4·embed_dim channels at stride 4 and its backward, never run (README, "Speed")."""
-        terms, bias = self.fusion_by_grid(features)
-        size = features[0].shape[-2:]  # (H_1, W_1), stride 4
-        fused = None
-        for x, projection in terms:  # x (B, C_g, H_g, W_g), projection A_g (embed_dim, C_g) or None
-            if projection is not None:
-                x = F.conv2d(x, projection[:, :, None, None])  # (B, embed_dim, H_g, W_g)
-            if x.shape[-2:] != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, embed_dim, H_1, W_1)
-            fused = x if fused is None else fused + x
-        return fused + bias[:, None, None]  # (B, embed_dim, H_1, W_1)
-
-    def fusion_by_grid(self, features):
-        """`linear_fuse.conv(embed(features))` as β + Σ_g A_g·up_g(x_g) over the grids g of the
-        stages: a list of (x_g (B, C_g, H_g, W_g), A_g (embed_dim, C_g) or None), and β (embed_dim).
-        With W_s the conv's weights that read stage s and Linear_s(x) = L_s·x + b_s,
-            conv(cat_s up(Linear_s f_s)) = Σ_s W_s·up(L_s f_s + b_s) = Σ_s up((W_s L_s) f_s) + Σ_s W_s b_s,
-        since the 1×1 conv mixes channels and bilinear upsampling mixes pixels with weights that
-        sum to 1, so the two commute. The stages on one grid are concatenated: x_g = cat_s f_s,
-        A_g = cat_s W_s L_s; where that is wider than embed_dim, x_g is A_g·x_g and A_g is None
-        (the identity), whichever has fewer channels."""
-        if len(features) != self.num_stages:
-            raise ValueError(f"features must hold {self.num_stages} maps, got {len(features)}")
-        weight = self.linear_fuse.conv.weight.flatten(1)  # (embed_dim, 4·embed_dim)
-        embed_dim = weight.shape[0]
-        by_grid, bias = {}, 0  # (H_g, W_g) -> ([f_s], [W_s L_s]) of the stages on that grid
-        for slot, stage in enumerate(reversed(range(1, self.num_stages + 1))):  # order c4, c3, c2, c1
-            linear = getattr(self, f"linear_c{stage}").proj
-            stage_weight = weight[:, slot * embed_dim:(slot + 1) * embed_dim]  # (embed_dim, embed_dim), W_s
-            feature = features[stage - 1]  # (B, C_s, H_s, W_s)
-            maps, projections = by_grid.setdefault(tuple(feature.shape[-2:]), ([], []))
-            maps.append(feature)
-            projections.append(stage_weight @ linear.weight)  # (embed_dim, C_s), W_s L_s
-            bias = bias + stage_weight @ linear.bias  # (embed_dim)
-        terms = []
-        for maps, projections in by_grid.values():
-            if sum(x.shape[1] for x in maps) > embed_dim:  # x_g = Σ_s (W_s L_s) f_s, (B, embed_dim, H_g, W_g)
-                terms.append((sum(F.conv2d(x, A[:, :, None, None]) for x, A in zip(maps, projections)), None))
-            elif len(maps) == 1:  # x_g = f_s (B, C_s, H_g, W_g), A_g = W_s L_s (embed_dim, C_s)
-                terms.append((maps[0], projections[0]))
-            else:  # x_g = cat_s f_s (B, C_g, H_g, W_g), A_g = cat_s W_s L_s (embed_dim, C_g)
-                terms.append((torch.cat(maps, dim=1), torch.cat(projections, dim=1)))
-        return terms, bias
-
-
-def bilinear_adjoint(x, size):
-    """The adjoint of bilinear upsampling from `size` to x's grid (align_corners=False):
-    x (B, C, H, W) -> U_hᵀ x U_w (B, C, *size), with U_h, U_w as `interpolation_matrix` gives them.
-    It is F.interpolate's backward, which visits each of x's pixels once (U has 2 weights a row)."""
-    B, C, H, W = x.shape
-    return torch.ops.aten.upsample_bilinear2d_backward(x, (H, W), (B, C, *size), False)  # (B, C, *size)
-
-
-@functools.lru_cache(maxsize=64)  # the same few grids every step; callers never write to U
-def interpolation_matrix(size_out, size_in, device=None):
-    """The (size_out, size_in) matrix U of 1-D bilinear resizing with align_corners=False: row i
-    weighs inputs ⌊s⌋ and min(⌊s⌋ + 1, size_in − 1) by 1 − (s − ⌊s⌋) and s − ⌊s⌋, at
-    s = max((i + ½)·size_in / size_out − ½, 0). Made by resizing the identity with F.interpolate,
-    so that the rounding and the edge clamping are PyTorch's own; 2-D bilinear resizing of a map
-    x (…, H_in, W_in) is U_h x U_wᵀ."""
-    basis = torch.eye(size_in, device=device).view(size_in, 1, size_in, 1)  # e_k as (size_in × 1) maps
-    resized = F.interpolate(basis, size=(size_out, 1), mode="bilinear", align_corners=False)
-    # (size_in, 1, size_out, 1): column k of U
-    return resized.view(size_in, size_out).T  # (size_out, size_in)
-
 
 class AFAOutput(NamedTuple):
     cls_logits: torch.Tensor  # (B, C−1) image-level logits, global max pooling then classifier
@@ -582,7 +367,8 @@ class AFANet(nn.Module):
 
     num_classes C counts the background; the classifier predicts the C−1 foreground classes.
     `backbone` is a MiT ("mit_b1", the paper's) or a plain ViT ("vit_s16", "vit_b16", "vit_tiny16"),
-    randomly initialised: load ImageNet weights into `encoder` afterwards (`pretrained.load_pretrained`).
+    randomly initialised: load ImageNet weights into `encoder` afterwards (`pretrained.load_pretrained`);
+    or an encoder module of the interface in this module's docstring.
     `afa_blocks` last blocks of the encoder give their attention logits, afa_blocks × nh maps of
     N × N, to the AFA head: blocks of the MiT's stage 4 (where sr_ratio = 1), any blocks of a ViT
     (over its patch tokens). `strides` applies to a MiT only.
@@ -593,12 +379,15 @@ class AFANet(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
-        self.backbone = backbone
+        self.backbone = backbone if isinstance(backbone, str) else type(backbone).__name__
         self.num_classes = num_classes
-        self.encoder = build_encoder(backbone, strides=strides, drop_path_rate=drop_path_rate)
+        if isinstance(backbone, nn.Module):
+            self.encoder, square_blocks = backbone, afa_blocks  # the caller's encoder, as it is
+        else:
+            self.encoder = build_encoder(backbone, strides=strides, drop_path_rate=drop_path_rate)
         if isinstance(self.encoder, VisionTransformer):
             square_blocks = self.encoder.depth  # every block attends over the N patch tokens
-        else:
+        elif isinstance(self.encoder, MixTransformer):
             square_blocks = self.encoder.depths[-1] if self.encoder.sr_ratios[-1] == 1 else 0  # stage 4
         if not 1 <= afa_blocks <= square_blocks:
             raise ValueError(f"afa_blocks must be in [1, {square_blocks}] (the last blocks, whose attention "
@@ -611,82 +400,33 @@ class AFANet(nn.Module):
 
     def forward(self, x):
         """x (B, 3, H, W) -> AFAOutput(cls_logits, seg_logits, affinity, cams)."""
-        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks)  # each (B, nh, N, N)
+        features, attn_logits = self.encoder(x)  # 4 maps (B, C_i, H_i, W_i), each block's logits
         top = features[-1]  # (B, C_4, h, w)
         pooled = F.adaptive_max_pool2d(top, 1)  # (B, C_4, 1, 1), global max pooling
         cls_logits = self.classifier(pooled).flatten(1)  # (B, C−1)
-        affinity = self.affinity_head(torch.cat(attn_logits, dim=1))  # (B, afa_blocks·nh, N, N) -> (B, N, N)
+        affinity = self.affinity_head(torch.cat(attn_logits[-self.afa_blocks:], dim=1))  # (B, afa_blocks·nh, N, N) -> (B, N, N)
         return AFAOutput(cls_logits=cls_logits, seg_logits=self.decoder(features),
                          affinity=affinity, cams=self.classifier(top))
 
-    def cam(self, x, *, decoder_stats=True):
+    def cam(self, x, *, decoder_stats=True, attention=False):
         """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, affinity (B, N, N)).
 
-        The classifier on the un-pooled stage-4 features, and the affinity exactly as in `forward`.
-        Gradients flow as the caller's grad mode allows (the multi-scale CAM runs it under no_grad).
+        The classifier on the un-pooled stage-4 features, and the affinity exactly as in `forward`
+        (`attention`: the logits q·kᵀ the AFA head reads, (B, afa_blocks, nh, N, N), the raw
+        attention of the paper's "propagation with MHSA"). Gradients as the grad mode allows.
 
         decoder_stats: in train mode, also run the decoder without gradient up to its BatchNorm,
-        so that its running mean and variance see this pass. The release's CAM path runs the
-        whole decoder before returning and its multi-scale CAM runs in train mode, so every CAM
-        pass updates those statistics, and the eval-mode segmentation depends on it; the running
-        statistics after this call equal those after a full decoder pass. False skips it (faster,
-        other statistics). In eval mode nothing is updated either way.
+        so that its running statistics see this pass as in the release, whose CAM path runs the
+        whole decoder, in train mode, on every CAM pass (the eval-mode segmentation depends on
+        it). False skips it (faster, other statistics). Eval mode updates nothing either way.
         """
-        features, attn_logits = self.encoder(x, num_attn=self.afa_blocks)  # each (B, nh, N, N)
-        affinity = self.affinity_head(torch.cat(attn_logits, dim=1))  # (B, afa_blocks·nh, N, N) -> (B, N, N)
+        features, attn_logits = self.encoder(x)  # 4 maps (B, C_i, H_i, W_i), each block's logits
+        attn_logits = attn_logits[-self.afa_blocks:]  # each (B, nh, N, N)
+        pairwise = (torch.stack(attn_logits, dim=1) if attention  # (B, afa_blocks, nh, N, N)
+                    else self.affinity_head(torch.cat(attn_logits, dim=1)))  # (B, N, N)
         if decoder_stats and self.training:
             self.decoder.update_batchnorm_statistics(features)
-        return self.classifier(features[-1]), affinity  # (B, C−1, h, w), (B, N, N)
-
-    # ---- speed paths: same numbers, less work ------------------------------------------------
-
-    def cam_with_partial_affinity(self, x, num_affinity, *, decoder_stats=True):
-        """`cam` with the affinity of the first n = num_affinity images only: x (B, 3, H, W) ->
-        (cams (B, C−1, h, w), affinity (n, N, N)); n = 0 skips the AFA head.
-
-        The multi-scale CAM needs the affinity at one scale, of the un-flipped half of its batch,
-        only. Every block runs the fused attention kernel and the AFA head works on the factors
-        q, k of the logits (`encoder.forward_factored`, `AffinityHead.forward_factored`) instead of
-        n × afa_blocks·nh maps of N × N, and the decoder statistics come from moments on the stage
-        grids (`update_batchnorm_statistics_from_moments`): the same values as `cam`'s first n up
-        to float rounding (~1e-6).
-        """
-        B = x.shape[0]
-        if not 0 <= num_affinity <= B:
-            raise ValueError(f"num_affinity must be in [0, {B}], got {num_affinity}")
-        if num_affinity == 0:
-            features, _ = self.encoder(x, num_attn=0)
-            h, w = features[-1].shape[-2:]
-            affinity = features[-1].new_zeros(0, h * w, h * w)  # (0, N, N)
-        else:
-            features, queries, keys = self.encoder.forward_factored(x, self.afa_blocks)  # (B, nh, N, d) each
-            n = num_affinity
-            affinity = self.affinity_head.forward_factored([q[:n] for q in queries],
-                                                           [k[:n] for k in keys])  # (n, N, N)
-        if decoder_stats and self.training:
-            self.decoder.update_batchnorm_statistics_from_moments(features)
-        return self.classifier(features[-1]), affinity  # (B, C−1, h, w), (n, N, N)
-
-    def cam_with_partial_attention(self, x, num_attention, *, decoder_stats=True):
-        """`cam_with_partial_affinity` with the raw attention in place of the affinity, for the
-        paper's "propagation with MHSA" (Table 4): x (B, 3, H, W) -> (cams (B, C−1, h, w),
-        attn_logits (n, afa_blocks, nh, N, N)), the pre-softmax logits q·kᵀ that the AFA head
-        reads, of the first n = num_attention images; the same pass, draws and statistics.
-        """
-        B = x.shape[0]
-        if not 0 <= num_attention <= B:
-            raise ValueError(f"num_attention must be in [0, {B}], got {num_attention}")
-        if num_attention == 0:
-            cams, affinity = self.cam_with_partial_affinity(x, 0, decoder_stats=decoder_stats)
-            N = affinity.shape[-1]
-            return cams, affinity.new_zeros(0, self.afa_blocks, self.encoder.num_heads[-1], N, N)
-        features, queries, keys = self.encoder.forward_factored(x, self.afa_blocks)  # (B, nh, N, d) each
-        n = num_attention
-        attn_logits = torch.stack([q[:n] @ k[:n].transpose(-2, -1)
-                                   for q, k in zip(queries, keys)], dim=1)  # (n, afa_blocks, nh, N, N)
-        if decoder_stats and self.training:
-            self.decoder.update_batchnorm_statistics_from_moments(features)
-        return self.classifier(features[-1]), attn_logits  # (B, C−1, h, w), (n, afa_blocks, nh, N, N)
+        return self.classifier(features[-1]), pairwise  # (B, C−1, h, w), (B, N, N)
 
     def param_groups(self):
         """Parameters by learning-rate group (paper §4.1; the groups of the release): "encoder"

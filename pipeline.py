@@ -9,12 +9,13 @@ One chain makes every pseudo label of the project (`make_pseudo_labels`): the tr
 the validation's (`metrics.py`), the pseudo-label table's (`evaluate.py`) and the figures'
 (`visualize.py`), with what differs between them as explicit arguments (which labels, the CAM
 label's thresholds, which pass the walk's affinity comes from) and the numbers in one
-`LabelSettings`; `bench.py` times its stage functions. So what they measure is what the network
-trains on. The method itself lives below this module (`cam.py`, `par.py`,
-`attention_affinity.py`, `random_walk.py`, `crf_loss.py`, `model.py`); here it is put in order.
+`LabelSettings`; `bench.py` times the training step by its stage labels (`record_function`). So
+what they measure is what the network trains on. The method itself lives below this module
+(`cam.py`, `par.py`, `attention_affinity.py`, `random_walk.py`, `crf_loss.py`, `model.py`, and
+the speed variants of `fast.py`); here it is put in order.
 The pseudo labels are made without gradient and in float32 whatever autocast surrounds the call
-(`--amp` covers the network's forward and backward only); `cam_bf16=True` runs the CAM passes
-alone in bfloat16.
+(`--amp` covers the network's forward and backward only); `LabelSettings(cam_bf16=True)` runs
+the CAM passes alone in bfloat16.
 
 The paper's ablations (§4.3, Tables 3 and 4) change single stages: the seg branch supervised by
 the CAM label, the PAR label or the AFA label (`make_pseudo_labels(need=...)`), and the random
@@ -23,20 +24,25 @@ walk with the raw multi-head self-attention instead of the learned affinity
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function  # the stage labels bench.py times the step by
 
+import fast
 from attention_affinity import affinity_labels, window_mask
-from cam import (cam_to_label, multi_scale_cam_partial_affinity, refine_cams_with_par_packed,
-                 refine_propagated_with_par, valid_box_mask)
+from cam import (cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par,
+                 valid_box_mask)
 from crf_loss import DenseCRFLoss
-from data import IMAGENET_MEAN, IMAGENET_STD
 from random_walk import propagate
 
 ENCODER_STRIDE = 16  # the stride of the encoder's last stage: one token per 16 × 16 pixels
+# data.py's normalisation (RGB, on the 0–255 scale), undone for PAR and L_reg (tested equal)
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 # What the random walk propagates with (paper §3.2; Table 4's "AFA (prop. with MHSA)").
 PROPAGATE_WITH = ("affinity", "attention")
 
@@ -64,56 +70,93 @@ def label_precision(device_type: str, cam_bf16: bool = False):
 
 
 # =============================================================================================
+# The implementation: the plain forms, or the speed variants of fast.py (one switch)
+# =============================================================================================
+class Paths(NamedTuple):
+    """The label chain's stage-1 and stage-2 functions: the plain forms of cam.py, or fast.py's."""
+    multi_scale_cam: Callable = multi_scale_cam
+    refine_cams_with_par: Callable = refine_cams_with_par
+
+
+def choose_paths(model, speed_paths: bool) -> Paths:
+    """The one choice point of the implementation (`--speed-paths`): off, the network and the
+    label chain run the plain forms of the method files only; on, the variants of fast.py that
+    are on (`fast.active()`), bound onto `model` (again: a no-op) and returned as the chain's
+    stage functions. The same numbers up to float rounding either way (tests/test_fast.py)."""
+    variants = fast.active() if speed_paths else ()
+    fast.apply(model, variants)
+    return Paths(**fast.chain(variants))
+
+
+# =============================================================================================
 # Stages 1–3: CAM → label → PAR (→ random walk → PAR), without gradient: the one label chain
 # =============================================================================================
+THRESHOLDS = ("train", "eval")     # the CAM label's bands: low / high (training), bkg_score alone
+AFFINITY_FROM = ("cam_pass", "forward")  # the walk's affinity: the CAM pass's largest scale, or
+                                         # the scale-1.0 forward (the release's validation)
+
+
 @dataclass(frozen=True)
 class LabelSettings:
-    """The numbers of the pseudo-label chain (paper §3.1–3.3), the paper's defaults."""
+    """How the pseudo-label chain runs (paper §3.1–3.3): its numbers, the paper's defaults; what
+    differs between its callers (the training step's settings by default, `for_evaluation` for
+    the others); the implementation of its stages (`choose_paths`; the plain forms by default)."""
     cam_scales: tuple = (1.0, 0.5, 1.5)  # scales of the multi-scale CAM (§3.1)
     low: float = 0.35                    # background threshold below which a pixel is background
     high: float = 0.55                   # … above which it is its class; ignored in between
     bkg_score: float = 0.45              # the single threshold of the CAM label at evaluation
     radius: int = 8                      # the random walk's window on the stride-16 grid (§3.2)
     propagate_with: str = "affinity"     # the walk's pairwise scores: "affinity" or "attention" (MHSA)
+    thresholds: str = "train"            # the CAM label: three bands ("train") or bkg_score ("eval")
+    affinity_from: str = "cam_pass"      # the walk's affinity: "cam_pass" or "forward" (`forward`)
+    cam_bf16: bool = False               # the CAM passes in bfloat16 (training's --cam-bf16)
+    decoder_stats: bool | None = None    # the CAM passes update the decoder's BatchNorm statistics
+    reuse_forward_cam: bool = False      # the forward's CAMs stand for the scale-1.0 pass's
+    paths: Paths = Paths()               # the stage functions: plain, or fast.py's (`choose_paths`)
 
     def __post_init__(self):
-        if self.propagate_with not in PROPAGATE_WITH:
-            raise ValueError(f"propagate_with must be one of {PROPAGATE_WITH}, "
-                             f"got {self.propagate_with!r}")
+        if (self.propagate_with not in PROPAGATE_WITH or self.thresholds not in THRESHOLDS
+                or self.affinity_from not in AFFINITY_FROM):
+            raise ValueError(f"propagate_with, thresholds and affinity_from must be in "
+                             f"{PROPAGATE_WITH}, {THRESHOLDS} and {AFFINITY_FROM}, got "
+                             f"{self.propagate_with!r}, {self.thresholds!r}, {self.affinity_from!r}")
 
     @classmethod
-    def from_config(cls, cfg) -> "LabelSettings":
-        """The settings of a run's configuration (train.Config), read once where it is read."""
+    def from_config(cls, cfg, model) -> "LabelSettings":
+        """The training step's settings of a run's configuration (train.Config), read once where
+        it is read; its `speed_paths` chooses the implementation for `model` (`choose_paths`)."""
         return cls(cam_scales=tuple(cfg.cam_scales), low=cfg.low, high=cfg.high,
-                   bkg_score=cfg.bkg_score, radius=cfg.radius, propagate_with=cfg.propagate_with)
+                   bkg_score=cfg.bkg_score, radius=cfg.radius, propagate_with=cfg.propagate_with,
+                   cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
+                   reuse_forward_cam=cfg.reuse_forward_cam, paths=choose_paths(model, cfg.speed_paths))
+
+    def for_evaluation(self, affinity_from: str = "cam_pass") -> "LabelSettings":
+        """The same numbers for the labels of a network in eval mode (validation, evaluate.py,
+        the figures): the CAM label at bkg_score, none of the training step's options."""
+        return dataclasses.replace(self, thresholds="eval", affinity_from=affinity_from,
+                                   cam_bf16=False, decoder_stats=None, reuse_forward_cam=False)
 
 
 class PseudoLabels(NamedTuple):
-    par: torch.Tensor | None     # (B, H, W) the CAM label refined with PAR (paper §3.3); None if not asked
-    afa: torch.Tensor | None     # (B, H, W) the AFA pseudo label (paper §3.2); None if not asked
-    cam: torch.Tensor | None = None  # (B, H, W) the CAM label (paper §3.1); None if not asked
-    walk: torch.Tensor | None = None  # (B, H, W) arg-max of the walk at background `low`, no PAR
-    cams: torch.Tensor | None = None  # (B, C-1, H, W) the multi-scale CAMs in [0, 1]
-    walked: torch.Tensor | None = None  # (B, C, H, W) the CAMs walked at background `low`
+    """The chain's results in its order; what was not asked for is None."""
+    cams: torch.Tensor | None = None      # (B, C-1, H, W) the multi-scale CAMs in [0, 1] (§3.1)
+    cam: torch.Tensor | None = None       # (B, H, W) the CAM label (§3.1)
+    par: torch.Tensor | None = None       # (B, H, W) the CAM label refined with PAR (§3.3)
     affinity: torch.Tensor | None = None  # (B, N, N) what the walk used; None without a walk
+    walked: torch.Tensor | None = None    # (B, C, H, W) the CAMs walked at background `low`
+    walk: torch.Tensor | None = None      # (B, H, W) arg-max of the walk at background `low`, no PAR
+    afa: torch.Tensor | None = None       # (B, H, W) the AFA pseudo label: walks, then PAR (§3.2)
 
 
 LABELS = ("cam", "par", "walk", "afa")
-THRESHOLDS = ("train", "eval")     # the CAM label's bands: low / high (training), bkg_score alone
-AFFINITY_FROM = ("cam_pass", "forward")  # the walk's affinity: the CAM pass's largest scale, or
-                                         # the scale-1.0 forward (the release's validation)
 
 
 @torch.no_grad()
-def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tensor,
-                       valid_box: torch.Tensor | None, settings: LabelSettings, *,
-                       need=("par", "afa"), thresholds: str = "train",
-                       affinity_from: str = "cam_pass",
-                       forward_affinity: torch.Tensor | None = None,
-                       cam_bf16: bool = False, decoder_stats: bool | None = None,
-                       forward_cams: torch.Tensor | None = None) -> PseudoLabels:
-    """Every pseudo label of the project, for images (B, 3, H, W) with cls_labels (B, C-1) and
-    valid_box (B, 4) (None: the whole crop): training, validation, evaluate.py and the figures.
+def make_pseudo_labels(model, par, batch: dict, settings: LabelSettings, need=("par", "afa"),
+                       forward=None) -> PseudoLabels:
+    """Every pseudo label of the project, for batch["image"] (B, 3, H, W) with batch["cls_labels"]
+    (B, C-1) and batch.get("valid_box") (B, 4) (None: the whole crop): training, validation,
+    evaluate.py and the figures.
 
     `model` runs in the mode it is in (training: train mode, stochastic depth active; the
     others: eval mode). What differs between the callers is explicit:
@@ -121,82 +164,86 @@ def make_pseudo_labels(model, par, images: torch.Tensor, cls_labels: torch.Tenso
     need: which of `LABELS` to make (the others are None): "cam" the CAM label, "par" the PAR
       label (§3.3), "walk" the arg-max of the random walk at background `low` without PAR (the
       release's validation), "afa" the AFA pseudo label (§3.2: walks at low and high, PAR).
-    thresholds: "train" for the three-band CAM label (v ≤ low → 0, low < v ≤ high → 255, else
-      the class), "eval" for the single threshold bkg_score (v ≤ bkg_score → 0).
-    affinity_from: the walk's affinity at the largest CAM scale of the un-flipped images from
-      the CAM pass itself ("cam_pass": same stochastic-depth draws), or at scale 1.0 from the
-      eval-mode forward ("forward", the release's validation: `forward_affinity` (B, N, N) is
-      that forward's learned affinity).
+    settings.thresholds: "train" for the three-band CAM label (v ≤ low → 0, low < v ≤ high → 255,
+      else the class), "eval" for the single threshold bkg_score (v ≤ bkg_score → 0).
+    settings.affinity_from: the walk's affinity at the largest CAM scale of the un-flipped images
+      from the CAM pass itself ("cam_pass": same stochastic-depth draws), or at scale 1.0 from the
+      eval-mode forward ("forward", the release's validation: `forward.affinity` (B, N, N)).
     settings.propagate_with: "affinity" walks with the learned affinity, "attention" with the
       raw MHSA maps of the same blocks and pass (`mhsa_affinity`; paper Table 4).
-    cam_bf16, decoder_stats, forward_cams: how training runs the CAM passes (`multi_scale_cams`).
+    settings.cam_bf16, decoder_stats, reuse_forward_cam: how training runs the CAM passes
+      (`multi_scale_cams`; `forward.cams` are the reused CAMs, where `forward` is given).
+    forward: the AFAOutput of the network's forward on these images, where the settings read it.
     """
     if not set(need) <= set(LABELS):
         raise ValueError(f"need must be a subset of {LABELS}, got {need}")
-    if thresholds not in THRESHOLDS or affinity_from not in AFFINITY_FROM:
-        raise ValueError(f"thresholds must be one of {THRESHOLDS} and affinity_from one of "
-                         f"{AFFINITY_FROM}, got {thresholds!r}, {affinity_from!r}")
+    images, cls_labels, valid_box = batch["image"], batch["cls_labels"], batch.get("valid_box")
     # The walk's background scores: low for "walk", low and high for "afa"; none: no walk.
     walk_scores = [t for t, asked in ((settings.low, "walk" in need or "afa" in need),
                                       (settings.high, "afa" in need)) if asked]
     mhsa = settings.propagate_with == "attention"
-    mhsa_in_pass = bool(walk_scores) and affinity_from == "cam_pass" and mhsa
+    mhsa_in_pass = bool(walk_scores) and settings.affinity_from == "cam_pass" and mhsa
     with label_precision(images.device.type):
         # --- Stage 1: multi-scale CAM (paper §3.1) and the CAM label ---------------------------
-        cams, affinity = multi_scale_cams(model, images, settings.cam_scales, mhsa=mhsa_in_pass,
-                                          cam_bf16=cam_bf16, decoder_stats=decoder_stats,
-                                          forward_cams=forward_cams)  # (B, C-1, H, W), (B, N, N)
-        cam = (cam_label(cams, cls_labels, valid_box, settings, thresholds)
-               if "cam" in need else None)                                 # (B, H, W)
+        with record_function("multi-scale CAM"):
+            cams, affinity = multi_scale_cams(
+                model, images, settings, mhsa=mhsa_in_pass,
+                forward_cams=(forward.cams.detach() if settings.reuse_forward_cam and forward
+                              else None))
+        with record_function("CAM label"):                                 # (B, C-1, H, W) cams
+            cam = (cam_label(cams, cls_labels, valid_box, settings)
+                   if "cam" in need else None)                             # (B, H, W)
         # --- Stage 2: the CAM label refined with PAR (paper §3.3) ------------------------------
-        pixels = denormalize(images.float())                                # (B, 3, H, W) in [0, 1]
-        par_label = (refine_cam_label(par, pixels, cams, cls_labels, valid_box, settings)
-                     if "par" in need else None)                           # (B, H, W)
+        with record_function("PAR label"):
+            pixels = denormalize(images.float())                            # (B, 3, H, W) in [0, 1]
+            par_label = (refine_cam_label(par, pixels, cams, cls_labels, valid_box, settings)
+                         if "par" in need else None)                       # (B, H, W)
         if not walk_scores:
-            return PseudoLabels(par_label, None, cam, cams=cams)
+            return PseudoLabels(cams=cams, cam=cam, par=par_label)
         # --- Stage 3: random walk with the learned affinity (or the MHSA maps), PAR (§3.2) ----
         scale = max(settings.cam_scales)
-        if affinity_from == "forward":   # the release's validation: scale 1.0, eval mode
+        if settings.affinity_from == "forward":   # the release's validation: scale 1.0, eval mode
             scale = 1.0
             affinity = (mhsa_affinity_of(model, images) if mhsa
-                        else forward_affinity).float()                     # (B, N, N)
-        walked = random_walks(cams, affinity, cls_labels, scale, walk_scores,
-                              settings.radius)                             # (B, C, H, W) each
-        afa = (afa_pseudo_label(par, pixels, *walked, cls_labels, valid_box)
-               if "afa" in need else None)                                 # (B, H, W)
+                        else forward.affinity).float()                     # (B, N, N)
+        with record_function("random walk"):
+            walked = random_walks(cams, affinity, cls_labels, scale, walk_scores,
+                                  settings.radius)                         # (B, C, H, W) each
+        with record_function("AFA label (PAR)"):
+            afa = (afa_pseudo_label(par, pixels, *walked, cls_labels, valid_box)
+                   if "afa" in need else None)                             # (B, H, W)
     walk = walked[0].argmax(1) if "walk" in need else None                 # (B, H, W)
-    return PseudoLabels(par_label, afa, cam, walk, cams, walked[0], affinity)
+    return PseudoLabels(cams=cams, cam=cam, par=par_label, affinity=affinity, walked=walked[0],
+                        walk=walk, afa=afa)
 
 
-def multi_scale_cams(model, images: torch.Tensor, scales=(1.0, 0.5, 1.5), *, mhsa: bool = False,
-                     cam_bf16: bool = False, decoder_stats: bool | None = None,
+def multi_scale_cams(model, images: torch.Tensor, settings: LabelSettings, *, mhsa: bool = False,
                      forward_cams: torch.Tensor | None = None) -> tuple:
-    """Stage 1: the multi-scale CAMs (B, C-1, H, W) of images (B, 3, H, W) and the affinity
-    (B, N, N) at the largest scale, of the un-flipped images, from the same pass; both float32.
+    """Stage 1: the multi-scale CAMs (B, C-1, H, W) of images (B, 3, H, W) at `settings.cam_scales`
+    and the affinity (B, N, N) at the largest scale, of the un-flipped images, from the same pass;
+    both float32.
 
-    With `mhsa` the affinity is `mhsa_affinity` of that pass's attention logits (the model's
-    `cam_with_partial_attention`) instead of the AFA head's output. The training step's options:
-    `cam_bf16` runs the passes in bfloat16; `decoder_stats` (None: the model's default) whether
-    the passes update the decoder's BatchNorm statistics in train mode, as in the release;
-    `forward_cams` (B, C-1, h, w) the training forward's CAMs, reused at scale 1.0 (faster;
-    other stochastic-depth draws, so other numbers). The fast path of the multi-scale CAM
-    (`multi_scale_cam_partial_affinity`, the same values as `multi_scale_cam`).
+    With `mhsa` the affinity is `mhsa_affinity` of that pass's attention logits (`AFANet.cam`'s
+    `attention`) instead of the AFA head's output. The training step's options: `cam_bf16` runs
+    the passes in bfloat16; `decoder_stats` (None: the model's default) whether the passes update
+    the decoder's BatchNorm statistics in train mode, as in the release; `forward_cams`
+    (B, C-1, h, w) the training forward's CAMs, reused at scale 1.0 (faster; other
+    stochastic-depth draws, so other numbers).
     """
-    cam_pass = model.cam_with_partial_attention if mhsa else model.cam_with_partial_affinity
-    with label_precision(images.device.type, cam_bf16):
-        cams, pairwise = multi_scale_cam_partial_affinity(
-            model, images, scales, decoder_stats=decoder_stats, forward_cams=forward_cams,
-            cam_pass=cam_pass)            # (B, C-1, H, W), (B, N, N) or (B, L, nh, N, N) logits
+    with label_precision(images.device.type, settings.cam_bf16):
+        cams, pairwise = settings.paths.multi_scale_cam(
+            model, images, settings.cam_scales, decoder_stats=settings.decoder_stats,
+            forward_cams=forward_cams, attention=mhsa)  # (B, C-1, H, W), (B, N, N) or (B, L, nh, N, N)
     if mhsa:
         pairwise = mhsa_affinity(pairwise.unbind(1), head_dim_of(model))   # (B, N, N)
     return cams.float(), pairwise.float()
 
 
 def cam_label(cams: torch.Tensor, cls_labels: torch.Tensor, valid_box: torch.Tensor | None,
-              settings: LabelSettings, thresholds: str = "train") -> torch.Tensor:
+              settings: LabelSettings) -> torch.Tensor:
     """The CAM label (B, H, W) of cams (B, C-1, H, W): three bands low / high ("train") or the
-    single threshold bkg_score ("eval"); 255 outside the valid box."""
-    if thresholds == "train":
+    single threshold bkg_score ("eval"), as `settings.thresholds` says; 255 outside the valid box."""
+    if settings.thresholds == "train":
         return cam_to_label(cams, cls_labels, low=settings.low, high=settings.high,
                             valid_box=valid_box)
     return cam_to_label(cams, cls_labels, bkg_score=settings.bkg_score, valid_box=valid_box)
@@ -205,10 +252,9 @@ def cam_label(cams: torch.Tensor, cls_labels: torch.Tensor, valid_box: torch.Ten
 def refine_cam_label(par, pixels: torch.Tensor, cams: torch.Tensor, cls_labels: torch.Tensor,
                      valid_box: torch.Tensor | None, settings: LabelSettings) -> torch.Tensor:
     """Stage 2, the PAR label (B, H, W) (paper §3.3): pixels (B, 3, H, W) in [0, 1], cams
-    (B, C-1, H, W); all images in one PAR call (`refine_cams_with_par_packed`, the same labels
-    as the one-image-at-a-time `refine_cams_with_par`)."""
-    return refine_cams_with_par_packed(par, pixels, cams, cls_labels, low=settings.low,
-                                       high=settings.high, valid_box=valid_box)
+    (B, C-1, H, W)."""
+    return settings.paths.refine_cams_with_par(par, pixels, cams, cls_labels, low=settings.low,
+                                               high=settings.high, valid_box=valid_box)
 
 
 def random_walks(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: torch.Tensor,
@@ -232,21 +278,11 @@ def mhsa_affinity(attn_logits, head_dim: int) -> torch.Tensor:
         affinity = (Ā + Āᵀ) / 2              symmetric, non-negative, in [0, 1].
 
     The random walk then uses it as it uses the learned affinity (squared, windowed, columns
-    normalised): only the source of the pairwise scores changes.
-
-    What decides whether this walk helps is the rows' structure, not their scale. Pixel j takes
-    the class probabilities of the pixels i in its window weighted by a_ij², so its label follows
-    its object only where the attention of j's object goes to j's object. A constant factor on
-    the affinity, and the release's +0.1 column offset, scale all C scores of a pixel alike and
-    leave its arg-max in place (`tests/test_pipeline.py`: softmax-sized maps with object
-    structure recover an object its CAM covers three quarters of, through the whole chain).
-    Attention trained from scratch for the built-in demo lacks that structure, one map at a time
-    as well as averaged: every query, on the object or on the background, attends to the
-    object's tokens (the classifier pools its evidence there), so every pixel receives about the
-    same object-weighted mix of class scores and the label is foreground or ignored nearly
-    everywhere. The learned affinity, a signed mix of the same logits, keeps a background
-    pixel's weight on the background. The paper's row propagates with ImageNet-pretrained
-    attention. The measurements are in docs/demo_study.md ("Propagation with the raw attention").
+    normalised): only the source of the pairwise scores changes. Whether the walk helps depends
+    on the rows' structure, not their scale: pixel j's label follows its object only where the
+    attention of j's object goes to j's object (a constant factor, or the release's +0.1 column
+    offset, leaves each arg-max in place). What attention trained from scratch does here:
+    docs/demo_study.md ("Propagation with the raw attention").
     """
     if torch.is_tensor(attn_logits):
         attn_logits = [attn_logits]
@@ -269,19 +305,18 @@ def head_dim_of(model) -> int:
 def mhsa_affinity_of(model, x: torch.Tensor) -> torch.Tensor:
     """`mhsa_affinity` of the model's `afa_blocks` last blocks for images x (B, 3, H, W): (B, N, N)
     on the ⌈H/16⌉ × ⌈W/16⌉ grid, the same blocks, grid and pass as the learned affinity's."""
-    _, attn_logits = model.encoder(x, num_attn=model.afa_blocks)           # each (B, nh, N, N)
-    return mhsa_affinity(attn_logits, head_dim_of(model))
+    _, attn_logits = model.encoder(x)                                      # each (B, nh, N, N)
+    return mhsa_affinity(attn_logits[-model.afa_blocks:], head_dim_of(model))
 
 
 @torch.no_grad()
-def cam_statistics_passes(model, images: torch.Tensor, scales=(1.0, 0.5, 1.5),
-                          cam_bf16: bool = False) -> None:
+def cam_statistics_passes(model, images: torch.Tensor, settings: LabelSettings) -> None:
     """The CAM passes of the classification-only phase, for the decoder's BatchNorm statistics
     alone. The release runs its multi-scale CAM on every iteration, in train mode, before it
     knows whether the labels are used, and each pass updates those statistics; this does the same
     passes (same stochastic-depth draws, same statistics) and keeps nothing else."""
-    with label_precision(images.device.type, cam_bf16):
-        multi_scale_cam_partial_affinity(model, images, scales, decoder_stats=True)
+    with label_precision(images.device.type, settings.cam_bf16):
+        settings.paths.multi_scale_cam(model, images, settings.cam_scales, decoder_stats=True)
 
 
 def random_walk_cams(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: torch.Tensor,

@@ -44,8 +44,6 @@ from tqdm import tqdm
 
 import data
 from config import Config, ConfigError
-from model import AFANet
-from par import PAR
 
 
 # =============================================================================================
@@ -206,7 +204,7 @@ def latest_checkpoint(work_dir: str) -> str | None:
     return found[-1] if found else None
 
 
-def resume_from(cfg: Config, model: AFANet, optimizer, scaler, log) -> tuple:
+def resume_from(cfg: Config, model: torch.nn.Module, optimizer, scaler, log) -> tuple:
     """(start step, validation history): from --resume (a path, or 'auto': the newest checkpoint
     in the work dir), or (0, []) for a new run."""
     path = latest_checkpoint(cfg.work_dir) if cfg.resume == "auto" else cfg.resume
@@ -373,7 +371,7 @@ def warn_if_bf16_is_emulated(cfg: Config, device: torch.device) -> None:
               f"drop {' and '.join(flags)}", file=sys.stderr)
 
 
-def compile_and_wrap(model: AFANet, cfg: Config, device: torch.device, world: int):
+def compile_and_wrap(model: torch.nn.Module, cfg: Config, device: torch.device, world: int):
     """The module the loop calls: `model`, compiled if asked, inside DDP when distributed."""
     if cfg.compile:
         # One graph per input shape: the multi-scale CAM feeds the encoder 3 more shapes than the
@@ -438,9 +436,9 @@ class Run:
     rank: int
     world: int
     device: torch.device
-    model: AFANet                 # the network (unwrapped)
+    model: torch.nn.Module        # the network, model.AFANet (unwrapped)
     net: torch.nn.Module          # what the forward calls: the model, or its DDP wrapper
-    par: PAR
+    par: torch.nn.Module          # par.PAR
     optimizer: torch.optim.Optimizer
     autocast: Callable            # () -> the forward's autocast context
     scaler: torch.amp.GradScaler | None
@@ -485,10 +483,10 @@ class StepStart(NamedTuple):
     rng: dict
 
     @classmethod
-    def take(cls, model: AFANet) -> StepStart:
+    def take(cls, model: torch.nn.Module) -> StepStart:
         return cls([b.clone() for b in model.buffers()], rng_state())
 
-    def restore(self, model: AFANet) -> None:
+    def restore(self, model: torch.nn.Module) -> None:
         with torch.no_grad():
             for b, kept in zip(model.buffers(), self.buffers):
                 b.copy_(kept)

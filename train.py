@@ -295,7 +295,7 @@ def validate_and_save(run: Run, val_loader, val_set, step: int, stop: StopSignal
     cfg = run.cfg
     validation_started = time.perf_counter()
     run.model.eval()
-    settings = LabelSettings.from_config(cfg)
+    settings = LabelSettings.from_config(cfg, run.model)
     with stop.cutting_short(allowed=run.world == 1):
         scores = validate(run.model, val_loader, cfg.num_classes, run.device, settings,
                           world=run.world)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function  # the stage labels bench.py times the step by
 
 from attention_affinity import affinity_loss
 from config import Config
@@ -37,39 +38,43 @@ class StepOutput(NamedTuple):
 
 def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Config,
                    autocast) -> StepOutput:
-    """Forward, pseudo labels and losses of one step (paper §3.4). `net` may be the DDP wrapper
-    of `model`; `autocast` covers the forward alone: the pseudo labels stay float32."""
+    """Forward, pseudo labels and losses of one step (paper §3.4); `autocast` covers the forward
+    alone: the pseudo labels stay float32.
+
+    Two handles on one network: `net` runs the forward that is backpropagated (`model`, or its
+    DDP wrapper, through which alone the gradients are averaged over the processes); the label
+    chain runs on the bare `model`, without gradient, outside the wrapper, whose forward would
+    prepare a gradient synchronisation that these passes never use."""
     images, cls_labels, valid_box = batch["image"], batch["cls_labels"], batch["valid_box"]
+    settings = LabelSettings.from_config(cfg, model)  # --speed-paths: plain or fast, bound once
     # --- forward: classification, segmentation and affinity from one pass (paper §3.1) ---------
-    with autocast():
+    with record_function("forward"), autocast():
         out = net(images)
     # --- L_cls: multilabel soft margin on the globally max-pooled logits -----------------------
     cls_loss = F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_labels)
     if step <= cfg.cam_iters:
         if cfg.cam_bn_stats:  # as the release: the CAM passes run, for the BatchNorm statistics
-            cam_statistics_passes(model, images, cfg.cam_scales, cfg.cam_bf16)
+            cam_statistics_passes(model, images, settings)
         # Classification only. The zero-weighted terms keep every parameter in the graph (so DDP
         # needs no unused-parameter search) and give the release's zero gradients to the heads.
         zero = 0.0 * (out.seg_logits.float().sum() + out.affinity.float().sum())
         return StepOutput(cls_loss + zero, {"cls": cls_loss.detach()}, None)
     # --- stages 1–3: CAM → PAR label (→ random walk → AFA label), no gradient, float32 ---------
     seg_kind, aff_kind = label_targets(step, cfg)  # 'cam' | 'par' | 'afa' each
-    labels = make_pseudo_labels(
-        model, par, images, cls_labels, valid_box, LabelSettings.from_config(cfg),
-        need={seg_kind, aff_kind}, thresholds="train", affinity_from="cam_pass",
-        cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
-        forward_cams=out.cams.detach() if cfg.reuse_forward_cam else None)
+    labels = make_pseudo_labels(model, par, batch, settings, need={seg_kind, aff_kind}, forward=out)
     seg_target, aff_source = getattr(labels, seg_kind), getattr(labels, aff_kind)  # (B, H, W) each
     # --- stage 4: affinity labels from the pseudo label, L_aff (paper §3.2) ---------------------
-    aff_loss = affinity_loss(out.affinity.float(), affinity_targets(aff_source, cfg.radius))
-    # --- L_seg: balanced cross entropy on the seg logits upsampled to the crop (paper §3.4) ----
-    seg_logits = upsample(out.seg_logits, images.shape[-2:])                   # (B, C, H, W)
-    seg = seg_loss(seg_logits, seg_target)
+    with record_function("losses"):
+        aff_loss = affinity_loss(out.affinity.float(), affinity_targets(aff_source, cfg.radius))
+        # --- L_seg: balanced cross entropy on the seg logits upsampled to the crop (paper §3.4)
+        seg_logits = upsample(out.seg_logits, images.shape[-2:])               # (B, C, H, W)
+        seg = seg_loss(seg_logits, seg_target)
     loss = cls_loss + cfg.seg_weight * seg + cfg.aff_weight * aff_loss
     terms = {"cls": cls_loss.detach(), "seg": seg.detach(), "aff": aff_loss.detach()}
     # --- L_reg: dense-CRF energy of the seg softmax, seg target as label, valid box as ROI (§3.4)
     if cfg.reg_weight > 0:
-        reg = reg_loss(seg_logits, images, valid_box, seg_target)
+        with record_function("L_reg"):  # its forward: the lattice and the filter
+            reg = reg_loss(seg_logits, images, valid_box, seg_target)
         loss = loss + cfg.reg_weight * reg
         terms["reg"] = reg.detach()
     return StepOutput(loss, terms, labels)
@@ -91,13 +96,14 @@ def label_targets(step: int, cfg: Config) -> tuple:
 def update(optimizer: torch.optim.Optimizer, scaler, loss: torch.Tensor) -> None:
     """Backward and one AdamW step (through the fp16 loss scaler where there is one)."""
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    with record_function("backward"):
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    with record_function("optimizer"):
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
 
 
 # =============================================================================================

@@ -218,8 +218,9 @@ def training_figure(model, par, dataset, indices, path: str, device, class_names
         cls_labels = sample["cls_labels"][None].to(device)                    # (1, C-1)
         H, W = image.shape[-2:]
         box = torch.tensor([[0, H, 0, W]], device=device)                     # (1, 4)
-        chain = make_pseudo_labels(model, par, image, cls_labels, box, settings,
-                                   need=("cam", "par", "afa"), thresholds="eval")
+        chain = make_pseudo_labels(model, par, {"image": image, "cls_labels": cls_labels,
+                                                "valid_box": box},
+                                   settings.for_evaluation(), need=("cam", "par", "afa"))
         affinity = chain.affinity                                             # (1, N, N)
         labels = [sample["label"].to(device), chain.cam[0], chain.par[0], chain.afa[0],
                   upsample(model(image).seg_logits, (H, W)).argmax(1)[0]]
@@ -298,9 +299,9 @@ def attention_rows(model, x: torch.Tensor, scale: float, pixel: tuple) -> tuple:
     H, W = x.shape[-2:]
     scaled = x if scale == 1.0 else F.interpolate(
         x, size=(int(scale * H), int(scale * W)), mode="bilinear", align_corners=False)
-    _, attn_logits = model.encoder(scaled, num_attn=model.afa_blocks)         # each (1, nh, N, N)
+    _, attn_logits = model.encoder(scaled)                                    # each (1, nh, N, N)
     head_dim = model.encoder.embed_dims[-1] // model.encoder.num_heads[-1]
-    maps = torch.cat(attn_logits, dim=1).float()                              # (1, maps, N, N)
+    maps = torch.cat(attn_logits[-model.afa_blocks:], dim=1).float()                              # (1, maps, N, N)
     attention = maps.mul(head_dim ** -0.5).softmax(-1).mean(1)               # (1, N, N)
     grid = (token_grid(scaled.shape[-2]), token_grid(scaled.shape[-1]))
     y, x_ = pixel
@@ -340,7 +341,8 @@ def attention_figure(model, image: torch.Tensor, path: str, class_names,
     if not (0 <= y < H and 0 <= x_ < W):
         raise ValueError(f"pixel (y, x) = ({y}, {x_}) lies outside the {H}×{W} image")
 
-    chain = make_pseudo_labels(model, None, x, cls_labels, None, settings, need=("walk",))
+    chain = make_pseudo_labels(model, None, {"image": x, "cls_labels": cls_labels},
+                               settings.for_evaluation(), need=("walk",))
     cams, walked, affinity = chain.cams, chain.walked, chain.affinity  # (1, C-1, H, W), (1, C, H, W), (1, N, N)
     attention, grid, query = attention_rows(model, x, max(settings.cam_scales), pixel)
 

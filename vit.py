@@ -8,8 +8,8 @@ so that `AFANet`'s heads, the multi-scale CAM, PAR and the random walk run on it
 
 - a 16×16 stride-16 patch embedding, a class token and a learned position embedding, then `depth`
   pre-norm blocks x + Attention(LN(x)), x + MLP(LN(x)) (MLP ratio 4, GELU, qkv bias) and a LayerNorm;
-- every block can return its pre-softmax attention logits q·kᵀ, unscaled, as the MiT's blocks do;
-  the encoder returns them for the last `num_attn` blocks over the **patch tokens** only (the class
+- every block returns its pre-softmax attention logits q·kᵀ, unscaled, as the MiT's blocks do;
+  the encoder returns them for every block over the **patch tokens** only (the class
   token's row and column dropped): (B, nh, N, N) on the stride-16 grid, the N × N maps AFA reads
   (paper §3.2);
 - the features are 4 maps (B, D, h, w) of the patch tokens after evenly spaced blocks (3, 6, 9, 12
@@ -103,9 +103,6 @@ class DropPath(nn.Module):
     def __init__(self, drop_prob=0.0):
         super().__init__()
         self.drop_prob = drop_prob
-        # True: `residual` skips the branch of a dropped sample; False: it runs it on every sample
-        # and masks, as written (the same draws and values up to float rounding)
-        self.skip_dropped = True
 
     def forward(self, x):
         if self.drop_prob == 0.0 or not self.training:
@@ -115,29 +112,6 @@ class DropPath(nn.Module):
     def sample_mask(self, x):
         """One draw per sample of x (B, ...): (B, 1, ..., 1) of 0 (dropped) or 1 (kept)."""
         return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.drop_prob)
-
-    def residual(self, x, branch):
-        """x + self(branch(x)) for a residual branch (a function of x's samples one by one), with
-        the branch computed for the kept samples only: the same draw, the same values up to float
-        rounding, a dropped sample's branch not computed at all. On the CPU in eager mode; on other
-        devices (no host sync) and under torch.compile (static shapes), the masked product above.
-        With gradients and every sample dropped the branch still runs, so that its parameters get
-        zero gradients (not none) as in the plain form."""
-        if self.drop_prob == 0.0 or not self.training:
-            return x + branch(x)
-        if not self.skip_dropped or x.device.type != "cpu" or torch.compiler.is_compiling():
-            return x + self(branch(x))
-        keep_prob = 1.0 - self.drop_prob
-        mask = self.sample_mask(x)  # (B, 1, ..., 1), `forward`'s draw
-        kept = mask.view(-1).nonzero().view(-1)  # (K,) indices of the kept samples
-        if len(kept) == x.shape[0] or (len(kept) == 0 and torch.is_grad_enabled()):
-            out = branch(x)
-            return x + out * mask.to(out.dtype) / keep_prob
-        if len(kept) == 0:
-            return x
-        x_kept = x[kept]  # (K, ...)
-        out = branch(x_kept)
-        return x.index_copy(0, kept, x_kept + out * mask[kept].to(out.dtype) / keep_prob)
 
     def extra_repr(self):
         return f"drop_prob={self.drop_prob}"
@@ -200,22 +174,6 @@ class Attention(nn.Module):
         B, nh, T, d = out.shape
         return self.proj(out.transpose(1, 2).reshape(B, T, nh * d))  # (B, T, D)
 
-    # ---- speed paths: same numbers, less work ------------------------------------------------
-
-    def forward_fused(self, x):
-        """`forward`'s out (B, T, D) alone, by PyTorch's fused kernel, which computes
-        softmax(q·kᵀ/√d)·v with the same 1/√d scale without forming the logits: the same output
-        up to float rounding."""
-        q, k, v = self.queries_keys_values(x)  # each (B, nh, T, d)
-        return self.merge_heads(F.scaled_dot_product_attention(q, k, v))  # (B, T, D)
-
-    def forward_factored(self, x):
-        """`forward` with the logits as their factors: (out (B, T, D), q, k (B, nh, T, d)),
-        logits = q·kᵀ. The out of `forward_fused`, and q, k are the very tensors `forward`
-        multiplies, so q·kᵀ gives its logits."""
-        q, k, v = self.queries_keys_values(x)  # each (B, nh, T, d)
-        return self.merge_heads(F.scaled_dot_product_attention(q, k, v)), q, k  # (B, T, D), q, k
-
 
 class Mlp(nn.Module):
     """Linear → GELU → Linear."""
@@ -244,25 +202,8 @@ class Block(nn.Module):
     def forward(self, x):
         """x (B, T, D) -> (x (B, T, D), attention logits (B, nh, T, T)); see Attention."""
         attn_out, logits = self.attn(self.norm1(x))  # (B, T, D), (B, nh, T, T)
-        return self.mlp_residual(x + self.drop_path(attn_out)), logits
-
-    def mlp_residual(self, x):
-        """The block's second half: x (B, T, D) -> x + MLP(LN(x)), stochastic depth as
-        `DropPath.residual` (a dropped sample's branch is not computed)."""
-        return self.drop_path.residual(x, lambda t: self.mlp(self.norm2(t)))
-
-    # ---- speed paths: same numbers, less work ------------------------------------------------
-
-    def forward_fused(self, x):
-        """`forward`'s x (B, T, D) alone, through `Attention.forward_fused` (the same output)."""
-        x = self.drop_path.residual(x, lambda t: self.attn.forward_fused(self.norm1(t)))  # (B, T, D)
-        return self.mlp_residual(x)
-
-    def forward_factored(self, x):
-        """`forward` with the logits as factors: (x (B, T, D), q, k (B, nh, T, d)), logits = q·kᵀ,
-        through `Attention.forward_factored` (the same values)."""
-        attn_out, q, k = self.attn.forward_factored(self.norm1(x))  # (B, T, D), q, k
-        return self.mlp_residual(x + self.drop_path(attn_out)), q, k
+        x = x + self.drop_path(attn_out)
+        return x + self.drop_path(self.mlp(self.norm2(x))), logits
 
 
 def evenly_spaced_blocks(depth, count=NUM_FEATURES):
@@ -322,37 +263,23 @@ class VisionTransformer(nn.Module):
         """(1, 1 + h·w, D): the class token's embedding, then the patch grid's resampled to h × w."""
         return resample_position_embedding(self.pos_embed, self.grid_size, (h, w))
 
-    def forward(self, x, num_attn=None):
+    def forward(self, x):
         """x (B, in_chans, H, W) -> (features, attn_logits), as `MixTransformer.forward`.
 
         features: `len(feature_blocks)` maps (B, D, h, w), the patch tokens after those blocks
         through the final LayerNorm; h = ⌈H/16⌉, w = ⌈W/16⌉. attn_logits: the pre-softmax, unscaled
-        logits q·kᵀ between patch tokens (B, nh, N, N), one per block in order — of all blocks when
-        `num_attn` is None, of the last `num_attn` otherwise (the others run `Block.forward_fused`).
+        logits q·kᵀ between patch tokens (B, nh, N, N), one per block in order.
         """
-        first_logit_block = self._first_logit_block(x, num_attn)
-        B = x.shape[0]
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         x, h, w = self.embed(x)  # (B, T, D)
         features, attn_logits = [], []
         for index, block in enumerate(self.blocks):
-            if index >= first_logit_block:
-                x, logits = block(x)  # (B, T, D), (B, nh, T, T)
-                attn_logits.append(logits[:, :, 1:, 1:])  # (B, nh, N, N): patch tokens only
-            else:
-                x = block.forward_fused(x)  # (B, T, D)
+            x, logits = block(x)  # (B, T, D), (B, nh, T, T)
+            attn_logits.append(logits[:, :, 1:, 1:])  # (B, nh, N, N): patch tokens only
             if index in self.feature_blocks:
                 features.append(self.feature_map(x, h, w))  # (B, D, h, w)
         return features, attn_logits
-
-    def _first_logit_block(self, x, num_attn):
-        """The index of the first block whose logits `num_attn` asks for; checks x and num_attn."""
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        if num_attn is None:
-            num_attn = self.depth
-        if not 0 <= num_attn <= self.depth:
-            raise ValueError(f"num_attn must be in [0, {self.depth}] or None, got {num_attn}")
-        return self.depth - num_attn
 
     def embed(self, x):
         """x (B, in_chans, H, W) -> tokens (B, T, D) with the class token first and the position
@@ -366,27 +293,6 @@ class VisionTransformer(nn.Module):
         """Tokens (B, T, D) -> the patch tokens through the final LayerNorm as a map (B, D, h, w)."""
         tokens = self.norm(x)[:, 1:]  # (B, N, D)
         return tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w)  # (B, D, h, w)
-
-    # ---- speed paths: same numbers, less work ------------------------------------------------
-
-    def forward_factored(self, x, num_attn):
-        """`forward` with the logits in factored form, as `MixTransformer.forward_factored`:
-        x (B, in_chans, H, W) -> (features, queries, keys), the patch tokens' q and k (B, nh, N, d)
-        of the last `num_attn` blocks, their logits = q·kᵀ. Every block runs the fused kernel, so
-        the features are `forward`'s and q·kᵀ its logits."""
-        first_logit_block = self._first_logit_block(x, num_attn)
-        x, h, w = self.embed(x)  # (B, T, D)
-        features, queries, keys = [], [], []
-        for index, block in enumerate(self.blocks):
-            if index >= first_logit_block:
-                x, q, k = block.forward_factored(x)  # (B, T, D), q, k (B, nh, T, d)
-                queries.append(q[:, :, 1:])  # (B, nh, N, d): patch tokens only
-                keys.append(k[:, :, 1:])  # (B, nh, N, d)
-            else:
-                x = block.forward_fused(x)  # (B, T, D)
-            if index in self.feature_blocks:
-                features.append(self.feature_map(x, h, w))  # (B, D, h, w)
-        return features, queries, keys
 
 
 def vit(name, **kwargs):

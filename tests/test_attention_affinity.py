@@ -120,39 +120,6 @@ def test_affinity_head_gradient_reaches_conv_and_attention():
     assert attn_logits.grad is not None and attn_logits.grad.abs().sum() > 0
 
 
-def test_affinity_head_variants_equal_the_plain_formula():
-    torch.manual_seed(4)
-    head = AffinityHead(num_maps=6)
-    queries = [torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8)]  # two blocks' heads, (B, m_i, N, d)
-    keys = [torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8)]
-    blocks = [q @ k.transpose(-2, -1) for q, k in zip(queries, keys)]  # (B, m_i, N, N) each
-    plain = head(torch.cat(blocks, dim=1))  # (B, N, N), the plain formula
-    with torch.no_grad():
-        for block_elements in (2 * 6 * 30 * 7, 1, 2 ** 24):  # 7 rows a block, one row, all rows
-            torch.testing.assert_close(head.forward_row_blocks(blocks, block_elements), plain,
-                                       rtol=1e-6, atol=1e-7)
-    factored = head.forward_factored(queries, keys)
-    torch.testing.assert_close(factored, plain, rtol=1e-5, atol=1e-6)
-    assert torch.equal(factored, factored.transpose(1, 2))  # L + Lᵀ + b is symmetric exactly
-    with pytest.raises(ValueError, match="queries and keys"):
-        head.forward_factored(queries[:1], keys[:1])
-    with pytest.raises(ValueError, match="attn_logits"):
-        head.forward_row_blocks(blocks[:1])
-    with pytest.raises(ValueError, match="attn_logits"):
-        head(blocks)  # the plain path takes one (B, num_maps, N, N) tensor
-
-
-def test_affinity_head_row_blocks_equal_the_plain_formula_bit_for_bit(monkeypatch):
-    torch.manual_seed(0)
-    head = AffinityHead(num_maps=6)
-    maps = [torch.randn(2, 4, 30, 30), torch.randn(2, 2, 30, 30)]
-    with torch.enable_grad():
-        whole = head(torch.cat(maps, dim=1).requires_grad_())  # the plain, one-shot computation
-    monkeypatch.setattr(attention_affinity, "ROW_BLOCK_ELEMENTS", 2 * 6 * 30 * 7)  # 7 rows a block
-    in_blocks = head.forward_row_blocks(maps)
-    torch.testing.assert_close(in_blocks, whole.detach(), rtol=0, atol=0)
-
-
 def test_affinity_head_init_is_kaiming_normal_fan_out():
     # kaiming_normal_(a=√5, mode="fan_out") on a 1×1 conv with one output: std = √(2/(1+5)) / √1
     torch.manual_seed(3)

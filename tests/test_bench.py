@@ -1,13 +1,12 @@
 """bench.py runs and reports what it promises. (The fast paths it measures are tested against the
 plain ones in the tests of their modules.)"""
-import contextlib
-import copy
 import json
 
 import pytest
 import torch
 
 import bench
+import fast
 import train_step
 
 
@@ -37,16 +36,15 @@ def test_abbreviated_flags_are_refused(capsys):
 
 
 def test_plain_paths_give_the_same_step():
-    """--plain-paths times the plain forms of the switchable speed paths: every one switched,
-    and the step's loss the same up to float rounding."""
+    """--plain-paths times the plain forms: no speed variant bound, and the step's loss the same
+    up to float rounding."""
     spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
                 compile=False, threads=0, crop=64, kind="full", options=[])
     results = []
     for plain in (False, True):
         s = bench.build({**spec, "plain_paths": plain})
-        switched = [m.plain_fusion for m in s.model.modules() if hasattr(m, "plain_fusion")]
-        switched += [not m.skip_dropped for m in s.model.modules() if hasattr(m, "skip_dropped")]
-        assert len(switched) > 8 and set(switched) == {plain}
+        assert s.cfg.speed_paths is not plain
+        assert s.model.__dict__["_speed_variants"] == (frozenset() if plain else frozenset(fast.VARIANTS))
         torch.manual_seed(1)
         out = train_step.compute_losses(s.model, s.model, s.par, s.batch, s.cfg.switch_iters + 1,
                                         s.cfg, s.autocast)
@@ -54,23 +52,29 @@ def test_plain_paths_give_the_same_step():
     assert torch.allclose(results[0], results[1], rtol=1e-4)
 
 
-def test_staged_step_times_every_stage_of_the_training_step():
-    """The stages bench.py times are the training step's: same loss as compute_losses after the
-    switch, from the same weights and random draws."""
+def test_stages_are_the_labels_of_the_training_step():
+    """bench.py times the training step itself, by the stage labels inside compute_losses,
+    make_pseudo_labels and update: every stage is seen, in the step's order, within the step."""
     spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
                 compile=False, threads=0, crop=64, kind="stages", options=[])
-    s = bench.build(spec)
-    before = copy.deepcopy(s.model.state_dict())
-    timed = []
-    torch.manual_seed(1)
-    staged = bench.staged_step(s, lambda name: timed.append(name) or contextlib.nullcontext())
-    assert timed == ["forward", "multi-scale CAM", "CAM label", "PAR label", "random walk",
-                     "AFA label (PAR)", "losses", "L_reg", "backward", "optimizer"]
-    s.model.load_state_dict(before)
-    torch.manual_seed(1)
-    out = train_step.compute_losses(s.model, s.model, s.par, s.batch, s.cfg.switch_iters + 1,
-                                    s.cfg, s.autocast)
-    assert torch.isfinite(staged) and torch.equal(staged, out.loss.detach())
+    row = bench.run_one(spec)
+    assert list(row["stages_s"]) == list(bench.STAGES)
+    assert 0 < sum(row["stages_s"].values()) <= row["step_s"]
+
+
+def test_variants_time_the_step_with_each_speed_variant_off(capsys):
+    """--variants: all on, all off and each variant of fast.py off alone, in one process."""
+    spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
+                compile=False, threads=0, crop=64, kind="variants", options=[])
+    row = bench.run_one(spec)
+    assert list(row["variants_s"]) == ["all on", "all off"] + [f"without {v}" for v in fast.VARIANTS]
+    assert all(seconds > 0 for seconds in row["variants_s"].values()) and fast.active() == fast.VARIANTS
+    report = bench.format_report({"backbone": "mit_b0", "batch_size": 2, "device": "cpu",
+                                  "threads": 1, "amp": False, "compile": False, "num_steps": 1,
+                                  "warmup": 0, "load_before": "0", "load_after": "0", "steps": [],
+                                  "variants": [{"crop": 64, **row}],
+                                  "par": {"par_s": 0.01, "par_reference_s": None}})
+    assert "without packed_par" in report and "the variant saves" in report
 
 
 @pytest.mark.parametrize("options", [[], ["no_cam_bn_stats"]])

@@ -295,13 +295,13 @@ def test_cli_pseudo_table(tiny_run, capsys):
     assert code == 0
     with open(os.path.join(out_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    keys = ("cam_miou", "cam_par_miou", "afa_miou", "afa_par_miou", "seg_miou")
+    keys = ("cam_miou", "par_miou", "walk_miou", "afa_miou", "seg_miou")
     assert metrics["pseudo_split"] == "train"
     assert all(0 <= metrics[k] <= 1 for k in keys)
     assert metrics["pseudo_labelled"]["cam"] == 1.0          # the CAM label labels every pixel
     assert "mIoU" not in metrics                             # the seg table was not asked for
     printed = capsys.readouterr().out
-    assert "AFA + PAR (training label)" in printed and "CAM + PAR" in printed
+    assert "afa: AFA + PAR, the training label" in printed and "par: CAM + PAR" in printed
 
 
 @torch.no_grad()
@@ -316,17 +316,18 @@ def test_pseudo_labels_are_the_training_labels_and_validation_agrees(tiny_run):
     images, cls_labels = batch["image"], batch["cls_labels"]
     B, _, H, W = images.shape
     box = torch.tensor([[0, H, 0, W]] * B)
-    settings = pipeline.LabelSettings.from_config(cfg)
-    labels = pipeline.make_pseudo_labels(model, par, images, cls_labels, box, settings)
+    settings = pipeline.LabelSettings.from_config(cfg, model)
+    labels = pipeline.make_pseudo_labels(
+        model, par, {"image": images, "cls_labels": cls_labels, "valid_box": box}, settings)
     one = torch.utils.data.Subset(dataset, range(B))
     conf = {k: confusion_matrix(v, batch["label"], NUM_CLASSES)
-            for k, v in (("cam_par", labels.par), ("afa_par", labels.afa))}
+            for k, v in (("par", labels.par), ("afa", labels.afa))}
     result = evaluate.pseudo_label_quality(
         model, par, torch.utils.data.DataLoader(one, batch_size=B), NUM_CLASSES, "cpu", settings)
     for k in conf:
         assert result[f"{k}_miou"] == pytest.approx(segmentation_scores(conf[k])["mIoU"])
     valid = int((batch["label"] != 255).sum())
-    assert result["labelled"]["cam_par"] == pytest.approx(int(conf["cam_par"].sum()) / valid)
+    assert result["labelled"]["par"] == pytest.approx(int(conf["par"].sum()) / valid)
 
     scores = metrics.validate(model, loader, NUM_CLASSES, "cpu", settings)
     full = evaluate.pseudo_label_quality(model, par, loader, NUM_CLASSES, "cpu", settings)
@@ -358,15 +359,15 @@ def test_validation_walks_with_the_eval_forward_affinity_at_scale_one(tiny_run):
     torch.manual_seed(3)
     images = torch.cat([dataset[0]["image"][None], torch.randn(1, 3, SIZE, SIZE)])[:, :, :56, :]
     cls_labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 1]])
-    settings = LabelSettings.from_config(cfg)
+    settings = LabelSettings.from_config(cfg, model)
     _, labels = metrics.validation_labels(model, images, cls_labels, settings)
     expected = release_validation_afa_label(model, images, cls_labels, cfg.cam_scales, cfg.radius,
                                             cfg.low)
-    assert torch.equal(labels["afa"], expected)
+    assert torch.equal(labels["walk"], expected)
     # validate() scores exactly these labels
     batch = {"image": images, "label": expected, "cls_labels": cls_labels}
     scores = metrics.validate(model, [batch], NUM_CLASSES, "cpu", settings)
-    assert scores["afa_miou"] == 1.0
+    assert scores["walk_miou"] == 1.0
 
 
 def test_cli_image_file_and_folder(tiny_run):
@@ -495,13 +496,28 @@ def release_file(tiny_run, prefix="module."):
     return str(path)
 
 
+@pytest.mark.parametrize("flag", [[], ["--no-speed-paths"]])
+def test_the_speed_switch_follows_the_checkpoint_or_the_flag(tiny_run, flag):
+    """evaluate.py runs the implementation the run trained with (the speed paths, by default)
+    unless --no-speed-paths asks for the plain forms; the same seg logits up to float rounding."""
+    path = tiny_run["checkpoint"]
+    model, cfg, settings = evaluate.load_model(path, evaluate.parse_args(["--checkpoint", path, *flag]), "cpu")
+    assert cfg.speed_paths is not bool(flag)
+    assert settings.paths == (pipeline.Paths() if flag else pipeline.choose_paths(model, True))
+    assert ("forward" in model.encoder.__dict__) is not bool(flag)
+    images = torch.stack([sample["image"] for sample in evaluate.load_split(cfg, "val", None)])
+    torch.testing.assert_close(multi_scale_seg_logits(model, images, long_side=0),
+                               multi_scale_seg_logits(tiny_run["model"], images, long_side=0),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("prefix", ["module.", ""])
 def test_release_checkpoint_predicts_as_the_original(tiny_run, prefix, capsys):
     """The same network in the release's layout, with or without "module.", loads into the same
     weights and gives the same predictions; the configuration comes from the flags' preset."""
     path = release_file(tiny_run, prefix)
     flags = ["--data", "synthetic", "--data-root", tiny_run["data_root"]]
-    model, cfg = evaluate.load_model(path, evaluate.parse_args(["--checkpoint", path, *flags]), "cpu")
+    model, cfg, _ = evaluate.load_model(path, evaluate.parse_args(["--checkpoint", path, *flags]), "cpu")
     assert "assumed the synthetic preset: backbone mit_b0, num_classes 6" in capsys.readouterr().out
     assert (cfg.data, cfg.backbone, cfg.num_classes) == ("synthetic", "mit_b0", NUM_CLASSES)
     original = tiny_run["model"].state_dict()
@@ -604,7 +620,7 @@ def test_checkpoint_written_by_train_py(tmp_path):
     assert evaluate.main(["--checkpoint", checkpoint, "--pseudo", "--out", out_dir,
                           "--workers", "0"]) == 0
     with open(os.path.join(out_dir, "metrics.json")) as f:
-        assert 0 <= json.load(f)["afa_par_miou"] <= 1
+        assert 0 <= json.load(f)["afa_miou"] <= 1
 
 
 def test_abbreviated_flags_are_refused(capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attention_affinity import window_mask
+from model import AFANet
 from par import PAR
 from pipeline import (LabelSettings, afa_pseudo_label, make_pseudo_labels, mhsa_affinity,
                       random_walks)
@@ -98,10 +99,15 @@ def test_a_constant_factor_on_the_mhsa_affinity_keeps_the_walks_arg_max(factor):
 
 def test_label_settings_are_read_once_from_a_config():
     cfg = SimpleNamespace(cam_scales=[1.0, 1.5], low=0.3, high=0.6, bkg_score=0.4, radius=5,
-                          propagate_with="attention", lr=1e-3)     # other fields are not read
-    assert LabelSettings.from_config(cfg) == LabelSettings(
+                          propagate_with="attention", cam_bf16=True, cam_bn_stats=False,
+                          reuse_forward_cam=True, speed_paths=False, lr=1e-3)  # others unread
+    settings = LabelSettings.from_config(cfg, AFANet(3, backbone="mit_b0"))
+    assert settings == LabelSettings(
         cam_scales=(1.0, 1.5), low=0.3, high=0.6, bkg_score=0.4, radius=5,
-        propagate_with="attention")
+        propagate_with="attention", cam_bf16=True, decoder_stats=False, reuse_forward_cam=True)
+    assert settings.for_evaluation("forward") == LabelSettings(
+        cam_scales=(1.0, 1.5), low=0.3, high=0.6, bkg_score=0.4, radius=5,
+        propagate_with="attention", thresholds="eval", affinity_from="forward")
     with pytest.raises(ValueError, match="propagate_with"):
         LabelSettings(propagate_with="mhsa")
 
@@ -110,6 +116,7 @@ def test_label_settings_are_read_once_from_a_config():
                                               ({"thresholds": "test"}, "thresholds"),
                                               ({"affinity_from": "cam"}, "affinity_from")])
 def test_the_chain_rejects_unknown_choices(options, message):
-    images, cls_labels = torch.zeros(1, 3, 32, 32), torch.ones(1, 5)
+    batch = {"image": torch.zeros(1, 3, 32, 32), "cls_labels": torch.ones(1, 5)}
     with pytest.raises(ValueError, match=message):
-        make_pseudo_labels(None, None, images, cls_labels, None, LabelSettings(), **options)
+        need = options.pop("need", ("par", "afa"))  # the others are settings
+        make_pseudo_labels(None, None, batch, LabelSettings(**options), need=need)

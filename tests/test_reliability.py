@@ -594,9 +594,10 @@ def small_net():
 
 
 def ignore_all(monkeypatch):
-    def all_ignored(model, par, images, *args, **kwargs):
+    def all_ignored(model, par, batch, *args, **kwargs):
+        images = batch["image"]
         label = torch.full((images.shape[0], *images.shape[-2:]), 255, dtype=torch.long)
-        return pipeline.PseudoLabels(label, label)
+        return pipeline.PseudoLabels(par=label, afa=label)
     monkeypatch.setattr(train_step, "make_pseudo_labels", all_ignored)
 
 

@@ -93,11 +93,15 @@ def test_no_module_imports_a_script():
 
 def test_the_operations_sit_below_the_scripts():
     """The configuration, the step and the run's machinery are modules the scripts import; the
-    configuration needs only the network's list of backbones."""
+    configuration and the run's machinery import no part of the method."""
     graph = project_graph()
-    assert graph["config"] <= {"model"}
+    assert graph["config"] == set()
     assert graph["train_step"] <= set(METHOD_MODULES) | {"model", "pipeline", "config"}
-    assert graph["runner"] <= set(METHOD_MODULES) | {"model", "config", "data"}
+    assert graph["runner"] <= {"config", "data"}
+    # what the imports no longer bring: the same names, written twice, held equal here
+    import config, data, model, pipeline
+    assert config.BACKBONES == model.BACKBONES
+    assert (pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD) == (data.IMAGENET_MEAN, data.IMAGENET_STD)
 
 
 def test_model_and_pipeline_sit_on_the_method_modules():
@@ -106,7 +110,23 @@ def test_model_and_pipeline_sit_on_the_method_modules():
     assert graph["vit"] == set()
     # the weight files are read above the network: model.py builds, pretrained.py loads
     assert graph["pretrained"] <= {"model", "vit"}
-    assert graph["pipeline"] <= set(METHOD_MODULES) | {"model", "data"}
+    assert graph["pipeline"] <= set(METHOD_MODULES) | {"model", "fast"}
+    # the speed variants sit between the network and the pipeline: the pipeline chooses them,
+    # bench.py measures them one by one
+    assert graph["fast"] <= set(METHOD_MODULES) | {"model", "vit"}
+    assert {name for name, imports in graph.items() if "fast" in imports} == {"pipeline", "bench"}
+
+
+SPEED_WORDS = ("scaled_dot_product_attention", "forward_fused", "factored", "skip_dropped", "plain_fusion",
+               "packed", "partial", "by_grid", "moments", "row_blocks")
+
+
+@pytest.mark.parametrize("name", ["model", "vit", "cam", "attention_affinity", "par", "pipeline"])
+def test_the_method_files_hold_the_plain_forms_only(name):
+    """No speed variant, flag or branch on one in the method files and the pipeline (STYLE 18):
+    they live in fast.py, chosen once by `pipeline.choose_paths`."""
+    text = MODULES[name].read_text()
+    assert [word for word in SPEED_WORDS if word in text] == []
 
 
 def long_functions(path: Path) -> list:
@@ -133,8 +153,8 @@ def test_functions_fit_on_a_screen(name):
 
 
 # --- one pseudo-label chain (STYLE 20) ------------------------------------------------------------
-LABEL_STAGES = ("cam_to_label", "refine_cams_with_par", "refine_cams_with_par_packed",
-                "random_walk_cams", "refine_propagated_with_par")
+LABEL_STAGES = ("cam_to_label", "refine_cams_with_par", "random_walk_cams",
+                "refine_propagated_with_par")
 
 
 def calls_of(path: Path, names) -> list:
@@ -156,7 +176,7 @@ def test_the_label_stages_are_called_from_the_pipeline_alone():
                if name not in ("cam", "pipeline")}
     assert {name: calls for name, calls in outside.items() if calls} == {}
     in_pipeline = [callee for callee, _ in calls_of(MODULES["pipeline"], LABEL_STAGES)]
-    assert sorted(set(in_pipeline)) == sorted(set(LABEL_STAGES) - {"refine_cams_with_par"})
-    assert in_pipeline.count("refine_cams_with_par_packed") == 1
+    assert sorted(set(in_pipeline)) == sorted(LABEL_STAGES)
+    assert in_pipeline.count("refine_cams_with_par") == 1
     assert in_pipeline.count("random_walk_cams") == 1
     assert in_pipeline.count("refine_propagated_with_par") == 1

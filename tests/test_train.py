@@ -16,12 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fast
 import pipeline
 import runner
 import train
 import train_step
 from config import Config, ConfigError, parse_config
-from model import AFANet, SegFormerHead
+from model import AFANet
 from par import PAR
 from pipeline import seg_loss
 from train import lr_factor
@@ -241,9 +242,9 @@ class ReleaseCAM(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def cam_with_partial_affinity(self, x, num_affinity, **fast_path_options):
+    def cam(self, x, **options):
         out = self.model(x)
-        return out.cams, out.affinity[:num_affinity]
+        return out.cams, out.affinity
 
 
 def step_batch(B=2, size=64, num_classes=6, seed=0):
@@ -270,8 +271,9 @@ def test_statistics_after_a_step_equal_the_release_decoder_on_every_cam_pass(ste
     release = copy.deepcopy(ours)
     par, batch = PAR(), step_batch()
     train_step.compute_losses(ours, ours, par, batch, step, cfg, contextlib.nullcontext)
-    train_step.compute_losses(release, ReleaseCAM(release), par, batch, step, cfg,
-                         contextlib.nullcontext)
+    # the plain multi-scale CAM calls `cam` (the speed paths need an AFANet)
+    train_step.compute_losses(release, ReleaseCAM(release), par, batch, step,
+                              dataclasses.replace(cfg, speed_paths=False), contextlib.nullcontext)
     bn, release_bn = decoder_batchnorm(ours), decoder_batchnorm(release)
     assert int(release_bn.num_batches_tracked) == 1 + len(cfg.cam_scales)
     assert int(bn.num_batches_tracked) == int(release_bn.num_batches_tracked)
@@ -282,7 +284,7 @@ def test_statistics_after_a_step_equal_the_release_decoder_on_every_cam_pass(ste
 @pytest.mark.parametrize("step", [1, 3, 5], ids=["classification only", "PAR label", "AFA label"])
 def test_statistics_after_a_step_equal_those_of_the_plain_batchnorm_pass(step, monkeypatch):
     """The CAM passes' BatchNorm update from moments on the stage grids
-    (`update_batchnorm_statistics_from_moments`) leaves the buffers of a whole step where the
+    (`fast.batchnorm_statistics_from_moments`) leaves the buffers of a whole step where the
     plain decoder pass up to the BatchNorm leaves them, stochastic depth on, on an odd crop."""
     cfg = Config(backbone="mit_b0", num_classes=6, crop=80, cam_iters=2, switch_iters=4)
     assert cfg.cam_bn_stats
@@ -292,10 +294,9 @@ def test_statistics_after_a_step_equal_those_of_the_plain_batchnorm_pass(step, m
     par, batch = PAR(), step_batch(size=cfg.crop)
     torch.manual_seed(1)
     train_step.compute_losses(ours, ours, par, batch, step, cfg, contextlib.nullcontext)
-    monkeypatch.setattr(SegFormerHead, "update_batchnorm_statistics_from_moments",
-                        SegFormerHead.update_batchnorm_statistics)
     torch.manual_seed(1)  # the same stochastic-depth draws: neither update draws random numbers
-    train_step.compute_losses(plain, plain, par, batch, step, cfg, contextlib.nullcontext)
+    with fast.without("bn_moments"):
+        train_step.compute_losses(plain, plain, par, batch, step, cfg, contextlib.nullcontext)
     bn, plain_bn = decoder_batchnorm(ours), decoder_batchnorm(plain)
     assert int(bn.num_batches_tracked) == int(plain_bn.num_batches_tracked) == 1 + len(cfg.cam_scales)
     for name in ("running_mean", "running_var"):
@@ -310,6 +311,7 @@ def test_no_cam_bn_stats_leaves_the_statistics_to_the_forward(step):
     torch.manual_seed(0)
     model = AFANet(cfg.num_classes, backbone=cfg.backbone, drop_path_rate=0.0).train()
     forward_only = copy.deepcopy(model)
+    pipeline.choose_paths(forward_only, cfg.speed_paths)  # the step's implementation
     batch = step_batch()
     train_step.compute_losses(model, model, PAR(), batch, step, cfg, contextlib.nullcontext)
     with torch.no_grad():
@@ -332,23 +334,23 @@ def test_amp_leaves_the_pseudo_labels_in_float32(monkeypatch):
     model = AFANet(cfg.num_classes, backbone=cfg.backbone).eval()   # deterministic passes
     par, batch = PAR(), step_batch()
     seen = []
-    real_cam, real_propagate = model.cam_with_partial_affinity, pipeline.propagate
+    real_cam, real_propagate = fast.partial_cam, pipeline.propagate
 
-    def cam(x, num_affinity, **options):
+    def cam(model, x, num_affinity, **options):
         seen.append(("cam", torch.is_autocast_enabled("cpu")))
-        return real_cam(x, num_affinity, **options)
+        return real_cam(model, x, num_affinity, **options)
 
     def propagate(cams, affinity, *args, **kwargs):
         seen.append(("walk", torch.is_autocast_enabled("cpu") or affinity.dtype != torch.float32))
         return real_propagate(cams, affinity, *args, **kwargs)
 
-    monkeypatch.setattr(model, "cam_with_partial_affinity", cam)
+    monkeypatch.setattr(fast, "partial_cam", cam)
     monkeypatch.setattr(pipeline, "propagate", propagate)
     out = train_step.compute_losses(model, model, par, batch, 1, cfg, autocast)
     assert {kind for kind, _ in seen} == {"cam", "walk"}
     assert not any(low_precision for _, low_precision in seen), seen
-    expected = pipeline.make_pseudo_labels(model, par, batch["image"], batch["cls_labels"],
-                                           batch["valid_box"], pipeline.LabelSettings.from_config(cfg))
+    expected = pipeline.make_pseudo_labels(model, par, batch,
+                                           pipeline.LabelSettings.from_config(cfg, model))
     assert torch.equal(out.labels.par, expected.par) and torch.equal(out.labels.afa, expected.afa)
     seen.clear()
     train_step.compute_losses(model, model, par, batch, 1, dataclasses.replace(cfg, cam_bf16=True),

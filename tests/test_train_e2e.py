@@ -60,7 +60,7 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_synthetic, tmp_path, capsy
 
     metrics = json.loads((work_dir / "metrics.json").read_text())
     assert metrics["step"] == 6 and [m["step"] for m in metrics["history"]] == [3, 6]
-    for key in ("cls_f1", "cam_miou", "afa_miou", "seg_miou"):
+    for key in ("cls_f1", "cam_miou", "walk_miou", "seg_miou"):
         assert 0.0 <= metrics[key] <= 1.0
 
     ckpt = runner.load_checkpoint(str(work_dir / "checkpoints" / "iter_6.pth"))

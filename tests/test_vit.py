@@ -143,7 +143,7 @@ def test_attention_logits_are_q_dot_k_of_the_block_input(tiny):
                                              with_kwargs=True)
     try:
         with torch.no_grad():
-            _, attn_logits = tiny(torch.randn(1, 3, 48, 48), num_attn=1)
+            _, attn_logits = tiny(torch.randn(1, 3, 48, 48))
     finally:
         handle.remove()
     x = captured["x"]  # (1, T, D)
@@ -152,44 +152,23 @@ def test_attention_logits_are_q_dot_k_of_the_block_input(tiny):
     q, k = (y @ block.attn.qkv.weight.T + block.attn.qkv.bias).split(D, dim=-1)[:2]  # (1, T, D)
     q = q[:, 1:].reshape(1, 9, nh, D // nh).transpose(1, 2)  # (1, nh, N, d), patch tokens
     k = k[:, 1:].reshape(1, 9, nh, D // nh).transpose(1, 2)
-    assert len(attn_logits) == 1
-    assert torch.allclose(attn_logits[0], q @ k.transpose(-2, -1), atol=1e-4, rtol=1e-5)
-
-
-def test_num_attn_and_factored_logits_give_the_same_values(tiny):
-    x = torch.randn(3, 3, 32, 48)
-    with torch.no_grad():
-        features, all_logits = tiny(x)
-        fused_features, last_two = tiny(x, num_attn=2)
-        none_features, none_logits = tiny(x, num_attn=0)
-        factored_features, queries, keys = tiny.forward_factored(x, 2)
-    assert none_logits == [] and len(last_two) == 2 and len(queries) == len(keys) == 2
-    for other in (fused_features, none_features, factored_features):
-        for a, b in zip(features, other):
-            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-    for full, partial, q, k in zip(all_logits[-2:], last_two, queries, keys):
-        assert torch.allclose(full, partial, atol=1e-5)
-        assert q.shape == k.shape == (3, 3, 6, 64)  # (B, nh, N, d), patch tokens
-        assert torch.allclose(q @ k.transpose(-2, -1), full, atol=1e-4, rtol=1e-5)
+    assert len(attn_logits) == 12
+    assert torch.allclose(attn_logits[-1], q @ k.transpose(-2, -1), atol=1e-4, rtol=1e-5)
 
 
 def test_input_padded_to_the_ceiling_grid(tiny):
     x = torch.randn(1, 3, 70, 100)  # not multiples of 16: grid ⌈70/16⌉ × ⌈100/16⌉ = 5 × 7
     padded = F.pad(x, (0, 112 - 100, 0, 80 - 70))  # zeros at the bottom and right
     with torch.no_grad():
-        features, logits = tiny(x, num_attn=1)
-        expected, expected_logits = tiny(padded, num_attn=1)
-    assert features[-1].shape == (1, 192, 5, 7) and logits[0].shape == (1, 3, 35, 35)
-    assert torch.equal(features[-1], expected[-1]) and torch.equal(logits[0], expected_logits[0])
+        features, logits = tiny(x)
+        expected, expected_logits = tiny(padded)
+    assert features[-1].shape == (1, 192, 5, 7) and logits[-1].shape == (1, 3, 35, 35)
+    assert torch.equal(features[-1], expected[-1]) and torch.equal(logits[-1], expected_logits[-1])
 
 
 def test_encoder_rejects_bad_input(tiny):
     with pytest.raises(ValueError, match="x must be"):
         tiny(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="num_attn"):
-        tiny(torch.randn(1, 3, 32, 32), num_attn=13)
-    with pytest.raises(ValueError, match="num_attn"):
-        tiny.forward_factored(torch.randn(1, 3, 32, 32), 13)
     with pytest.raises(ValueError, match="feature_blocks"):
         VisionTransformer(64, 4, 2, feature_blocks=(0, 1, 2))
 
@@ -197,7 +176,7 @@ def test_encoder_rejects_bad_input(tiny):
 def test_gradient_reaches_every_parameter():
     torch.manual_seed(0)
     encoder = VisionTransformer(embed_dim=32, depth=4, num_heads=2, drop_path_rate=0.0).train()
-    features, attn_logits = encoder(torch.randn(2, 3, 40, 56), num_attn=2)  # a non-pre-training grid
+    features, attn_logits = encoder(torch.randn(2, 3, 40, 56))  # a non-pre-training grid
     loss = sum(f.square().mean() for f in features) + sum(a.mean() for a in attn_logits)
     loss.backward()
     for name, parameter in encoder.named_parameters():
@@ -253,7 +232,7 @@ def test_position_embedding_gradient_flows_through_resampling(tiny):
 def test_segformer_head_takes_four_stride16_maps(tiny):
     head = SegFormerHead(tiny.embed_dims, num_classes=5).eval()
     with torch.no_grad():
-        features, _ = tiny(torch.randn(2, 3, 64, 96), num_attn=0)
+        features, _ = tiny(torch.randn(2, 3, 64, 96))
         logits = head(features)
     assert logits.shape == (2, 5, 4, 6)  # stride 16: every map is at the first map's size
 
@@ -275,7 +254,8 @@ def test_afanet_on_a_vit():
     with torch.no_grad():
         out = model(images)
         cams, affinity = model.cam(images)
-        features, attn_logits = model.encoder(images, num_attn=2)
+        features, attn_logits = model.encoder(images)
+        attn_logits = attn_logits[-2:]
     h, w, N = 4, 6, 24
     assert out.cls_logits.shape == (2, 4) and out.cams.shape == (2, 4, h, w)
     assert out.seg_logits.shape == (2, 5, h, w)  # the decoder at stride 16
