@@ -541,3 +541,28 @@ def test_freed_memory_is_reused_without_page_faults(default_malloc):
         assert min(faults) > 8000   # the block is given back and mapped (and zeroed) anew each step
     else:
         assert max(faults) < 500    # the same pages, already the process's
+
+
+SPIN_SCRIPTS = ("train.py", "evaluate.py", "bench.py")
+
+
+@pytest.mark.parametrize("script", SPIN_SCRIPTS)
+def test_the_spin_count_is_set_before_torch_loads_unless_the_user_set_one(script):
+    """GNU OpenMP reads GOMP_SPINCOUNT once, when torch loads it: the line comes before every
+    third-party import; a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept."""
+    lines = (Path(__file__).resolve().parent.parent / script).read_text().splitlines()
+    setting = lines.index('    os.environ["GOMP_SPINCOUNT"] = "3000"')
+    first_import = min(i for i, line in enumerate(lines)
+                       if line.startswith(("import numpy", "import torch", "from torch", "import tqdm",
+                                           "from tqdm", "import PIL", "from PIL")))
+    assert setting < first_import
+    module = script[:-3]
+    probe = (f"import os, sys; import {module}; "
+             "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
+    for env, expected in (({}, "3000 None"), ({"GOMP_SPINCOUNT": "77"}, "77 None"),
+                          ({"OMP_WAIT_POLICY": "ACTIVE"}, "None ACTIVE")):
+        base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+        out = subprocess.run([sys.executable, "-c", probe], env={**base, **env}, text=True,
+                             capture_output=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+        assert out == expected, (env, out)
