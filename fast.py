@@ -10,7 +10,6 @@ gives the label chain's two stage functions, and `pipeline.choose_paths` is the 
 encoder other than a MixTransformer or a VisionTransformer keeps its plain forward.
 
 The variants (`VARIANTS`; `without(*names)` turns some off, `bench.py --variants` times each):
-- "fused_attention": blocks whose logits nothing reads run PyTorch's fused attention kernel;
 - "skip_dropped": stochastic depth does not compute the branch of a dropped sample (CPU, eager);
 - "grid_fusion": the decoder's 1×1 fusion conv runs on the stage grids, not at stride 4;
 - "bn_moments": the CAM passes' decoder BatchNorm statistics from moments on the stage grids;
@@ -32,7 +31,7 @@ from model import Block, MixTransformer
 from vit import Block as ViTBlock
 from vit import DropPath, VisionTransformer
 
-VARIANTS = ("fused_attention", "skip_dropped", "grid_fusion", "bn_moments", "partial_affinity",
+VARIANTS = ("skip_dropped", "grid_fusion", "bn_moments", "partial_affinity",
             "packed_par")
 _turned_off = set()  # the variants `without` turns off
 
@@ -76,9 +75,6 @@ def apply(model, variants=VARIANTS):
             module.residual = types.MethodType(skip_dropped_residual, module)
         if "skip_dropped" in variants and isinstance(module, (Block, ViTBlock)):
             module.forward = types.MethodType(block_forward, module)
-    if "fused_attention" in variants and isinstance(model.encoder, (MixTransformer, VisionTransformer)):
-        model.encoder.forward = types.MethodType(
-            functools.partial(encoder_forward, num_attn=model.afa_blocks), model.encoder)
     if "grid_fusion" in variants:
         model.decoder.forward = types.MethodType(decoder_forward, model.decoder)
     if "bn_moments" in variants:
@@ -98,7 +94,7 @@ def chain(variants=VARIANTS) -> dict:
 
 
 # =============================================================================================
-# Transformer blocks and encoders: "fused_attention", "skip_dropped", and the factors q, k
+# Transformer blocks: "skip_dropped", and the fused kernel and the factors q, k of the CAM passes
 # =============================================================================================
 def skip_dropped_residual(drop_path, x, branch):
     """Replaces the plain residual x + drop_path(branch(x)); identity: a dropped sample's branch is
@@ -196,17 +192,6 @@ def run_blocks(encoder, x, num_attn, last_block):
         x = norm(x).transpose(1, 2).reshape(B, -1, H, W)  # (B, C_i, H_i, W_i)
         features.append(x)
     return features, extras
-
-
-def encoder_forward(encoder, x, num_attn):
-    """Replaces `MixTransformer.forward(x)` / `VisionTransformer.forward(x)` ("fused_attention",
-    bound with num_attn = the AFA head's blocks); identity: a block's output does not depend on
-    whether its logits are formed (`fused_attention`). The same features, and the logits of the
-    last `num_attn` blocks only."""
-    def with_logits(block, x, *grid):
-        x, logits = block(x, *grid)  # (B, N, C), (B, nh, N, N_kv)
-        return x, (logits if grid else logits[:, :, 1:, 1:])  # a ViT's: patch tokens only
-    return run_blocks(encoder, x, num_attn, with_logits)
 
 
 # =============================================================================================

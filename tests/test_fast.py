@@ -126,11 +126,12 @@ def test_apply_binds_on_the_instance_and_unbinds():
     model = AFANet(5, backbone="mit_b0")
     keys = list(model.state_dict())
     fast.apply(model)
-    assert "forward" in model.encoder.__dict__ and "forward" in model.decoder.__dict__
+    assert "forward" in model.encoder.block4[1].__dict__ and "forward" in model.decoder.__dict__
+    assert "forward" not in model.encoder.__dict__  # the encoder's own forward is the plain one
     assert "residual" in model.encoder.block4[1].drop_path.__dict__
-    assert "forward" not in AFANet(5, backbone="mit_b0").encoder.__dict__  # other instances: plain
+    assert "forward" not in AFANet(5, backbone="mit_b0").decoder.__dict__  # other instances: plain
     copied = copy.deepcopy(model)  # bound methods follow their module into the copy
-    assert copied.encoder.forward.__self__ is copied.encoder
+    assert copied.decoder.forward.__self__ is copied.decoder
     assert list(model.state_dict()) == keys
     fast.apply(model, ())
     bound = [name for module in model.modules() for name in ("forward", "residual",
@@ -180,21 +181,24 @@ def test_a_toy_encoder_trains_with_the_speed_paths_on():
     assert any(not torch.equal(p, before[k]) for k, p in model.encoder.state_dict().items())
 
 
-# ---------------------------------------------------------------- blocks and encoders: fused_attention, skip_dropped
+# ---------------------------------------------------------------- blocks and encoders: the fused kernel, skip_dropped
 
 @pytest.mark.parametrize("encoder", ["b0", "tiny"])
-def test_fused_encoder_gives_the_same_features_and_last_logits(encoder, request):
-    """encoder_forward ("fused_attention") against MixTransformer.forward and VisionTransformer.forward."""
+def test_blocks_through_the_fused_kernel_give_the_same_features(encoder, request):
+    """run_blocks (the CAM passes' blocks whose logits are not read: `fused_block`) against
+    MixTransformer.forward and VisionTransformer.forward."""
     b0 = request.getfixturevalue(encoder)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         features, attn_logits = b0(images)
-        features_fast, attn_logits_fast = fast.encoder_forward(b0, images, num_attn=2)
-        _, none = fast.encoder_forward(b0, images, num_attn=0)
+        features_fast, attn_logits_fast = fast.run_blocks(b0, images, 2,
+                                                          lambda block, x, *grid: block(x, *grid))
+        _, none = fast.run_blocks(b0, images, 0, None)
     assert len(attn_logits) == (8 if encoder == "b0" else 12) and len(attn_logits_fast) == 2 and none == []
     for slow, quick in zip(features, features_fast):
         assert torch.allclose(slow, quick, atol=1e-5, rtol=1e-5)
     for slow, quick in zip(attn_logits[-2:], attn_logits_fast):
+        quick = quick if encoder == "b0" else quick[:, :, 1:, 1:]  # a ViT's: patch tokens only
         assert torch.allclose(slow, quick, atol=1e-5, rtol=1e-5)
 
 

@@ -120,8 +120,10 @@ def test_matches_release_mix_transformer(tmp_path):
     images = torch.from_numpy(golden["input"]).float()  # (2, 3, 64, 96)
     expected_logits = torch.from_numpy(golden["attn_logits_last2"])  # (2 blocks, B, nh, N, N)
     with torch.no_grad():
-        # the plain forward, and the speed path's (the logits of the last two blocks only)
-        for forward in (encoder, functools.partial(fast.encoder_forward, encoder, num_attn=2)):
+        # the plain forward, and the CAM passes' blocks (the fused kernel but for the last two)
+        fused = functools.partial(fast.run_blocks, encoder, num_attn=2,
+                                  last_block=lambda block, x, *grid: block(x, *grid))
+        for forward in (encoder, lambda images: fused(images)):
             features, attn_logits = forward(images)
             for i, feature in enumerate(features):
                 expected = torch.from_numpy(golden[f"feature{i + 1}"])
