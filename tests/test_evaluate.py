@@ -504,7 +504,7 @@ def test_the_speed_switch_follows_the_checkpoint_or_the_flag(tiny_run, flag):
     model, cfg, settings = evaluate.load_model(path, evaluate.parse_args(["--checkpoint", path, *flag]), "cpu")
     assert cfg.speed_paths is not bool(flag)
     assert settings.paths == (pipeline.Paths() if flag else pipeline.choose_paths(model, True))
-    assert ("forward" in model.encoder.__dict__) is not bool(flag)
+    assert ("forward" in model.decoder.__dict__) is not bool(flag)
     images = torch.stack([sample["image"] for sample in evaluate.load_split(cfg, "val", None)])
     torch.testing.assert_close(multi_scale_seg_logits(model, images, long_side=0),
                                multi_scale_seg_logits(tiny_run["model"], images, long_side=0),
