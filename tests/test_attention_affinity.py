@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import attention_affinity
 from attention_affinity import AffinityHead, affinity_labels, affinity_loss, window_mask
 from reference import naive_window_mask
 

@@ -186,7 +186,7 @@ def test_a_data_error_in_a_worker_ends_torchrun(broken, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                "2", "train.py", *flags(root, tmp_path / "wd", "--batch-size", 4)]
     code, _, err = Program(command, tmp_path, env={"OMP_NUM_THREADS": "1"}).end()
-    assert code != 0 and f"error: " in err and name in err, err[-3000:]
+    assert code != 0 and "error: " in err and name in err, err[-3000:]
 
 
 # --- faults in the loop -----------------------------------------------------------------------------
