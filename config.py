@@ -156,12 +156,13 @@ def preset_defaults(name: str) -> str:
     return "; ".join(f"{', '.join(presets)} {value}" for value, presets in groups)
 
 
-def parse_config(argv=None, summary: str = "") -> Config:
-    """Config = dataclass defaults ← preset of --data ← the flags given on the command line.
+def parse_flags(argv=None, summary: str = "") -> dict:
+    """The flags typed on the command line, as {field: value} (what was not typed is absent).
     `summary` opens the --help text (the calling script's first docstring line)."""
     description = (summary + "\n\n" if summary else "") + (
         "The defaults depend on the preset chosen with --data (synthetic when --data is not "
-        "given);\nwhere the presets differ, each flag lists its default per preset.")
+        "given);\nwhere the presets differ, each flag lists its default per preset. A resumed run "
+        "(--resume) continues with its saved settings; a flag typed then overrides one of them.")
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS, allow_abbrev=False)
@@ -176,12 +177,63 @@ def parse_config(argv=None, summary: str = "") -> Config:
             kind = {"int": int, "float": float, "str": str}[f.type]
             choices = list(PRESETS) if f.name == "data" else None
             parser.add_argument(flag, type=kind, choices=choices, help=help_text)
-    given = {k: tuple(v) if isinstance(v, list) else v
-             for k, v in vars(parser.parse_args(argv)).items()}
-    preset = PRESETS[given.get("data", Config.data)]
+    return {k: tuple(v) if isinstance(v, list) else v
+            for k, v in vars(parser.parse_args(argv)).items()}
+
+
+def parse_config(argv=None, summary: str = "") -> Config:
+    """Config = dataclass defaults ← preset of --data ← the flags given on the command line."""
+    return config_from_flags(parse_flags(argv, summary))
+
+
+def config_from_flags(given: dict) -> Config:
+    """A new run's configuration: dataclass defaults ← preset of --data (its schedule scaled to
+    a typed --iters, `scale_schedule`) ← the flags typed (`given`)."""
+    preset = scale_schedule(PRESETS[given.get("data", Config.data)], given)
     cfg = Config(**{**yield_to_flags(preset, given), **given})
     check_config(cfg)
     return cfg
+
+
+# The flags of one command, not settings of the run: a resumed run never counts them as changes.
+COMMAND_ONLY = ("resume", "overwrite", "debug")
+
+
+def resumed_config(saved: dict, given: dict) -> tuple:
+    """(Config, overrides) of a resumed run: the run's saved settings (`saved`, a checkpoint's
+    "config"), with the flags typed on the resume command (`given`) over them where typed.
+    Presets play no part: a setting the run saved is never replaced by a preset's default.
+    `overrides` maps each field a typed flag changed to (the run's value, the new value)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    base = {**PRESETS.get(saved.get("data"), {}),  # for a field the checkpoint predates
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}}
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    overrides = {k: (base.get(k, defaults[k]), v) for k, v in given.items()
+                 if k not in COMMAND_ONLY and base.get(k, defaults[k]) != v}
+    cfg = Config(**{**base, **given})
+    check_config(cfg)
+    return cfg, overrides
+
+
+# The preset's phase iterations, scaled with a typed --iters (the preset's whole schedule, shorter).
+SCHEDULE = ("cam_iters", "switch_iters", "warmup_iters", "eval_every")
+
+
+def scale_schedule(preset: dict, given: dict) -> dict:
+    """The preset with the phase iterations that were not typed (`SCHEDULE`) scaled by
+    given iters / the preset's iters, so that `--iters N` alone runs every phase of the method,
+    each its share of N; one line on stderr says what changed."""
+    defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, **preset}
+    if "iters" not in given or given["iters"] == defaults["iters"]:
+        return preset
+    ratio = given["iters"] / defaults["iters"]
+    scaled = {name: max(1, round(defaults[name] * ratio)) for name in SCHEDULE if name not in given}
+    changed = {name: value for name, value in scaled.items() if value != defaults[name]}
+    if changed:
+        print(f"note: --iters {given['iters']} scales the preset's schedule ({defaults['iters']} "
+              "iterations): " + ", ".join(f"--{name.replace('_', '-')} {defaults[name]}→{value}"
+                                          for name, value in changed.items()), file=sys.stderr)
+    return {**preset, **changed}
 
 
 def yield_to_flags(preset: dict, given: dict) -> dict:

@@ -30,6 +30,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -43,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import data
-from config import Config, ConfigError
+from config import PRESETS, Config, ConfigError, config_from_flags, resumed_config
 
 
 # =============================================================================================
@@ -133,23 +134,53 @@ def save_checkpoint(path: str, state: dict) -> None:
         os.close(fd)
 
 
-def rng_state() -> dict:
-    """Every RNG the step draws on, in types that torch.load(weights_only=True) accepts."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG streams (CPU, Python, NumPy, and `device`'s when it is a GPU), in types
+    that torch.load(weights_only=True) accepts."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Put back `rng_state`'s streams; the GPU stream onto `device` where both have one."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # a checkpoint that saved every visible GPU's stream
+        index = (device.index or 0) if device is not None else 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def gather_rng_states(rank: int, world: int, device: torch.device) -> list | None:
+    """Every process's `rng_state`, in rank order, on rank 0 (None on the others): a checkpoint
+    keeps each process's own streams."""
+    state = rng_state(device)
+    if world == 1:
+        return [state]
+    states = [None] * world if rank == 0 else None
+    dist.gather_object(state, states, dst=0)
+    return states
+
+
+def restore_rng_states(saved, rank: int, world: int, device: torch.device, log) -> None:
+    """Give this process its own saved streams. `saved` is the list of `gather_rng_states` (a
+    single dict: a checkpoint of one process). Resumed on another process count, process r takes
+    stream r mod (saved count): the run continues, but not number for number as the
+    uninterrupted one would, which needs the same count; one line says so."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != world:
+        log(f"note: the checkpoint was saved by {len(states)} process(es) and this run has "
+            f"{world}: it continues, but exact resume (the numbers of an uninterrupted run) "
+            f"needs {len(states)} process(es)")
+    set_rng_state(states[rank % len(states)], device)
 
 
 def read_torch_file(path: str, missing_hint: str, corrupt_hint: str = "use an earlier checkpoint"):
@@ -204,25 +235,64 @@ def latest_checkpoint(work_dir: str) -> str | None:
     return found[-1] if found else None
 
 
-def resume_from(cfg: Config, model: torch.nn.Module, optimizer, scaler, log) -> tuple:
-    """(start step, validation history): from --resume (a path, or 'auto': the newest checkpoint
-    in the work dir), or (0, []) for a new run."""
-    path = latest_checkpoint(cfg.work_dir) if cfg.resume == "auto" else cfg.resume
-    if cfg.resume == "auto" and path is None:
-        log(f"--resume auto: no checkpoint in {cfg.work_dir}/checkpoints, starting afresh")
-    if not path:
-        return 0, []
-    ckpt = load_checkpoint(path)
-    check_compatible(ckpt, cfg, path)
+def rank_0_log(*args, **kwargs) -> None:
+    """print, on the first process alone (before the process group exists: torchrun's RANK)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs)
+
+
+class Resumed(NamedTuple):
+    """A run to continue: its checkpoint, read once, and the settings typed flags changed."""
+    checkpoint: dict
+    overrides: dict              # field -> (the run's value, the value from now on)
+
+
+def run_config(given: dict, log=print) -> tuple:
+    """(Config, Resumed or None) of the command's typed flags `given` (config.parse_flags).
+
+    A new run: defaults ← preset ← flags. With --resume (a path, or 'auto': the newest checkpoint
+    in the work dir): the run continues as it was configured, its saved settings the base and a
+    typed flag over them only where typed, each such override named in one line."""
+    resume = given.get("resume")
+    if resume:
+        work_dir = given.get("work_dir") or PRESETS[given.get("data", Config.data)].get(
+            "work_dir", Config.work_dir)
+        path = latest_checkpoint(work_dir) if resume == "auto" else resume
+        if path:
+            ckpt = load_checkpoint(path)
+            cfg, overrides = resumed_config(ckpt["config"], given)
+            for name, (before, now) in overrides.items():
+                log(f"override: --{name.replace('_', '-')} {now} (the run had {before}) from "
+                    f"iteration {ckpt['step']} on")
+            return dataclasses.replace(cfg, resume=path), Resumed(ckpt, overrides)
+        log(f"--resume auto: no checkpoint in {work_dir}/checkpoints, starting afresh")
+        given = {k: v for k, v in given.items() if k != "resume"}
+    return config_from_flags(given), None
+
+
+def resume_from(cfg: Config, model: torch.nn.Module, optimizer, scaler, log,
+                resumed: Resumed | None = None, rank: int = 0, world: int = 1,
+                device: torch.device | None = None) -> tuple:
+    """(start step, validation history, override record): the state of `resumed` (or of the
+    checkpoint cfg.resume names) loaded into model, optimizer and scaler, and this process's own
+    RNG streams put back (`restore_rng_states`); (0, [], []) for a new run. The record lists each
+    override with the iteration it took effect, the checkpoint's earlier ones first."""
+    if resumed is None and not cfg.resume:
+        return 0, [], []
+    ckpt = resumed.checkpoint if resumed else load_checkpoint(cfg.resume)
+    check_compatible(ckpt, cfg, cfg.resume)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    log(f"resumed from {path} at iteration {ckpt['step']}")
+    restore_rng_states(ckpt["rng"], rank, world, device, log)
+    log(f"resumed from {cfg.resume} at iteration {ckpt['step']}")
     if ckpt["step"] >= cfg.iters:
         log(f"nothing to do: the checkpoint is at iteration {ckpt['step']} of {cfg.iters}")
-    return ckpt["step"], ckpt.get("history", [])
+    record = ckpt.get("overrides", []) + [
+        {"iteration": ckpt["step"], "setting": name, "was": before, "now": now}
+        for name, (before, now) in (resumed.overrides if resumed else {}).items()]
+    return ckpt["step"], ckpt.get("history", []), record
 
 
 # =============================================================================================
@@ -251,22 +321,35 @@ def check_new_run(cfg: Config) -> None:
 
 
 def check_work_dir_writable(work_dir: str) -> None:
-    """Rank 0, before anything is loaded: the folder (and its checkpoints/) exists and takes files."""
+    """Rank 0, before anything is loaded: the folder, or the nearest folder above it that exists
+    (where it will be made), takes files. Nothing is created: a start that fails leaves nothing."""
+    folder = os.path.abspath(work_dir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"work dir {work_dir} is not writable ({folder} is not a folder you can "
+                          "write to); pass --work-dir with a folder you can write to")
+
+
+@contextlib.contextmanager
+def nothing_left_on_failure(work_dir: str, rank: int):
+    """A start that fails leaves no folder behind: the work dir (with the label cache written
+    into it) is removed if this start created it."""
+    existed = os.path.exists(work_dir)
     try:
-        os.makedirs(os.path.join(work_dir, "checkpoints"), exist_ok=True)
-        probe = os.path.join(work_dir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"work dir {work_dir} is not writable ({e.strerror}); pass "
-                          "--work-dir with a folder you can write to") from e
+        yield
+    except BaseException:
+        if rank == 0 and not existed and os.path.isdir(work_dir):
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
 
 
-def start_work_dir(cfg: Config, start_step: int) -> None:
+def start_work_dir(cfg: Config, start_step: int, overrides: list) -> None:
     """Rank 0, once data, weights and checkpoint have loaded (a start that fails writes nothing):
     with --overwrite the old run's files and figures go, on resume the log is cut back to the
-    checkpoint; config.json is written."""
+    checkpoint; config.json is written: the run's settings and, under "overrides", each setting
+    a resume command changed, with the iteration from which it holds."""
+    os.makedirs(os.path.join(cfg.work_dir, "checkpoints"), exist_ok=True)
     if cfg.overwrite and not cfg.resume:
         figures = os.path.join(cfg.work_dir, "figures")
         old_figures = [os.path.join(figures, n) for n in os.listdir(figures)] \
@@ -276,7 +359,7 @@ def start_work_dir(cfg: Config, start_step: int) -> None:
     if cfg.resume:
         trim_log(cfg.work_dir, start_step)
     with open(os.path.join(cfg.work_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+        json.dump({**dataclasses.asdict(cfg), "overrides": overrides}, f, indent=2)
 
 
 def trim_log(work_dir: str, start_step: int) -> None:
@@ -443,6 +526,8 @@ class Run:
     autocast: Callable            # () -> the forward's autocast context
     scaler: torch.amp.GradScaler | None
     history: list                 # every validation so far
+    overrides: list = field(default_factory=list)  # what resume commands changed (config.json)
+    control: object = None        # the process group of `agree` (gloo, CPU tensors); None: default
     times: PhaseTimes = field(default_factory=PhaseTimes)
 
     @property
@@ -450,15 +535,18 @@ class Run:
         return self.rank == 0
 
 
-def save(run: Run, step: int, name: str | None = None) -> str | None:
-    """Rank 0 writes the checkpoint `name` (default iter_<step>.pth) and keeps the last
-    keep_ckpts periodic ones; returns its path (None on the other processes)."""
-    if not run.is_main:
-        return None
+def save(run: Run, step: int, name: str | None = None) -> str:
+    """The checkpoint `name` (default iter_<step>.pth), with every process's RNG streams: every
+    process calls this; rank 0 writes it and keeps the last keep_ckpts periodic ones. Returns its
+    path (on every process)."""
     path = os.path.join(run.cfg.work_dir, "checkpoints", name or f"iter_{step}.pth")
+    rng = gather_rng_states(run.rank, run.world, run.device)
+    if not run.is_main:
+        return path
     save_checkpoint(path, {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": step,
-        "config": dataclasses.asdict(run.cfg), "rng": rng_state(), "history": run.history,
+        "config": dataclasses.asdict(run.cfg), "overrides": run.overrides, "rng": rng,
+        "history": run.history,
         "scaler": run.scaler.state_dict() if run.scaler is not None else None})
     periodic = checkpoints(run.cfg.work_dir, kinds=("iter",))
     for old in periodic[:-run.cfg.keep_ckpts]:
@@ -466,13 +554,26 @@ def save(run: Run, step: int, name: str | None = None) -> str | None:
     return path
 
 
-def agree(run: Run, signum: int | None, finite: bool) -> tuple:
-    """(signal number or 0, all finite) agreed by every process, so that all stop at one step."""
+def resume_command(cfg: Config) -> str:
+    """The command that continues this run (its settings come from its checkpoint)."""
+    nproc = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    launcher = f"torchrun --nproc_per_node {nproc} train.py" if nproc > 1 else "python train.py"
+    return f"{launcher} --work-dir {cfg.work_dir} --resume auto"
+
+
+def agree(run: Run, *flags: int) -> list:
+    """The maximum of each integer flag over every process (one all-reduce of CPU numbers on the
+    control group: no GPU synchronisation), so that all processes take one decision."""
     if run.world == 1:
-        return signum or 0, finite
-    flags = torch.tensor([signum or 0, 0 if finite else 1], device=run.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return int(flags[0]), not bool(flags[1])
+        return list(flags)
+    values = torch.tensor(flags, dtype=torch.int64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=run.control)
+    return values.tolist()
+
+
+def control_group(world: int, device: torch.device):
+    """The process group `agree` uses: the default one on CPU (gloo), a gloo group beside NCCL."""
+    return dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
 
 
 class StepStart(NamedTuple):
@@ -483,38 +584,39 @@ class StepStart(NamedTuple):
     rng: dict
 
     @classmethod
-    def take(cls, model: torch.nn.Module) -> StepStart:
-        return cls([b.clone() for b in model.buffers()], rng_state())
+    def take(cls, model: torch.nn.Module, device: torch.device) -> StepStart:
+        return cls([b.clone() for b in model.buffers()], rng_state(device))
 
-    def restore(self, model: torch.nn.Module) -> None:
+    def restore(self, model: torch.nn.Module, device: torch.device) -> None:
         with torch.no_grad():
             for b, kept in zip(model.buffers(), self.buffers):
                 b.copy_(kept)
-        set_rng_state(self.rng)
+        set_rng_state(self.rng, device)
 
 
 @contextlib.contextmanager
-def deferred(signum: int):
-    """Hold back the Python handler of `signum` until the block is over (then run it once), so
-    that an exception it raises (DataLoader's on SIGCHLD) cannot cut an optimizer step in half."""
+def worker_deaths_read_with_batches():
+    """Inside the block a data-loading worker's death is reported by the loader's next read
+    (`next_batch`, between steps, where every process can agree to stop), not by DataLoader's
+    SIGCHLD handler, which raises in the middle of whatever runs: a forward, a collective, an
+    optimizer step. The read notices a dead worker within its status check (5 s)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught = []
-    previous = signal.signal(signum, lambda s, frame: caught.append(frame))
+    set_handler = getattr(torch.utils.data._utils.signal_handling, "_set_SIGCHLD_handler", None)
+    if set_handler is not None:
+        set_handler()  # installed once per process: a loader made inside the block does not
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         yield
     finally:
-        signal.signal(signum, previous)
-        if caught and callable(previous):
-            previous(signum, caught[-1])
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def stop_nonfinite(run: Run, step: int, values: dict, before: StepStart) -> None:
     """Undo the step's statistics, save the weights from before it, stop with one line."""
-    before.restore(run.model)
-    name = f"nonfinite_iter_{step}.pth"
-    path = save(run, step, name=name) or os.path.join(run.cfg.work_dir, "checkpoints", name)
+    before.restore(run.model, run.device)
+    path = save(run, step, name=f"nonfinite_iter_{step}.pth")
     if run.world > 1:
         dist.barrier()                          # the file is complete before anyone exits
     where = f" (on one of the {run.world} processes; this one's losses)" if run.world > 1 else ""
@@ -535,7 +637,7 @@ def stop_on_signal(run: Run, bar, done: int, signum: int, cut_short: bool = Fals
     if run.is_main:
         validation = "; its validation was cut short and runs first on resume" if cut_short else ""
         print(f"\ninterrupted after iteration {done} ({signal.Signals(signum).name}); saved "
-              f"{path}{validation}; continue with --resume auto (or --resume {path})", flush=True)
+              f"{path}{validation}; continue with: {resume_command(run.cfg)}", flush=True)
     raise SystemExit(128 + signum)
 
 
@@ -543,18 +645,84 @@ class WorkerDied(Exception):
     """A data-loading worker process died (most often killed by the system for lack of memory)."""
 
 
-def stop_worker_died(run: Run, done: int, before: StepStart | None, error: RuntimeError) -> None:
-    """Undo the step in progress, save the state after the last completed one, stop with one
-    line. Under DDP only rank 0 writes; another rank names the newest checkpoint there is."""
-    if before is not None:
-        before.restore(run.model)
+class PeerFailed(Exception):
+    """Another process of the run failed: this one stopped with it."""
+
+
+def next_batch(batches) -> tuple:
+    """(batch, None), (None, None) at the end, or (None, the error) when reading it failed: a data
+    error, a data-loading worker's death, or a bug in loading. Under DDP the processes then
+    agree to stop together (`stop_on_failure`) instead of waiting on the one that failed."""
+    try:
+        return next(batches), None
+    except StopIteration:
+        return None, None
+    except Exception as error:  # whatever it is, every process must hear of it
+        return None, error
+
+
+def stop_on_failure(run: Run, bar, done: int, error: Exception | None, failed: int) -> None:
+    """Reading a batch failed on process `failed` (this one when `error` is not None): every
+    process stops, the state after iteration `done` (the last completed step: the failing one
+    had not started) is saved, and each process ends with one line. A data error or a worker's
+    death is a user error (exit 2); another error keeps its traceback."""
     path = save(run, done, name=f"interrupted_iter_{done}.pth")
-    saved = (f"the state after iteration {done} is saved in {path}" if path else
-             f"the newest checkpoint is {latest_checkpoint(run.cfg.work_dir)}")
-    what = one_line(error).rstrip(". ")
-    raise WorkerDied(
-        f"a data-loading worker died ({what}), most often because the system ran out of "
-        f"memory: lower --workers or --batch-size. {saved}; continue with --resume auto")
+    if run.world > 1:
+        dist.barrier()                          # the file is complete before anyone exits
+        dist.destroy_process_group()
+    bar.close()
+    saved = f"the state after iteration {done} is saved in {path}"
+    if error is None:
+        raise PeerFailed(f"process {failed} of {run.world} stopped the run with an error (its "
+                         f"message is above); {saved}")
+    if isinstance(error, RuntimeError) and "DataLoader worker" in str(error):
+        what = one_line(error).rstrip(". ")
+        raise WorkerDied(
+            f"a data-loading worker died ({what}), most often because the system ran out of "
+            f"memory: lower --workers or --batch-size. {saved}; continue with: "
+            f"{resume_command(run.cfg)}") from error
+    if isinstance(error, USER_ERRORS):
+        raise type(error)(f"{one_line(error).rstrip('. ')}; {saved}; once that is fixed, "
+                          f"continue with: {resume_command(run.cfg)}") from error
+    raise error
+
+
+class BatchFailed(Exception):
+    """Reading a batch failed on process `failed` (`error`: this process's error, or None)."""
+
+    def __init__(self, error: Exception | None, failed: int):
+        super().__init__(f"reading a batch failed on process {failed}")
+        self.error, self.failed = error, failed
+
+
+def agreed_batch(run: Run, batches):
+    """The next training batch of this process, once every process has read its own: a failed
+    read on any of them raises `BatchFailed` on all, before any collective of the step."""
+    batch, error = next_batch(batches)
+    (failed,) = agree(run, run.rank + 1 if error else 0)
+    if failed:
+        raise BatchFailed(error, failed - 1)
+    return batch
+
+
+def agreed_batches(run: Run, loader, stop: StopSignal):
+    """The batches of `loader` (this process's shard of a validation), with every process
+    agreeing after each one whether to go on: a stop signal on any process raises `CutShort`
+    and a failed read `BatchFailed` on all of them at the same batch, so that none is left
+    waiting in a collective. A process whose shard has ended keeps agreeing until all have."""
+    batches = iter(loader)
+    while True:
+        batch, error = next_batch(batches)
+        signum, failed, more = agree(run, stop.signum or 0, run.rank + 1 if error else 0,
+                                     int(batch is not None))
+        if failed:
+            raise BatchFailed(error, failed - 1)
+        if signum:
+            raise CutShort
+        if not more:
+            return
+        if batch is not None:
+            yield batch
 
 
 class StopSignal:
@@ -632,7 +800,7 @@ def stop_at_once(run: Run, done: int) -> None:
 # =============================================================================================
 # Command line
 # =============================================================================================
-USER_ERRORS = (ConfigError, data.DatasetError, FloatingPointError, WorkerDied)
+USER_ERRORS = (ConfigError, data.DatasetError, FloatingPointError, WorkerDied, PeerFailed)
 
 
 def one_line(error: Exception) -> str:

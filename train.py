@@ -53,17 +53,20 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from config import PRESETS, Config, ConfigError, parse_config
+from config import PRESETS, Config, ConfigError, parse_config, parse_flags
 from metrics import format_metrics, metrics_table, validate
 from model import AFANet
 from par import PAR
 from pipeline import LabelSettings
 from pretrained import load_pretrained
-from runner import (CutShort, Run, StepSampler, StepStart, StopSignal, TrainStream, agree,
-                    check_new_run, check_work_dir_writable, compile_and_wrap, deferred, exit_code,
-                    keep_freed_memory, leave_stop_signals_to_main, one_line, resume_from, save,
-                    setup_distributed, shard_loader, start_work_dir, stop_at_once, stop_nonfinite,
-                    stop_on_signal, stop_worker_died, warn_if_bf16_is_emulated, write_metrics)
+from runner import (BatchFailed, CutShort, Resumed, Run, StepSampler, StepStart, StopSignal,
+                    TrainStream, agree, agreed_batch, agreed_batches, check_new_run, check_work_dir_writable,
+                    compile_and_wrap, control_group, exit_code, keep_freed_memory,
+                    leave_stop_signals_to_main, nothing_left_on_failure, one_line,
+                    rank_0_log, resume_from, run_config, save, setup_distributed, shard_loader,
+                    start_work_dir, stop_at_once, stop_nonfinite, stop_on_failure, stop_on_signal,
+                    warn_if_bf16_is_emulated, worker_deaths_read_with_batches,
+                    write_metrics)
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 from visualize import class_names_of, training_figure
 
@@ -172,8 +175,8 @@ class TrainResult(NamedTuple):
     metrics: dict                # the last validation scores
 
 
-def train(cfg: Config) -> TrainResult:
-    """Run the whole training (or its remainder, when resuming)."""
+def train(cfg: Config, resumed: Resumed | None = None) -> TrainResult:
+    """Run the whole training (or its remainder: `resumed`, or the checkpoint cfg.resume names)."""
     keep_freed_memory()                      # fewer page faults: the same numbers, faster
     rank, world, device = setup_distributed(cfg)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -182,25 +185,29 @@ def train(cfg: Config) -> TrainResult:
         dist.barrier()                       # every process has looked before rank 0 writes
     if rank == 0:
         check_work_dir_writable(cfg.work_dir)
-        log("config:\n" + "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(cfg).items()))
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    train_set, val_set = load_datasets(cfg, rank, world)
-    model = build_model(cfg, device, world)
-    if rank == 0:
-        warn_if_unlearnable(cfg)
-        warn_if_bf16_is_emulated(cfg, device)
-    optimizer = build_optimizer(model, cfg)
-    autocast, scaler = make_autocast(cfg, device)
-    start_step, history = resume_from(cfg, model, optimizer, scaler, log)
+    with nothing_left_on_failure(cfg.work_dir, rank):
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        train_set, val_set = load_datasets(cfg, rank, world)
+        model = build_model(cfg, device, world)
+        if rank == 0:
+            warn_if_unlearnable(cfg)
+            warn_if_bf16_is_emulated(cfg, device)
+        optimizer = build_optimizer(model, cfg)
+        autocast, scaler = make_autocast(cfg, device)
+        start_step, history, overrides = resume_from(cfg, model, optimizer, scaler, log, resumed,
+                                                     rank, world, device)
     if rank == 0:                            # data, weights and checkpoint loaded: now it is a run
-        start_work_dir(cfg, start_step)
+        start_work_dir(cfg, start_step, overrides)
+        log("config:\n" + "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(cfg).items()))
+        warn_if_classification_only(cfg)
     if world > 1:
         dist.barrier()
     net = compile_and_wrap(model, cfg, device, world)
     run = Run(cfg, rank, world, device, model, net, PAR(num_iter=cfg.par_iters).to(device),
-              optimizer, autocast, scaler, history)
+              optimizer, autocast, scaler, history, overrides=overrides,
+              control=control_group(world, device))
     loader, val_loader = make_loaders(cfg, train_set, val_set, start_step, rank, world)
     t_start = time.time()
     metrics = train_loop(run, loader, val_loader, val_set, start_step)
@@ -214,49 +221,57 @@ def train(cfg: Config) -> TrainResult:
     return TrainResult(model, metrics)
 
 
+def warn_if_classification_only(cfg: Config) -> None:
+    """One line when the run ends before its first step with pseudo labels (step cam_iters + 1)."""
+    if cfg.iters <= cfg.cam_iters + 1:
+        print(f"note: --iters {cfg.iters} ends within the classification-only phase (--cam-iters "
+              f"{cfg.cam_iters}): this run trains the classifier alone, without pseudo labels, "
+              "L_seg or L_aff", file=sys.stderr)
+
+
 def train_loop(run: Run, loader, val_loader, val_set, start_step: int) -> dict:
     """Steps start_step … iters−1: the step, its update, the log; validation and checkpoints
-    every eval_every; a stop after a non-finite loss, on SIGINT / SIGTERM (during validation at
-    once), or when a data-loading worker dies. Returns the last validation's scores."""
+    every eval_every. Every process stops at the same step, with a checkpoint of the last
+    completed one, after a non-finite loss, on SIGINT / SIGTERM (during validation at once), or
+    when reading a batch fails on any of them. Returns the last validation's scores."""
     cfg = run.cfg
     bar = tqdm(total=cfg.iters, initial=start_step, disable=not run.is_main, dynamic_ncols=True,
                desc="train")
     running, started = {}, time.time()
     metrics = run.history[-1] if run.history else {}
-    done, before = start_step, None  # steps completed; the state a step in progress started from
+    done, batches = start_step, iter(loader)  # steps completed; this process's batches
     stop = StopSignal.install()
     try:
-        if validation_missing(run, start_step):  # a stop cut it short: it comes first
-            metrics = validate_and_save(run, val_loader, val_set, start_step, stop)
-        for step, batch in zip(range(start_step, cfg.iters), loader):
-            batch = to_device(batch, run.device)
-            set_lr(run.optimizer, step, cfg)
-            before = StepStart.take(run.model)  # undone if the step cannot be completed
-            step_started = time.perf_counter()
-            out = compute_losses(run.net, run.model, run.par, batch, step, cfg, run.autocast)
-            # One host sync per step: the loss values, for the log and the finiteness check.
-            values = dict(zip(out.terms, torch.stack(list(out.terms.values())).tolist()))
-            signum, finite = agree(run, stop.signum, all(map(math.isfinite, values.values())))
-            if not finite:
-                stop_nonfinite(run, step, values, before)
-            with deferred(signal.SIGCHLD):  # a worker's death is reported once the step is logged
+        with worker_deaths_read_with_batches():  # reported by the next read, agreed
+            if validation_missing(run, start_step):  # a stop cut it short: it comes first
+                metrics = validate_and_save(run, val_loader, val_set, start_step, stop)
+            for step in range(start_step, cfg.iters):
+                batch = to_device(agreed_batch(run, batches), run.device)
+                set_lr(run.optimizer, step, cfg)
+                before = StepStart.take(run.model, run.device)  # undone if the step cannot complete
+                step_started = time.perf_counter()
+                out = compute_losses(run.net, run.model, run.par, batch, step, cfg, run.autocast)
+                # One host sync per step: the loss values, for the log and the finiteness check.
+                values = dict(zip(out.terms, torch.stack(list(out.terms.values())).tolist()))
+                signum, nonfinite = agree(run, stop.signum or 0,
+                                          not all(map(math.isfinite, values.values())))
+                if nonfinite:
+                    stop_nonfinite(run, step, values, before)
                 update(run.optimizer, run.scaler, out.loss)
-                done, before = step + 1, None
-                run.times.add("classification-only steps" if step <= cfg.cam_iters
-                              else "full steps", time.perf_counter() - step_started)
+                done = step + 1
+                run.times.add("classification-only steps" if step <= cfg.cam_iters else "full steps",
+                              time.perf_counter() - step_started)
                 running = log_progress(run, bar, running, values, done, started)
-            if done % cfg.eval_every == 0 or done == cfg.iters:
-                metrics = validate_and_save(run, val_loader, val_set, done, stop)
-            if signum:
-                stop_on_signal(run, bar, done, signum)
+                if done % cfg.eval_every == 0 or done == cfg.iters:
+                    metrics = validate_and_save(run, val_loader, val_set, done, stop)
+                if signum:
+                    stop_on_signal(run, bar, done, signum)
     except CutShort:
         stop_on_signal(run, bar, done, stop.signum, cut_short=True)
+    except BatchFailed as failure:
+        stop_on_failure(run, bar, done, failure.error, failure.failed)
     except KeyboardInterrupt:
         stop_at_once(run, done)
-    except RuntimeError as error:
-        if "DataLoader worker" not in str(error):
-            raise
-        stop_worker_died(run, done, before, error)
     finally:  # also on an error: the bar ends before the message, the signals are the caller's
         bar.close()
         stop.restore()
@@ -301,9 +316,9 @@ def validate_and_save(run: Run, val_loader, val_set, step: int, stop: StopSignal
     validation_started = time.perf_counter()
     run.model.eval()
     settings = LabelSettings.from_config(cfg, run.model)
-    with stop.cutting_short(allowed=run.world == 1):
-        scores = validate(run.model, val_loader, cfg.num_classes, run.device, settings,
-                          world=run.world)
+    with stop.cutting_short(allowed=run.world == 1):  # under DDP: agreed per batch
+        scores = validate(run.model, agreed_batches(run, val_loader, stop), cfg.num_classes,
+                          run.device, settings, world=run.world)
         if run.is_main and cfg.num_figures > 0:
             training_figure(run.model, run.par, val_set, range(min(cfg.num_figures, len(val_set))),
                             os.path.join(cfg.work_dir, "figures", f"val_iter_{step}.png"),
@@ -325,7 +340,8 @@ def validate_and_save(run: Run, val_loader, val_set, step: int, stop: StopSignal
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     summary = __doc__.split("\n")[0]
-    return exit_code(lambda: train(parse_config(argv, summary)), debug="--debug" in argv)
+    return exit_code(lambda: train(*run_config(parse_flags(argv, summary), log=rank_0_log)),
+                     debug="--debug" in argv)
 
 
 if __name__ == "__main__":
