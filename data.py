@@ -155,7 +155,8 @@ _OR_SYNTHETIC = "; or generate the built-in synthetic set with make_synthetic(ro
 _VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"
 _VOC_TAR = "VOCtrainval_11-May-2012.tar"
 _SBD_MASKS_URL = "https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip"
-_PREPARE_COCO = "python prepare_coco.py --coco-root <download> --out <this folder>"
+_PREPARE_COCO = ("python prepare_coco.py --coco-root <download> --out <this folder> (after "
+                 "pip install pycocotools)")
 _REGENERATE = "make_synthetic(root) (train.py does so when --data-root does not exist)"
 DOWNLOAD_HELP = {  # layout name → its help; a layout of the user's gets none
     "voc": DownloadHelp(

@@ -1,9 +1,11 @@
-"""Tests of prepare_coco.py on a tiny hand-made COCO download: RLE (list and compressed string)
-and polygon rasterisation against known answers and naive references, the class mapping, the
-overlap and crowd rules, the written layout as data.py reads it, and one clear error per mistake."""
+"""Tests of prepare_coco.py on tiny hand-made COCO downloads: the masks against the cocoapi's own
+`annToMask` (polygons of several parts, overlaps, crowd RLE compressed and uncompressed), the class
+mapping, the overlap and crowd rules, the written layout as data.py reads it, and one clear error
+per mistake, a missing pycocotools included."""
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -12,10 +14,19 @@ from PIL import Image
 import data
 import prepare_coco as prep
 
+# pycocotools' own decode, under numpy 2
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-# --- an independent encoder, written from the format's definition -----------------------------
+
+@pytest.fixture
+def cocoapi():
+    """pycocotools.mask; the test is skipped where pycocotools is not installed."""
+    return pytest.importorskip("pycocotools.mask")
+
+
 def encode_counts(mask):
-    """Run lengths of a binary (H, W) mask over its pixels in column-major order, 0s first."""
+    """Uncompressed RLE, as COCO stores crowd regions: run lengths of a binary (H, W) mask over
+    its pixels in column-major order, 0s first."""
     flat = np.asarray(mask, dtype=bool).T.ravel()  # column-major
     counts, value, run = [], False, 0
     for pixel in flat:
@@ -27,137 +38,10 @@ def encode_counts(mask):
     return counts
 
 
-def counts_to_string(counts):
-    """The compressed string: from the 4th run on, the difference to the run two before; each
-    number in 5-bit groups, least significant first, as chr(48 + group), 0x20 = more groups
-    follow, 0x10 in the last group = negative."""
-    text = []
-    for i, count in enumerate(counts):
-        number = count - counts[i - 2] if i > 2 else count
-        while True:
-            group = number & 0x1F
-            number >>= 5  # arithmetic shift: a negative number tends to −1
-            done = number == -1 if group & 0x10 else number == 0
-            text.append(chr(48 + (group if done else group | 0x20)))
-            if done:
-                break
-    return "".join(text)
-
-
-def inside_naive(polygons, height, width):
-    """Pixel by pixel: the centre (x + .5, y + .5) is inside when an odd number of edges crossing
-    its row (half-open in y) cross strictly left of it, in any polygon."""
-    mask = np.zeros((height, width), dtype=bool)
-    for polygon in polygons:
-        points = np.asarray(polygon, dtype=float).reshape(-1, 2)
-        for y in range(height):
-            for x in range(width):
-                px, py = x + 0.5, y + 0.5
-                crossings = 0
-                for (x0, y0), (x1, y1) in zip(points, np.roll(points, -1, axis=0)):
-                    if min(y0, y1) < py <= max(y0, y1):
-                        if x0 + (py - y0) * (x1 - x0) / (y1 - y0) < px:
-                            crossings += 1
-                mask[y, x] |= crossings % 2 == 1
-    return mask
-
-
-# --- RLE ---------------------------------------------------------------------------------------
-def test_compressed_string_known_answer():
-    # Worked by hand: 5 → "5", 40 → "X1" (8 with 0x20, then 1), 2 → "2", and the 4th run 1 is
-    # stored as 1 − 40 = −39 → "iN" (25 with 0x20, then 30 = −2 in 5 bits, sign bit set).
-    assert prep.rle_counts_from_string("5X12iN").tolist() == [5, 40, 2, 1]
-    assert counts_to_string([5, 40, 2, 1]) == "5X12iN"
-    assert prep.rle_counts_from_string("").tolist() == []
-
-
-def test_rle_decode_is_column_major_and_starts_with_background():
-    # 2 × 3 image, column-major pixels: 0 0 | 1 1 | 1 0
-    expected = np.array([[0, 1, 1], [0, 1, 0]], dtype=bool)
-    np.testing.assert_array_equal(prep.rle_decode([2, 3, 1], 2, 3), expected)
-    # a mask whose first pixel is set starts with an empty background run
-    np.testing.assert_array_equal(prep.rle_decode([0, 1, 5], 2, 3),
-                                  np.array([[1, 0, 0], [0, 0, 0]], dtype=bool))
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_rle_round_trip(seed):
-    rng = np.random.default_rng(seed)
-    height, width = rng.integers(1, 90, size=2)
-    kind = seed % 3
-    if kind == 0:  # scattered pixels: many short runs
-        mask = rng.random((height, width)) < rng.random()
-    elif kind == 1:  # one block: runs of hundreds, numbers of several characters
-        mask = np.zeros((height, width), dtype=bool)
-        mask[rng.integers(0, height):, rng.integers(0, width):] = True
-    else:  # empty or full
-        mask = np.full((height, width), seed % 2 == 0)
-    counts = encode_counts(mask)
-    np.testing.assert_array_equal(prep.rle_decode(counts, height, width), mask)
-    text = counts_to_string(counts)
-    assert prep.rle_counts_from_string(text).tolist() == counts
-    decoded = prep.rle_decode(prep.rle_counts_from_string(text), height, width)
-    np.testing.assert_array_equal(decoded, mask)
-
-
-def test_long_runs_and_negative_differences_decode():
-    counts = [0, 409_600 - 3, 1, 1, 1]  # 640 × 640: a huge run, then a difference of −409,596
-    text = counts_to_string(counts)
-    assert prep.rle_counts_from_string(text).tolist() == counts
-
-
-@pytest.mark.parametrize("text, message", [
-    ("5X1 2", "holds ' '"),
-    ("5X1é", "holds 'é'"),
-    ("5X", "truncated"),
-    ("5" + "X" * 13 + "1", "characters"),
-])
-def test_malformed_strings_are_refused(text, message):
-    with pytest.raises(prep.AnnotationError, match=message):
-        prep.rle_counts_from_string(text)
-
-
-def test_rle_that_does_not_cover_the_image_is_refused():
-    with pytest.raises(prep.AnnotationError, match="cover 5 pixels.*2×3 = 6"):
-        prep.rle_decode([2, 3], 2, 3)
-
-
-# --- polygons ----------------------------------------------------------------------------------
-def test_rectangle_has_its_area():
-    # x from 2 to 6, y from 2 to 5: the pixels whose centres are inside, 4 × 3 = 12 = its area
-    mask = prep.polygon_mask([[2, 2, 6, 2, 6, 5, 2, 5]], 8, 9)
-    expected = np.zeros((8, 9), dtype=bool)
-    expected[2:5, 2:6] = True
-    np.testing.assert_array_equal(mask, expected)
-    # centres on the left / top edge are out, on the right / bottom edge in (as the cocoapi's)
-    mask = prep.polygon_mask([[2.5, 2.5, 6.5, 2.5, 6.5, 5.5, 2.5, 5.5]], 8, 9)
-    expected = np.zeros((8, 9), dtype=bool)
-    expected[3:6, 3:7] = True
-    np.testing.assert_array_equal(mask, expected)
-
-
-def test_polygons_match_the_pixel_by_pixel_reference():
-    rng = np.random.default_rng(0)
-    for trial in range(12):
-        height, width = rng.integers(5, 25, size=2)
-        # random polygons, some reaching outside the image, some self-intersecting; two parts
-        polygons = [rng.uniform(-4, max(height, width) + 4, size=2 * rng.integers(3, 9)).tolist()
-                    for _ in range(1 + trial % 2)]
-        np.testing.assert_array_equal(prep.polygon_mask(polygons, height, width),
-                                      inside_naive(polygons, height, width))
-
-
-def test_degenerate_polygons_are_empty():
-    assert not prep.polygon_mask([[], [3, 3], [1, 1, 5, 5]], 6, 6).any()
-    assert not prep.polygon_mask([[10, 10, 20, 10, 20, 20]], 6, 6).any()  # outside the image
-
-
-def test_triangle_area_converges_to_the_shoelace_area():
-    # a large triangle: its pixel count is its area up to the boundary pixels
-    mask = prep.polygon_mask([[10.3, 5.1, 190.7, 40.2, 60.4, 170.9]], 200, 200)
-    x, y = np.array([10.3, 190.7, 60.4]), np.array([5.1, 40.2, 170.9])
-    area = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
-    assert abs(mask.sum() - area) < 0.01 * area
+def compressed(mask):
+    """The cocoapi's compressed RLE string of a binary (H, W) mask."""
+    from pycocotools import mask as api
+    return api.encode(np.asfortranarray(mask, dtype=np.uint8))["counts"].decode()
 
 
 # --- categories ----------------------------------------------------------------------------------
@@ -195,14 +79,26 @@ def expected_train_mask(crowd_value=TOOTHBRUSH):
     return mask
 
 
+def write_split(root, split, images, annotations):
+    """<root>/<split>2014/ with random images (id, file name, height, width) and
+    <root>/annotations/instances_<split>2014.json; returns the JSON's path."""
+    rng = np.random.default_rng(0)
+    folder = os.path.join(root, f"{split}2014")
+    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    records = []
+    for image_id, file_name, height, width in images:
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, file_name))
+        records.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
+    path = os.path.join(root, "annotations", f"instances_{split}2014.json")
+    with open(path, "w") as f:
+        json.dump({"images": records, "annotations": annotations, "categories": CATEGORIES}, f)
+    return path
+
+
 def write_download(root, annotations_train=None):
     """train2014/ (3 images, one without annotations), val2014/ (1 image), annotations/."""
-    images = {
-        "train": [(1, "COCO_train2014_000000000001.jpg", 10, 12),
-                  (2, "COCO_train2014_000000000002.jpg", 6, 7),
-                  (3, "COCO_train2014_000000000003.jpg", 5, 5)],
-        "val": [(42, "COCO_val2014_000000000042.jpg", 8, 8)],
-    }
     if annotations_train is None:
         annotations_train = [
             {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 12.0,
@@ -211,36 +107,21 @@ def write_download(root, annotations_train=None):
              "segmentation": {"counts": encode_counts(block(10, 12, slice(0, 6), slice(0, 4))),
                               "size": [10, 12]}},
             {"id": 13, "image_id": 1, "category_id": 90, "iscrowd": 0, "area": 10.0,
-             "segmentation": {"counts": counts_to_string(encode_counts(
-                 block(10, 12, slice(7, 9), slice(6, 11)))), "size": [10, 12]}},
+             "segmentation": {"counts": compressed(block(10, 12, slice(7, 9), slice(6, 11))),
+                              "size": [10, 12]}},
             {"id": 14, "image_id": 1, "category_id": 1, "iscrowd": 0,
              "segmentation": [[7, 8, 12, 8, 12, 10, 7, 10]]},
             # image 2: one object in two parts
             {"id": 21, "image_id": 2, "category_id": 1, "iscrowd": 0, "area": 13.0,
              "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2], [4, 3, 7, 3, 7, 6, 4, 6]]},
         ]
-    annotations = {
-        "train": annotations_train,
-        "val": [{"id": 51, "image_id": 42, "category_id": 90, "iscrowd": 0,
-                 "area": float(val_object().sum()),
-                 "segmentation": {"counts": counts_to_string(encode_counts(val_object())),
-                                  "size": [8, 8]}}],
-    }
-    rng = np.random.default_rng(0)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for split in ("train", "val"):
-        folder = os.path.join(root, f"{split}2014")
-        os.makedirs(folder, exist_ok=True)
-        records = []
-        for image_id, file_name, height, width in images[split]:
-            pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(os.path.join(folder, file_name))
-            records.append({"id": image_id, "file_name": file_name, "height": height,
-                            "width": width})
-        content = {"images": records, "annotations": annotations[split],
-                   "categories": CATEGORIES}
-        with open(os.path.join(root, "annotations", f"instances_{split}2014.json"), "w") as f:
-            json.dump(content, f)
+    write_split(root, "train", [(1, "COCO_train2014_000000000001.jpg", 10, 12),
+                                (2, "COCO_train2014_000000000002.jpg", 6, 7),
+                                (3, "COCO_train2014_000000000003.jpg", 5, 5)], annotations_train)
+    write_split(root, "val", [(42, "COCO_val2014_000000000042.jpg", 8, 8)], [
+        {"id": 51, "image_id": 42, "category_id": 90, "iscrowd": 0,
+         "area": float(val_object().sum()),
+         "segmentation": {"counts": compressed(val_object()), "size": [8, 8]}}])
 
 
 def read(path):
@@ -250,7 +131,7 @@ def read(path):
 
 
 @pytest.fixture
-def download(tmp_path):
+def download(tmp_path, cocoapi):
     root = str(tmp_path / "coco2014")
     write_download(root)
     return root
@@ -323,6 +204,78 @@ def test_workers_and_reruns_give_the_same_masks(download, tmp_path, capsys):
                                           read(two / "SegmentationClass" / split / name))
 
 
+def random_annotations(rng, image_id, height, width, first_id):
+    """Overlapping objects of every kind over one image: polygons of 1–3 parts (vertices off the
+    pixel grid, some outside the image, a part of 2 points), crowd regions as uncompressed and as
+    compressed RLE, an object given as compressed RLE, one without `area`, two of equal area."""
+    annotations = []
+    for k in range(10):
+        kind = k % 4
+        annotation = {"id": first_id + k, "image_id": image_id, "category_id": (1, 90)[k % 3 % 2],
+                      "iscrowd": int(kind >= 2 and k != 7)}
+        if kind < 2:
+            parts = []
+            for _ in range(1 + k % 3):
+                corners = rng.integers(3, 12)
+                angles = np.sort(rng.uniform(0, 2 * np.pi, corners))
+                radii = rng.uniform(2, 0.4 * min(height, width), corners)
+                centre = rng.uniform(-3, [width + 3, height + 3])
+                parts.append(np.stack([centre[0] + radii * np.cos(angles),
+                                       centre[1] + radii * np.sin(angles)], 1).ravel().tolist())
+            if k == 5:
+                parts.append(rng.uniform(0, min(height, width), 4).tolist())  # 2 points
+            annotation["segmentation"] = parts
+        else:
+            top, left = rng.integers(0, height - 2), rng.integers(0, width - 2)
+            blob = np.zeros((height, width), dtype=bool)
+            blob[top:top + rng.integers(2, height), left:left + rng.integers(2, width)] = True
+            blob &= rng.random((height, width)) < 0.8
+            counts = encode_counts(blob) if kind == 2 else compressed(blob)
+            annotation["segmentation"] = {"counts": counts, "size": [height, width]}
+        annotation["area"] = round(float(rng.uniform(5, height * width / 4)), 2)
+        annotations.append(annotation)
+    del annotations[4]["area"]  # then its pixel count
+    annotations[8]["area"] = annotations[1]["area"]  # a tie: the earlier one wins
+    return annotations
+
+
+def cocoapi_masks(json_path, image_id, crowd):
+    """The semantic mask from the cocoapi's `annToMask` of each annotation, painted as the authors'
+    converter does: smallest `area` (else pixel count) first, stable, the first to claim a
+    pixel keeps it."""
+    from pycocotools.coco import COCO
+    coco = COCO(json_path)
+    annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))  # in the file's order
+    objects = [coco.annToMask(annotation).astype(bool) for annotation in annotations]
+    assert (np.sum(objects, axis=0) > 1).any()  # the objects overlap
+    areas = [annotation.get("area", mask.sum()) for annotation, mask in zip(annotations, objects)]
+    semantic = np.zeros(objects[0].shape, dtype=np.uint8)
+    claimed = np.zeros(objects[0].shape, dtype=bool)
+    for i in sorted(range(len(annotations)), key=lambda i: areas[i]):
+        value = {1: PERSON, 90: TOOTHBRUSH}[annotations[i]["category_id"]]
+        if crowd == "ignore" and annotations[i]["iscrowd"]:
+            value = prep.IGNORE_INDEX
+        semantic[objects[i] & ~claimed] = value
+        claimed |= objects[i]
+    return semantic
+
+
+@pytest.mark.parametrize("crowd", ["class", "ignore"])
+def test_masks_equal_the_cocoapi_annToMask(tmp_path, cocoapi, crowd):
+    rng = np.random.default_rng(7)
+    root, images, annotations = str(tmp_path / "coco2014"), [], []
+    for image_id, (height, width) in enumerate([(37, 53), (61, 44), (50, 50)], start=1):
+        images.append((image_id, f"COCO_train2014_{image_id:012d}.jpg", height, width))
+        annotations += random_annotations(rng, image_id, height, width, 100 * image_id)
+    json_path = write_split(root, "train", images, annotations)
+    out = tmp_path / "coco"
+    assert prep.main(["--coco-root", root, "--out", str(out), "--splits", "train",
+                      "--crowd", crowd, "--workers", "1"]) == 0
+    for image_id, file_name, _, _ in images:
+        written = read(out / "SegmentationClass" / "train" / file_name.replace(".jpg", ".png"))
+        np.testing.assert_array_equal(written, cocoapi_masks(json_path, image_id, crowd))
+
+
 # --- errors: one line, naming the file or annotation and the fix -------------------------------
 def error_of(capsys, argv):
     assert prep.main(argv) == 2
@@ -339,7 +292,7 @@ def test_missing_annotation_file(download, tmp_path, capsys):
     assert "annotations_trainval2014.zip" in message
 
 
-def test_missing_image_folder(tmp_path, capsys):
+def test_missing_image_folder(tmp_path, capsys, cocoapi):
     message = error_of(capsys, ["--coco-root", str(tmp_path / "nowhere"), "--out",
                                 str(tmp_path / "o")])
     assert "image folder" in message and "train2014 not found" in message
@@ -361,12 +314,15 @@ def test_not_json(download, tmp_path, capsys):
 
 @pytest.mark.parametrize("segmentation, problem", [
     ({"counts": [2, 3], "size": [10, 12]}, "cover 5 pixels"),
-    ({"counts": "5X1 2", "size": [10, 12]}, "holds ' '"),
+    ({"counts": [2, -3, 121], "size": [10, 12]}, "run lengths (integers ≥ 0)"),
+    ({"counts": "5X1 2", "size": [10, 12]}, "not a 10×12 mask as the cocoapi writes it"),
+    ({"counts": "52", "size": [10, 12]}, "runs that do not cover the image"),
     ({"counts": [120], "size": [12, 10]}, "not the image's"),
     ([[1, 2, 3, 4, 5]], "polygon must be"),
+    ([[1, 2, 3, float("inf"), 5, 6]], "not a finite number"),
     ("person", "segmentation must be"),
 ])
-def test_malformed_annotation_names_its_id(tmp_path, capsys, segmentation, problem):
+def test_malformed_annotation_names_its_id(tmp_path, capsys, cocoapi, segmentation, problem):
     root = str(tmp_path / "coco2014")
     write_download(root, annotations_train=[
         {"id": 11, "image_id": 1, "category_id": 1, "segmentation": [[2, 2, 6, 2, 6, 5]]},
@@ -377,7 +333,7 @@ def test_malformed_annotation_names_its_id(tmp_path, capsys, segmentation, probl
     assert "COCO_train2014_000000000001.jpg" in message and "fix or remove" in message
 
 
-def test_unknown_category_and_foreign_names(tmp_path, capsys):
+def test_unknown_category_and_foreign_names(tmp_path, capsys, cocoapi):
     root = str(tmp_path / "coco2014")
     write_download(root, annotations_train=[
         {"id": 5, "image_id": 1, "category_id": 12, "segmentation": [[2, 2, 6, 2, 6, 5]]}])
@@ -391,3 +347,11 @@ def test_unknown_category_and_foreign_names(tmp_path, capsys):
         json.dump(content, f)
     message = error_of(capsys, ["--coco-root", root, "--out", str(tmp_path / "o")])
     assert "category 1 'aeroplane'" in message and "'person'" in message
+
+
+def test_missing_pycocotools_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # import pycocotools fails
+    monkeypatch.setitem(sys.modules, "pycocotools.mask", None)
+    message = error_of(capsys, ["--coco-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "pycocotools is not installed: pip install pycocotools" in message
+    assert not os.path.exists(tmp_path / "o")  # said before anything is written
