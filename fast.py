@@ -224,22 +224,35 @@ def batchnorm_statistics_from_moments(decoder, features):
     P·var / (P − 1), momentum or (momentum None) the cumulative average, num_batches_tracked + 1.
     The same values up to float rounding (~1e-6, computed in float32 also under autocast); the
     work is on the stage grids, in min(C_g, embed_dim) channels, never at stride 4 in embed_dim.
+
+    Where the BatchNorm is a SyncBatchNorm of several processes (DDP), the statistics are the
+    whole batch's over all of them, as SyncBatchNorm's own: the sums behind m_g and P, then the
+    sums of squares, are all-reduced over its process group (two all-reduces).
     """
     bn = decoder.linear_fuse.bn
     if not (bn.training and bn.track_running_stats):
         return  # a train-mode forward would update nothing either
+    group = synchronised_group(bn)
     B, _, H, W = features[0].shape  # (H_1, W_1), stride 4
-    pixels = B * H * W
-    if pixels < 2:
-        raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {pixels}")
     with torch.autocast(features[0].device.type, enabled=False):  # statistics in float32
         terms, bias = fusion_by_grid(decoder, [f.float() for f in features])
-        mean, centred = bias.clone(), []
-        for x, projection in terms:  # x (B, C_g, H_g, W_g), projection A_g (embed_dim, C_g) or None
+        matrices, sums = [], []
+        for x, _ in terms:  # x (B, C_g, H_g, W_g)
             U_h = interpolation_matrix(H, x.shape[-2], device=x.device)  # (H_1, H_g)
             U_w = interpolation_matrix(W, x.shape[-1], device=x.device)  # (W_1, W_g)
             weights = torch.outer(U_h.sum(0), U_w.sum(0)).flatten()  # (H_g·W_g), a_g[i]·b_g[j]
-            m = (x.flatten(2) @ weights).sum(0) / pixels  # (C_g), m_g
+            matrices.append((U_h, U_w))
+            sums.append((x.flatten(2) @ weights).sum(0))  # (C_g), P·m_g over this process's batch
+        totals = torch.cat([*sums, bias.new_tensor([B * H * W])])  # (Σ C_g + 1)
+        if group is not None:
+            torch.distributed.all_reduce(totals, group=group)
+        pixels = float(totals[-1])
+        if pixels < 2:
+            raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {pixels}")
+        mean, centred = bias.clone(), []
+        for (x, projection), (U_h, U_w), m in zip(terms, matrices,
+                                                  totals[:-1].split([len(s) for s in sums])):
+            m = m / pixels  # (C_g), m_g
             mean += m if projection is None else projection @ m
             centred.append((x - m[:, None, None], projection, U_h, U_w))  # x̃_g (B, C_g, H_g, W_g)
         square_sum = torch.zeros_like(mean)  # P·var(y), (embed_dim)
@@ -263,12 +276,23 @@ def batchnorm_statistics_from_moments(decoder, features):
                     # diag(A_g S_gg' A_g'ᵀ), (embed_dim)
                     products = left.diagonal() if A_other is None else (left * A_other).sum(1)
                 square_sum += products if first == second else 2 * products
+        if group is not None:
+            torch.distributed.all_reduce(square_sum, group=group)
     bn.num_batches_tracked.add_(1)
     factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     # Through .data, as the BatchNorm kernel writes them: a train-mode forward whose graph saved
     # the buffers (the step's forward, before its CAM passes) can still run its backward.
     bn.running_mean.data.mul_(1 - factor).add_(mean, alpha=factor)
     bn.running_var.data.mul_(1 - factor).add_(square_sum / (pixels - 1), alpha=factor)  # unbiased
+
+
+def synchronised_group(bn):
+    """The process group whose batch a SyncBatchNorm's statistics cover (None: this process's)."""
+    dist = torch.distributed
+    if not (isinstance(bn, torch.nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def fuse_by_grid(decoder, features):

@@ -300,8 +300,7 @@ def test_a_failed_start_writes_no_run_and_the_corrected_retry_runs(bad, voc, tmp
     bad = [str(tmp_path / b) if b.startswith("missing") else b for b in bad]
     code, err = run([*VOC, *tiny(voc, work_dir, "--iters", 1), *bad], capsys)
     assert code == 2 and error_line(err)
-    assert not runner.existing_run_files(str(work_dir))
-    assert not (work_dir / "config.json").exists()
+    assert not work_dir.exists()                       # no file, no folder (not even the cache)
     code, err = run([*VOC, *tiny(voc, work_dir, "--iters", 1)], capsys)
     assert code == 0, err
     assert (work_dir / "config.json").exists() and log_lines(work_dir)

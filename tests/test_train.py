@@ -448,7 +448,7 @@ def test_rank_0_writes_into_the_work_dir_after_all_has_loaded_and_every_process_
     monkeypatch.setattr(train, "build_model", event("model"))
     monkeypatch.setattr(train, "build_optimizer", event("optimizer"))
     monkeypatch.setattr(train, "make_autocast", event("autocast", (None, None)))
-    monkeypatch.setattr(train, "resume_from", event("checkpoint", (0, [])))
+    monkeypatch.setattr(train, "resume_from", event("checkpoint", (0, [], [])))
     monkeypatch.setattr(train, "warn_if_unlearnable", event("warn"))
     monkeypatch.setattr(train, "warn_if_bf16_is_emulated", event("warn"))
     monkeypatch.setattr(train, "start_work_dir", event("write"))
