@@ -15,11 +15,12 @@ The variants (`VARIANTS`; `without(*names)` turns some off, `bench.py --variants
 - "bn_moments": the CAM passes' decoder BatchNorm statistics from moments on the stage grids;
 - "partial_affinity": the multi-scale CAM computes only the affinity it keeps, from q and k;
 - "packed_par": the PAR label refines each image's present classes only.
+`pipeline.choose_paths(model, speed_paths, variants)` chooses them once per network, where it is
+built (train.build_model, evaluate.py, bench.py); nothing is chosen per process or per step.
 
 Symbols: B batch, C classes incl. background, K kept channels, H×W crop, N tokens, nh heads,
 d head width, T tokens of a ViT with its class token.
 """
-import contextlib
 import functools
 import types
 
@@ -33,28 +34,6 @@ from vit import DropPath, VisionTransformer
 
 VARIANTS = ("skip_dropped", "grid_fusion", "bn_moments", "partial_affinity",
             "packed_par")
-_turned_off = set()  # the variants `without` turns off
-
-
-def active() -> tuple:
-    """The variants the speed paths run: `VARIANTS` but those turned off by `without`."""
-    return tuple(name for name in VARIANTS if name not in _turned_off)
-
-
-@contextlib.contextmanager
-def without(*names):
-    """Turn the named variants off inside the block (the others stay as they are)."""
-    unknown = set(names) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown speed variants {sorted(unknown)}; choose from {VARIANTS}")
-    added = set(names) - _turned_off
-    _turned_off.update(added)
-    try:
-        yield
-    finally:
-        _turned_off.difference_update(added)
-
-
 BOUND = ("forward", "residual", "update_batchnorm_statistics")  # what `apply` may bind
 
 
@@ -65,7 +44,7 @@ def apply(model, variants=VARIANTS):
     variants = frozenset(variants)
     if not variants <= set(VARIANTS):
         raise ValueError(f"unknown speed variants {sorted(variants - set(VARIANTS))}; choose from {VARIANTS}")
-    if model.__dict__.get("_speed_variants") == variants:
+    if bound(model) == variants:
         return model
     for module in model.modules():
         for name in BOUND:  # back to the plain methods
@@ -82,6 +61,11 @@ def apply(model, variants=VARIANTS):
             batchnorm_statistics_from_moments, model.decoder)
     model.__dict__["_speed_variants"] = variants
     return model
+
+
+def bound(model):
+    """The variants `apply` bound onto `model` (a frozenset), or None if it never ran on it."""
+    return model.__dict__.get("_speed_variants")
 
 
 def chain(variants=VARIANTS) -> dict:

@@ -78,14 +78,20 @@ class Paths(NamedTuple):
     refine_cams_with_par: Callable = refine_cams_with_par
 
 
-def choose_paths(model, speed_paths: bool) -> Paths:
-    """The one choice point of the implementation (`--speed-paths`): off, the network and the
-    label chain run the plain forms of the method files only; on, the variants of fast.py that
-    are on (`fast.active()`), bound onto `model` (again: a no-op) and returned as the chain's
-    stage functions. The same numbers up to float rounding either way (tests/test_fast.py)."""
-    variants = fast.active() if speed_paths else ()
+def choose_paths(model, speed_paths: bool, variants=fast.VARIANTS) -> Paths:
+    """The one choice point of the implementation (`--speed-paths`), made once per network where
+    it is built: off, the network and the label chain run the plain forms of the method files
+    only; on, `variants` of fast.py (all by default), bound onto `model` and returned as the
+    chain's stage functions. The same numbers up to float rounding either way
+    (tests/test_fast.py)."""
+    variants = tuple(variants) if speed_paths else ()
     fast.apply(model, variants)
-    return Paths(**fast.chain(variants))
+    return paths_of(model)
+
+
+def paths_of(model) -> Paths:
+    """The chain's stage functions of the variants chosen for `model` (`choose_paths`)."""
+    return Paths(**fast.chain(fast.bound(model) or ()))
 
 
 # =============================================================================================
@@ -123,12 +129,14 @@ class LabelSettings:
 
     @classmethod
     def from_config(cls, cfg, model) -> "LabelSettings":
-        """The training step's settings of a run's configuration (train.Config), read once where
-        it is read; its `speed_paths` chooses the implementation for `model` (`choose_paths`)."""
+        """The training step's settings of a run's configuration (train.Config), with the stage
+        functions chosen for `model` (`choose_paths`; by its `speed_paths` if none were yet)."""
+        paths = (paths_of(model) if fast.bound(model) is not None
+                 else choose_paths(model, cfg.speed_paths))
         return cls(cam_scales=tuple(cfg.cam_scales), low=cfg.low, high=cfg.high,
                    bkg_score=cfg.bkg_score, radius=cfg.radius, propagate_with=cfg.propagate_with,
                    cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
-                   reuse_forward_cam=cfg.reuse_forward_cam, paths=choose_paths(model, cfg.speed_paths))
+                   reuse_forward_cam=cfg.reuse_forward_cam, paths=paths)
 
     def for_evaluation(self, affinity_from: str = "cam_pass") -> "LabelSettings":
         """The same numbers for the labels of a network in eval mode (validation, evaluate.py,

@@ -57,7 +57,7 @@ from config import PRESETS, Config, ConfigError, parse_config, parse_flags
 from metrics import format_metrics, metrics_table, validate
 from model import AFANet
 from par import PAR
-from pipeline import LabelSettings
+from pipeline import LabelSettings, choose_paths
 from pretrained import load_pretrained
 from runner import (BatchFailed, CutShort, Resumed, Run, StepSampler, StepStart, StopSignal,
                     TrainStream, agree, agreed_batch, agreed_batches, check_new_run, check_work_dir_writable,
@@ -141,7 +141,7 @@ def warn_if_unlearnable(cfg: Config) -> None:
 
 def build_model(cfg: Config, device: torch.device, world: int) -> AFANet:
     """AFANet on `device`: encoder from --pretrained (unless resuming), norms frozen if asked,
-    synchronised BatchNorm across GPUs."""
+    synchronised BatchNorm across GPUs, its implementation chosen (--speed-paths)."""
     model = AFANet(cfg.num_classes, backbone=cfg.backbone)
     if cfg.pretrained and not cfg.resume:
         try:
@@ -154,6 +154,7 @@ def build_model(cfg: Config, device: torch.device, world: int) -> AFANet:
         freeze_encoder_norms(model)
     if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    choose_paths(model, cfg.speed_paths)     # the plain forms or fast.py's variants, once
     return model.to(device)
 
 

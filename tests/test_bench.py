@@ -68,7 +68,7 @@ def test_variants_time_the_step_with_each_speed_variant_off(capsys):
                 compile=False, threads=0, crop=64, kind="variants", options=[])
     row = bench.run_one(spec)
     assert list(row["variants_s"]) == ["all on", "all off"] + [f"without {v}" for v in fast.VARIANTS]
-    assert all(seconds > 0 for seconds in row["variants_s"].values()) and fast.active() == fast.VARIANTS
+    assert all(seconds > 0 for seconds in row["variants_s"].values())
     report = bench.format_report({"backbone": "mit_b0", "batch_size": 2, "device": "cpu",
                                   "threads": 1, "amp": False, "compile": False, "num_steps": 1,
                                   "warmup": 0, "load_before": "0", "load_after": "0", "steps": [],

@@ -53,18 +53,21 @@ def step_batch(B=2, size=64, num_classes=6, seed=0):
             "valid_box": torch.tensor([[0, size, 0, size], [0, size // 2 + 8, 0, size - 16]])}
 
 
-def run_step(cfg, step, seed=0, backbone="mit_b0"):
-    """One training step (compute_losses and backward) of a fresh network: the loss terms, the
-    labels, every parameter's gradient, the decoder's BatchNorm buffers, the variants bound."""
+def run_step(cfg, step, seed=0, backbone="mit_b0", variants=None):
+    """One training step (compute_losses and backward) of a fresh network (with `variants` chosen
+    for it, or by cfg.speed_paths): the loss terms, the labels, every parameter's gradient, the
+    decoder's BatchNorm buffers, the variants bound."""
     torch.manual_seed(seed)
     model = AFANet(cfg.num_classes, backbone=backbone).train()  # stochastic depth on
+    if variants is not None:
+        pipeline.choose_paths(model, True, variants)
     torch.manual_seed(seed + 1)
     out = train_step.compute_losses(model, model, PAR(), step_batch(), step, cfg, contextlib.nullcontext)
     out.loss.backward()
     bn = model.decoder.linear_fuse.bn
     return (out, {name: p.grad for name, p in model.named_parameters()},
             [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()],
-            model.__dict__.get("_speed_variants"))
+            fast.bound(model))
 
 
 def assert_same_step(fast_run, plain_run):
@@ -108,17 +111,17 @@ def test_a_vit_step_with_the_speed_paths_equals_the_plain_step():
 
 @pytest.mark.parametrize("variant", fast.VARIANTS)
 def test_each_variant_turns_off_alone(variant):
-    """`fast.without(name)`: that variant unbound, the others bound; the same step."""
+    """`choose_paths(model, True, variants)`: those variants on that network, the others plain;
+    the same step. The choice is the network's own: a network built later gets all of them."""
     cfg = Config(backbone="mit_b0", num_classes=6, crop=64, cam_iters=2, switch_iters=4)
-    with fast.without(variant):
-        assert variant not in fast.active() and len(fast.active()) == len(fast.VARIANTS) - 1
-        without = run_step(cfg, 5)
-    assert fast.active() == fast.VARIANTS
-    assert without[3] == frozenset(fast.VARIANTS) - {variant}
-    assert_same_step(without, run_step(cfg, 5))
+    others = [v for v in fast.VARIANTS if v != variant]
+    without = run_step(cfg, 5, variants=others)
+    assert without[3] == frozenset(others)
+    every = run_step(cfg, 5)
+    assert every[3] == frozenset(fast.VARIANTS)
+    assert_same_step(without, every)
     with pytest.raises(ValueError, match="unknown speed variants"):
-        with fast.without("no_such_variant"):
-            pass
+        pipeline.choose_paths(AFANet(3, backbone="mit_b0"), True, ["no_such_variant"])
 
 
 def test_apply_binds_on_the_instance_and_unbinds():
