@@ -173,7 +173,7 @@ def run_blocks(encoder, x, num_attn, last_block):
             else:
                 x = fused_block(block, x, H, W)  # (B, N_i, C_i)
             index += 1
-        x = norm(x).transpose(1, 2).reshape(B, -1, H, W)  # (B, C_i, H_i, W_i)
+        x = norm(x).transpose(1, 2).reshape(B, -1, H, W).contiguous()  # (B, C_i, H_i, W_i), as MixTransformer's
         features.append(x)
     return features, extras
 

@@ -255,7 +255,9 @@ class MixTransformer(nn.Module):
                 x, logits = block(x, H, W)  # (B, N_i, C_i), (B, nh, N_i, N_kv)
                 attn_logits.append(logits)
             x = norm(x)
-            x = x.transpose(1, 2).reshape(B, -1, H, W)  # (B, C_i, H_i, W_i)
+            # contiguous, as the release's: on a channels-last view the next stage's convolution
+            # takes another kernel and rounds differently
+            x = x.transpose(1, 2).reshape(B, -1, H, W).contiguous()  # (B, C_i, H_i, W_i)
             features.append(x)
         return features, attn_logits
 

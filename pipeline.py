@@ -48,11 +48,27 @@ PROPAGATE_WITH = ("affinity", "attention")
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Normalised images (B, 3, H, W) back to RGB in [0, 1], the input of PAR. (The release casts
-    to uint8 on the way, truncating: its values differ from these by less than 1/255.)"""
+    """Normalised images (B, 3, H, W) back to RGB in [0, 1]: x·std + mean, / 255."""
     mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images * std + mean) / 255.0
+
+
+def par_image(images: torch.Tensor) -> torch.Tensor:
+    """The image PAR refines with (paper §3.3), made as the release makes it: normalised images
+    (B, 3, H, W) → x·std + mean, truncated toward zero to whole values (the release's cast to
+    uint8), / 255 → RGB in [0, 1] on the 1/255 grid.
+
+    The truncation is kept on purpose. The pixels of data.py are whole values, and x·std + mean
+    gives each back only up to float rounding, so a value that lands just below its integer
+    (199.99998) becomes one step lower (199). PAR's kernel divides colour differences by the
+    local standard deviation, so such steps move the arg-max of some PAR-label pixels; without
+    the cast the labels, and with them the whole training trajectory, part from the release's.
+    (The clamp to 0–255 changes nothing for normalised pixels; it keeps other inputs in the
+    range the cast is defined on.)"""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 255).trunc() / 255.0
 
 
 def token_grid(size: int, stride: int = ENCODER_STRIDE) -> int:
@@ -203,7 +219,7 @@ def make_pseudo_labels(model, par, batch: dict, settings: LabelSettings, need=("
                    if "cam" in need else None)                             # (B, H, W)
         # --- Stage 2: the CAM label refined with PAR (paper §3.3) ------------------------------
         with record_function("PAR label"):
-            pixels = denormalize(images.float())                            # (B, 3, H, W) in [0, 1]
+            pixels = par_image(images.float())                              # (B, 3, H, W) in [0, 1]
             par_label = (refine_cam_label(par, pixels, cams, cls_labels, valid_box, settings)
                          if "par" in need else None)                       # (B, H, W)
         if not walk_scores:

@@ -132,6 +132,20 @@ def test_matches_release_mix_transformer(tmp_path):
             assert relative_error(torch.stack(attn_logits[-2:]), expected_logits) <= 1e-5
 
 
+def test_feature_maps_are_laid_out_as_the_release_lays_them_out(b0):
+    """Each stage hands the next one a contiguous (B, C, H, W) map, as the release's encoder does
+    (`.contiguous()` after its permute): a channels-last view of the same numbers makes the next
+    patch embedding's convolution take another kernel, which rounds differently, and the
+    network's outputs part from the release's at float level."""
+    images = torch.randn(2, 3, 64, 96)
+    fused = functools.partial(fast.run_blocks, b0, num_attn=2,
+                              last_block=lambda block, x, *grid: block(x, *grid))
+    with torch.no_grad():
+        for forward in (b0, fused):
+            features, _ = forward(images)
+            assert all(f.is_contiguous() for f in features), forward
+
+
 # ---------------------------------------------------------------- encoder forward
 
 def test_feature_and_attention_shapes(b0):
