@@ -119,7 +119,7 @@ PRESETS = {
                  batch_size=8, cam_iters=5000, switch_iters=15000, aff_from_afa=True,
                  reg_weight=0.0, par_iters=15, eval_every=5000, work_dir="work_dirs/coco"),
     # Built-in data, trained from scratch on a 2-core CPU in about five minutes. What from-scratch
-    # training needs differs from the paper (README, "The synthetic preset"): a larger learning
+    # training needs differs from the paper (docs/differences.md, "The synthetic preset"): a larger learning
     # rate, trainable norms, milder rescaling, short phases (L_aff as long before the AFA label
     # takes over as after), a stronger L_aff, a small encoder and crop. Two speed choices change
     # the numbers: the CAM passes leave the decoder's BatchNorm statistics alone (cam_bn_stats;

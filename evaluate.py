@@ -1,6 +1,6 @@
 """Evaluation of AFA (paper §4): the test-time protocol, pseudo-label quality, inference, figures.
 
-    python evaluate.py --checkpoint work_dirs/synthetic/checkpoints/iter_900.pth    # seg mIoU, val
+    python evaluate.py --checkpoint work_dirs/synthetic/checkpoints/iter_600.pth    # seg mIoU (%), val
     python evaluate.py --checkpoint ... --crf                # + dense CRF (pip install pydensecrf2)
     python evaluate.py --checkpoint ... --pseudo             # pseudo-label quality on train
     python evaluate.py --checkpoint ... --image photos/      # masks and overlays of your images

@@ -5,7 +5,9 @@ split (pixels labelled 255 are ignored), IoU_c = TP / (TP + FP + FN) per class, 
 over the classes that occur in the ground truth. `validate` scores the four outputs the release
 logs while training — the classifier, the CAM label, the affinity-propagated CAM and the seg
 branch — with labels made as the release's validation makes them; `evaluate.py` builds its tables
-on the same functions.
+on the same functions. Scores are fractions in [0, 1] where they are stored (`metrics.json`)
+and percent, one decimal, where they are printed (`format_metrics`, `metrics_table`, the tables
+of `evaluate.py` and `ablation.py`), as the paper writes them.
 
 The authors' release differs in one score: its classifier F1 is the mean over images of each
 image's F1; here it is micro-averaged over all images and classes (one number that does not
@@ -144,15 +146,20 @@ METRIC_COLUMNS = (("cls_f1", "cls F1"), ("cam_miou", "cam mIoU"), ("walk_miou", 
                   ("seg_miou", "seg mIoU"))
 
 
+def percent(value: float) -> str:
+    """A score in [0, 1] as the paper writes it: percent, one decimal ("81.0")."""
+    return f"{100 * value:.1f}"
+
+
 def format_metrics(m: dict) -> str:
-    """One validation as one line: "iter 300: cls F1 0.812, CAM mIoU 0.534, ..."."""
-    return f"iter {m['step']}: " + ", ".join(f"{name} {m[k]:.3f}" for k, name in METRIC_COLUMNS)
+    """One validation as one line, in percent: "iter 600: cls F1 100.0, cam mIoU 57.8, ..."."""
+    return f"iter {m['step']}: " + ", ".join(f"{name} {percent(m[k])}" for k, name in METRIC_COLUMNS)
 
 
 def metrics_table(history: list) -> str:
-    """Every validation of a run as a Markdown table, one row per validation."""
+    """Every validation of a run as a Markdown table in percent, one row per validation."""
     header = "| iteration | " + " | ".join(name for _, name in METRIC_COLUMNS) + " |"
     rule = "|---" * (len(METRIC_COLUMNS) + 1) + "|"
-    rows = [f"| {m['step']} | " + " | ".join(f"{m[k]:.3f}" for k, _ in METRIC_COLUMNS) + " |"
+    rows = [f"| {m['step']} | " + " | ".join(percent(m[k]) for k, _ in METRIC_COLUMNS) + " |"
             for m in history]
-    return "\n".join(["validation:", header, rule, *rows])
+    return "\n".join(["validation (%):", header, rule, *rows])

@@ -72,6 +72,13 @@ LAYOUT_NAMES = {
 # with average pooling (global_pool="avg") carry `fc_norm`, the LayerNorm of the pooled token
 # before the head: part of the classifier, since our ViT ends with its own per-token `norm`.
 HEAD_PREFIXES = ("head.", "head_dist.", "pre_logits.", "pooler.", "fc_norm.")
+# Where each kind of ImageNet weights is downloaded from, for the message of a missing file.
+WHERE_TO_GET = {
+    "MiT": "SegFormer's ImageNet-1k mit_b0.pth … mit_b5.pth (the paper: mit_b1.pth) are linked from "
+           "https://github.com/NVlabs/SegFormer#training, or Hugging Face nvidia/mit-b1",
+    "ViT": "DeiT's deit_small_patch16_224 / deit_base_patch16_224 files "
+           "(https://github.com/facebookresearch/deit) or timm's vit_*_patch16_224",
+}
 
 # Renamings as (ours, theirs) pairs of prefixes of what follows the stage / block index in a key.
 HF_PATCH_RENAMES = (("norm.", "layer_norm."),)  # (ours, Hugging Face SegFormer)
@@ -202,7 +209,8 @@ def read_state_dict(path, kind="encoder"):
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{kind} weights file not found: {path}")
+        raise FileNotFoundError(f"{kind} weights file not found: {path}"
+                                + (f"; {WHERE_TO_GET[kind]}" if kind in WHERE_TO_GET else ""))
     with path.open("rb") as file:
         head = file.read(512)
     cannot = f"cannot read {kind} weights from {path}"

@@ -139,19 +139,24 @@ def colour_bar(width: int) -> np.ndarray:
 # =============================================================================================
 # Layout: tiles into one PNG
 # =============================================================================================
-def save_panels(rows: list, path: str, footer=()) -> None:
+def save_panels(rows: list, path: str, footer=(), row_labels=()) -> None:
     """Rows of (caption, RGB array) tiles into one PNG, each tile under its own caption; the
-    `footer` arrays (legend, colour bar) below, left-aligned."""
+    `row_labels` (one text per row, e.g. the image's name) in a column on the left; the `footer`
+    arrays (legend, colour bar) below, left-aligned."""
     tile_h = max(a.shape[0] for row in rows for _, a in row)
     tile_w = max(a.shape[1] for row in rows for _, a in row)
-    width = max(len(row) for row in rows) * (tile_w + PAD) + PAD
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max((int(measure.textlength(t)) + PAD for t in row_labels), default=0)
+    width = label_w + max(len(row) for row in rows) * (tile_w + PAD) + PAD
     height = len(rows) * (tile_h + CAPTION + PAD) + PAD + sum(f.shape[0] + PAD for f in footer)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for r, row in enumerate(rows):
         top = PAD + r * (tile_h + CAPTION + PAD)
+        if r < len(row_labels):
+            draw.text((PAD, top + CAPTION + (tile_h - CAPTION) // 2), row_labels[r], fill=(0, 0, 0))
         for c, (title, a) in enumerate(row):
-            left = PAD + c * (tile_w + PAD)
+            left = label_w + PAD + c * (tile_w + PAD)
             draw.text((left + 1, top), title, fill=(0, 0, 0))
             canvas.paste(Image.fromarray(a), (left, top + CAPTION))
     top = PAD + len(rows) * (tile_h + CAPTION + PAD)
@@ -198,8 +203,8 @@ def save_prediction(pred: torch.Tensor, rgb: np.ndarray, folder: str, name: str)
 # =============================================================================================
 @torch.no_grad()
 def training_figure(model, par, dataset, indices, path: str, device, class_names,
-                    settings: LabelSettings) -> None:
-    """One row per image: image | ground truth | CAM label | PAR label | AFA label | prediction |
+                    settings: LabelSettings) -> list:
+    """One row per image, named on the left: image | ground truth | CAM label | PAR label | AFA label | prediction |
     learned affinity and raw attention of one pixel (paper Fig. 3 and 4: the affinity of a pixel
     on an object should cover that object, the attention it is learned from need not), then a
     legend of the class colours and the heat maps' colour bar; the model in eval mode.
@@ -209,11 +214,12 @@ def training_figure(model, par, dataset, indices, path: str, device, class_names
     the centre of the largest ground-truth object. The affinity (a sigmoid, in [0, 1]) and the
     attention (averaged over the AFA head's maps) are those the random walk uses, at the
     largest CAM scale; the attention, a softmax over the tokens whose values are small where it
-    spreads, is drawn divided by its maximum.
+    spreads, is drawn divided by its maximum. Returns the rows' image names, top to bottom.
     """
-    rows, shown = [], set()
+    rows, shown, names = [], set(), []
     for i in indices:
         sample = dataset[i]
+        names.append(str(sample.get("name", i)))
         image = sample["image"][None].to(device)                              # (1, 3, H, W)
         cls_labels = sample["cls_labels"][None].to(device)                    # (1, C-1)
         H, W = image.shape[-2:]
@@ -237,7 +243,9 @@ def training_figure(model, par, dataset, indices, path: str, device, class_names
     rows = [[(title if r == 0 else "", tile) for title, tile in zip(titles, row)]
             for r, row in enumerate(rows)]
     width = panels_width(rows)
-    save_panels(rows, path, footer=[legend(shown, class_names, width), colour_bar(width)])
+    save_panels(rows, path, footer=[legend(shown, class_names, width), colour_bar(width)],
+                row_labels=names)
+    return names
 
 
 # =============================================================================================

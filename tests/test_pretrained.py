@@ -537,3 +537,12 @@ def test_read_state_dict_unwraps(tmp_path):
 def test_vit_encoder_with_custom_sizes_is_described():
     encoder = VisionTransformer(embed_dim=64, depth=4, num_heads=2)
     assert describe_state(encoder.state_dict()) == "a ViT 64 wide with 4 blocks and patch 16"
+
+
+def test_missing_weights_file_says_where_to_download_it(tmp_path, b0, tiny):
+    with pytest.raises(FileNotFoundError) as excinfo:
+        load_pretrained(b0, tmp_path / "mit_b1.pth")
+    assert "mit_b1.pth" in error_line(excinfo) and "github.com/NVlabs/SegFormer" in error_line(excinfo)
+    with pytest.raises(FileNotFoundError) as excinfo:
+        load_pretrained(tiny, tmp_path / "deit.pth")
+    assert "deit_small_patch16_224" in error_line(excinfo)

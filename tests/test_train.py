@@ -566,3 +566,13 @@ def test_the_spin_count_is_set_before_torch_loads_unless_the_user_set_one(script
                              capture_output=True, check=True,
                              cwd=Path(__file__).resolve().parent.parent).stdout.strip()
         assert out == expected, (env, out)
+
+
+def test_validation_scores_print_in_percent_as_evaluate_and_the_paper():
+    """train.py's validation line and end-of-run table use evaluate.py's unit: percent."""
+    from metrics import format_metrics, metrics_table
+    m = {"step": 600, "cls_f1": 1.0, "cam_miou": 0.5783, "walk_miou": 0.512, "seg_miou": 0.81}
+    assert format_metrics(m) == ("iter 600: cls F1 100.0, cam mIoU 57.8, walk mIoU 51.2, "
+                                 "seg mIoU 81.0")
+    table = metrics_table([m])
+    assert "| 600 | 100.0 | 57.8 | 51.2 | 81.0 |" in table and "0.810" not in table

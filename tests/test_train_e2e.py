@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import config
 import data
@@ -68,10 +68,14 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_synthetic, tmp_path, capsy
     assert json.loads((work_dir / "config.json").read_text())["iters"] == 6
 
     # 2 rows of 8 panels (image, truth, CAM, CAM+PAR, AFA+PAR, seg, affinity and attention of a
-    # pixel), then the legend and the heat maps' colour bar
+    # pixel) after a column of the images' names, then the legend and the heat maps' colour bar
     figure = Image.open(work_dir / "figures" / "val_iter_6.png")
     tile, pad, caption = 64, visualize.PAD, visualize.CAPTION
-    assert figure.width == 8 * (tile + pad) + pad
+    names = [s["name"] for s in (data.build_dataset("synthetic", str(tiny_synthetic), "val",
+                                                    train=False, num_classes=6)[i] for i in (0, 1))]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    names_width = max(int(measure.textlength(n)) for n in names) + pad
+    assert figure.width == names_width + 8 * (tile + pad) + pad
     footer = figure.height - 2 * (tile + caption + pad) - pad
     assert footer > visualize.colour_bar(8 * (tile + pad) - pad).shape[0] + caption
 
