@@ -33,10 +33,7 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-# Before torch loads GNU OpenMP: an idle thread spins 3,000 rounds, not 300,000, before it sleeps,
-# so a run beside other jobs keeps near its share of the cores (BENCHMARKS.md, "A busy machine").
-if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):  # a setting of yours is kept
-    os.environ["GOMP_SPINCOUNT"] = "3000"
+import spin_count  # noqa: F401  (first: it sets OpenMP's spin count before torch loads)
 
 import numpy as np
 import torch

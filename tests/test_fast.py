@@ -179,7 +179,7 @@ def test_a_toy_encoder_trains_with_the_speed_paths_on():
         assert torch.isfinite(out.loss)
         train_step.update(optimizer, None, out.loss)
     assert out.labels.afa.shape == (2, 64, 64) and set(out.terms) == {"cls", "seg", "aff"}
-    assert model.__dict__["_speed_variants"] == frozenset(fast.VARIANTS)
+    assert fast.bound(model) == frozenset(fast.VARIANTS)
     assert "forward" not in model.encoder.__dict__  # a foreign encoder keeps its own forward
     assert any(not torch.equal(p, before[k]) for k, p in model.encoder.state_dict().items())
 
