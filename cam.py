@@ -61,14 +61,22 @@ def valid_box_mask(valid_box, B, H, W, device=None):
 def _checked_box_mask(valid_box, B, H, W, device):
     """`valid_box_mask` of a box that must lie in the crop and hold a pixel, as the labels need."""
     inside_box = valid_box_mask(valid_box, B, H, W, device)  # (B, H, W)
-    if valid_box is not None:
-        top, bottom, left, right = torch.as_tensor(valid_box).unbind(dim=1)  # (B,) each
-        if not bool(((0 <= top) & (top < bottom) & (bottom <= H) & (0 <= left) & (left < right) & (right <= W)).all()):
-            raise ValueError(
-                f"valid_box rows must satisfy 0 <= top < bottom <= {H} and 0 <= left < right <= {W}, "
-                f"got {torch.as_tensor(valid_box).tolist()}"
-            )
+    if valid_box is not None and not bool(_boxes_fit(valid_box, H, W)):  # one device→host read
+        _bad_boxes(valid_box, H, W)
     return inside_box
+
+
+def _boxes_fit(valid_box, H, W):
+    """Whether every box (B, 4) lies in the H × W crop and holds a pixel: a 0-dim bool tensor on
+    the box's device (reading it is the caller's host sync)."""
+    top, bottom, left, right = torch.as_tensor(valid_box).unbind(dim=1)  # (B,) each
+    return ((0 <= top) & (top < bottom) & (bottom <= H) & (0 <= left) & (left < right) & (right <= W)).all()
+
+
+def _bad_boxes(valid_box, H, W):
+    boxes = valid_box.tolist() if torch.is_tensor(valid_box) else valid_box
+    raise ValueError(f"valid_box rows must satisfy 0 <= top < bottom <= {H} and 0 <= left < right <= {W}, "
+                     f"got {boxes}")
 
 
 def _with_background(cls_labels):
@@ -251,6 +259,12 @@ def refine_cams_with_par(par, images, cams, cls_labels, low=0.35, high=0.55, val
 def _check_refine(images, cams, cls_labels, valid_box, down_scale):
     """Checks the arguments of the CAM-label refinement; returns B, H, W and the valid-box mask
     (B, H, W)."""
+    B, H, W = _check_refine_shapes(images, cams, cls_labels, down_scale)
+    return B, H, W, _checked_box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
+
+
+def _check_refine_shapes(images, cams, cls_labels, down_scale):
+    """`_check_refine` but the valid box (no host read): returns B, H, W."""
     _check_4d("images", images, "(B, 3, H, W)")
     _check_4d("cams", cams, "(B, C-1, H, W)")
     B, _, H, W = images.shape
@@ -259,7 +273,7 @@ def _check_refine(images, cams, cls_labels, valid_box, down_scale):
     _check_cls_labels(cls_labels, B, cams.shape[1])
     if not isinstance(down_scale, int) or down_scale < 1 or H < down_scale or W < down_scale:
         raise ValueError(f"down_scale must be an int in [1, min(H, W)] = [1, {min(H, W)}], got {down_scale}")
-    return B, H, W, _checked_box_mask(valid_box, B, H, W, cams.device)  # (B, H, W)
+    return B, H, W
 
 
 def _downsample_for_par(images, cams, high, low, down_scale):
@@ -271,7 +285,8 @@ def _downsample_for_par(images, cams, high, low, down_scale):
     small_cams = F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)  # (B, C-1, h, w)
     # The constant background planes are resized too (not just set to t) so that they carry the
     # same rounding as the release's, which resizes them together with the CAMs.
-    background = cams.new_tensor([high, low]).view(1, 2, 1, 1).expand(1, 2, H, W)  # (1, 2, H, W)
+    # Filled on the device (no host→device copy, which a GPU would wait on).
+    background = torch.cat([cams.new_full((1, 1, H, W), high), cams.new_full((1, 1, H, W), low)], dim=1)  # (1, 2, H, W)
     small_background = F.interpolate(background, size=(h, w), mode="bilinear", align_corners=False)  # (1, 2, h, w)
     return small_images, small_cams, small_background
 
@@ -302,18 +317,27 @@ def refine_propagated_with_par(par, images, cams_low, cams_high, cls_labels, val
             f"got {tuple(cams_low.shape)} and {tuple(cams_high.shape)}"
         )
     _check_cls_labels(cls_labels, B, cams_low.shape[1] - 1)
-    inside_box = _checked_box_mask(valid_box, B, H, W, images.device)  # (B, H, W)
     if not isinstance(down_scale, int) or down_scale < 1:
         raise ValueError(f"down_scale must be a positive int, got {down_scale}")
-    boxes = [(0, H, 0, W)] * B if valid_box is None else torch.as_tensor(valid_box).tolist()
     present = _with_background(cls_labels)  # (B, C)
+    inside_box = valid_box_mask(valid_box, B, H, W, images.device)  # (B, H, W); checks the box's shape
+    # The loop's slices need each box and class count k as numbers: one device→host read.
+    counts = present.sum(dim=1, keepdim=True)  # (B, 1) k = 1 + present classes
+    if valid_box is None:
+        host = [[0, H, 0, W, k] for k in counts.view(-1).tolist()]
+    else:
+        box = torch.as_tensor(valid_box)  # (B, 4)
+        host = torch.cat([box, counts.to(box.device)], dim=1).tolist()  # B × [top, bottom, left, right, k]
+        if any(not (0 <= top < bottom <= H and 0 <= left < right <= W) for top, bottom, left, right, _ in host):
+            _bad_boxes(valid_box, H, W)
+    # Background + present class ids of each image, ascending, first: a stable sort, on the device.
+    class_order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices  # (B, C)
 
     label_high = torch.zeros(B, H, W, dtype=torch.long, device=images.device)
     label_low = torch.zeros_like(label_high)
     # A loop over images: each is cropped to its own box, so image sizes and PAR kernels differ.
-    for b, (top, bottom, left, right) in enumerate(boxes):
-        keys = present[b].nonzero()[:, 0]  # (k,) background + present class ids
-        k = keys.numel()
+    for b, (top, bottom, left, right, k) in enumerate(host):
+        keys = class_order[b, :k]  # (k,) background + present class ids
         box_image = images[b:b + 1, :, top:bottom, left:right]  # (1, 3, hb, wb)
         hb, wb = box_image.shape[-2:]
         # At least one pixel a side: a box thinner than down_scale (a sliver of image left by the

@@ -46,6 +46,7 @@ arithmetic for the vertex keys — true division for the features, the elevation
 from the last coordinate down — as other float orders move ~0.5% of the pixels to another cell.
 """
 
+import functools
 import math
 
 import torch
@@ -76,6 +77,17 @@ def elevation_scale(d):
     """
     inverse_std = torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32).item()
     return torch.tensor([1.0 / math.sqrt((i + 2) * (i + 1)) * inverse_std for i in range(d)], dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=8)  # a constant: computed once, not on every call
+def slice_alpha(d):
+    """The slice's normalisation α = 1/(1 + 2^-d), rounded to float32 as the C++ has it."""
+    return torch.tensor(1.0 / (1.0 + 2.0 ** -d), dtype=torch.float32).item()
+
+
+@functools.lru_cache(maxsize=8)  # one host→device copy per device, not one a step; never written to
+def _elevation_scale_on(d, device):
+    return elevation_scale(d).to(device)
 
 
 def lattice_features(images, sigma_rgb, sigma_xy):
@@ -112,7 +124,7 @@ def permutohedral_lattice(features):
 
     # Elevate onto the plane Σ z = 0 of R^(d+1): z = E·f with E's triangular form, summed in float32
     # from the last coordinate down as the C++ does.
-    scaled = features * elevation_scale(d).to(device)  # (P, d)
+    scaled = features * _elevation_scale_on(d, device)  # (P, d)
     elevated = torch.empty(P, d + 1, dtype=torch.float32, device=device)  # (P, d+1)
     partial_sum = torch.zeros(P, dtype=torch.float32, device=device)  # (P,)
     for j in range(d, 0, -1):
@@ -121,7 +133,7 @@ def permutohedral_lattice(features):
     elevated[:, 0] = partial_sum
 
     # Nearest remainder-0 point: every coordinate rounded to a multiple of d+1 (half to even, as SSE).
-    down_factor = torch.tensor(1.0 / (d + 1), dtype=torch.float32, device=device)
+    down_factor = torch.full((), 1.0 / (d + 1), dtype=torch.float32, device=device)  # filled there, not copied
     rounded = torch.round(elevated * down_factor)  # (P, d+1)
     remainder0 = rounded * (d + 1)  # (P, d+1) float32
     coordinate_sum = rounded.sum(dim=1).long()  # (P,) exact: small integers in float32
@@ -166,7 +178,7 @@ def permutohedral_lattice(features):
             f"({strides[-1] * B:.3g} cells): sigma_xy and sigma_rgb are too small for an image "
             "of this size; use larger sigmas or filter a smaller image."
         )
-    stride = torch.tensor(strides, dtype=torch.long, device=device)  # (d+1,)
+    stride = torch.cat([radix.new_ones(1), radix.cumprod(0)])  # (d+1,) the strides, on the device
     codes = ((keys - low) * stride[:d]).sum(dim=2) + image_index[:, None] * stride[d]  # (P, d+1)
     vertex_codes, vertex = torch.unique(codes, sorted=True, return_inverse=True)  # (M,), (P, d+1)
     M = vertex_codes.numel()
@@ -228,7 +240,7 @@ def bilateral_filter(images, values, sigma_rgb, sigma_xy):
         lattice = torch.add(lattice, previous + following, alpha=0.5)  # (M+1, K); ½·x is exact
 
     # Slice: every pixel reads its d+1 vertices back with the same weights, times α = 1/(1 + 2^-d).
-    alpha = torch.tensor(1.0 / (1.0 + 2.0 ** -d), dtype=torch.float32).item()
+    alpha = slice_alpha(d)
     sliced_weight = (barycentric * alpha).to(values.dtype)  # (P, d+1), rounded as the C++ does
     out = values.new_zeros(B * N, K)  # (P, K)
     for corner in range(d + 1):

@@ -441,13 +441,21 @@ def refine_cams_with_par_packed(par, images, cams, cls_labels, low=0.35, high=0.
     (probability 0) may be left out. Each image keeps K = 1 + max_b(#present classes) channel
     slots, its present classes first in class order, the padding slots at probability 0 (a
     softmax logit of −∞), which stay 0 under PAR and never win the arg-max."""
-    B, H, W, inside_box = cam._check_refine(images, cams, cls_labels, valid_box, down_scale)
+    B, H, W = cam._check_refine_shapes(images, cams, cls_labels, down_scale)
+    inside_box = cam.valid_box_mask(valid_box, B, H, W, cams.device)  # (B, H, W); checks the box's shape
     small_images, small_cams, small_background = cam._downsample_for_par(images, cams, high, low, down_scale)
     h, w = small_cams.shape[-2:]
 
     # Pack background + present classes into K slots: stable sort puts present classes first, in order.
     present = cam._with_background(cls_labels)  # (B, C)
-    K = int(present.sum(dim=1).max())
+    # K is a shape: one device→host read, which also carries the box check of the plain form.
+    widest = present.sum(dim=1).max()  # (), 1 + the most present classes of an image
+    if valid_box is None:
+        K = int(widest)
+    else:
+        K, boxes_fit = torch.stack([widest, cam._boxes_fit(valid_box, H, W).to(widest.device, widest.dtype)]).tolist()
+        if not boxes_fit:
+            cam._bad_boxes(valid_box, H, W)
     order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices  # (B, C)
     class_index = order[:, :K]  # (B, K) class id of each slot; slot 0 is background
     slot_used = present.gather(1, class_index)  # (B, K)
