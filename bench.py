@@ -29,7 +29,7 @@ measures both in one run, on the same synthetic batch:
     python bench.py --crops 320 --steps 7 --json bench.json
     python bench.py --crops 320 448 --profile    # and the operators that take the time
     python bench.py --amp                        # bf16 autocast (fp16 on GPUs without bf16)
-    python bench.py --compile                    # torch.compile the encoder and decoder
+    python bench.py --compile                    # torch.compile the training forward
     python bench.py --plain-paths                # the plain forms alone (--no-speed-paths)
     python bench.py --crops 320 448 --variants --no-stages --no-bn-stats
                                                  # what each speed variant of fast.py saves
@@ -141,6 +141,7 @@ class Setup(NamedTuple):
     """One configuration's network, optimiser and batch, as train.py builds them."""
     cfg: object                  # config.Config
     model: torch.nn.Module
+    net: torch.nn.Module         # what the forward calls: the model, compiled with --compile
     par: torch.nn.Module
     optimizer: torch.optim.Optimizer
     autocast: object
@@ -166,17 +167,17 @@ def build(spec: dict) -> Setup:
     freeze_encoder_norms(model)
     optimizer = build_optimizer(model, cfg)
     autocast, scaler = make_autocast(cfg, device)
-    if cfg.compile:
-        compile_and_wrap(model, cfg, device, world=1)
+    net = compile_and_wrap(model, cfg, device, world=1, log=lambda line: None,
+                           backend=spec.get("backend", "inductor"))
     generator = torch.Generator().manual_seed(spec["crop"])
     batch = synthetic_batch(spec["batch_size"], spec["crop"], cfg.num_classes, device, generator)
-    return Setup(cfg, model, PAR(num_iter=cfg.par_iters).to(device), optimizer, autocast, scaler,
-                 batch, generator)
+    return Setup(cfg, model, net, PAR(num_iter=cfg.par_iters).to(device), optimizer, autocast,
+                 scaler, batch, generator)
 
 
 def training_step(s: Setup, step: int) -> None:
     """train.py's step at iteration `step`: compute_losses, the one host sync, the update."""
-    out = compute_losses(s.model, s.model, s.par, s.batch, step, s.cfg, s.autocast)
+    out = compute_losses(s.net, s.model, s.par, s.batch, step, s.cfg, s.autocast)
     torch.stack(list(out.terms.values())).tolist()  # the training loop's one host sync
     update(s.optimizer, s.scaler, out.loss)
 
@@ -185,7 +186,7 @@ def network_step(s: Setup, label: torch.Tensor, aff_label: torch.Tensor) -> None
     """The same network trained on labels given in advance: forward, the four losses, update."""
     images, cfg = s.batch["image"], s.cfg
     with s.autocast():
-        out = s.model(images)
+        out = s.net(images)
     cls_loss = F.multilabel_soft_margin_loss(out.cls_logits.float(), s.batch["cls_labels"])
     seg_logits = pipeline.upsample(out.seg_logits, images.shape[-2:])         # (B, C, H, W)
     seg = pipeline.seg_loss(seg_logits, label)
@@ -427,7 +428,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast of the network (fp16 "
                         "on GPUs without bf16); the pseudo labels stay fp32, as in train.py")
-    parser.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward, "
+                        "as train.py --compile")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per process (default: PyTorch's choice)")
     parser.add_argument("--options", nargs="+", default=[], choices=list(OPTIONS),

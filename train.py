@@ -198,7 +198,7 @@ def train(cfg: Config) -> TrainResult:
         start_work_dir(cfg, start_step)
     if world > 1:
         dist.barrier()
-    net = compile_and_wrap(model, cfg, device, world)
+    net = compile_and_wrap(model, cfg, device, world, log=log)
     run = Run(cfg, rank, world, device, model, net, PAR(num_iter=cfg.par_iters).to(device),
               optimizer, autocast, scaler, history)
     loader, val_loader = make_loaders(cfg, train_set, val_set, start_step, rank, world)
