@@ -29,7 +29,7 @@ measures both in one run, on the same synthetic batch:
     python bench.py --crops 320 --steps 7 --json bench.json
     python bench.py --crops 320 448 --profile    # and the operators that take the time
     python bench.py --amp                        # bf16 autocast (fp16 on GPUs without bf16)
-    python bench.py --compile                    # torch.compile the encoder and decoder
+    python bench.py --compile                    # torch.compile the training forward
     python bench.py --plain-paths                # the plain forms alone (--no-speed-paths)
     python bench.py --crops 320 448 --variants --no-stages --no-bn-stats
                                                  # what each speed variant of fast.py saves
@@ -54,6 +54,7 @@ import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
+from unittest import mock
 
 import spin_count  # noqa: F401  (first: it sets OpenMP's spin count before torch loads)
 
@@ -63,6 +64,7 @@ import torch.nn.functional as F
 import data
 import fast
 import pipeline
+import train_step
 from attention_affinity import affinity_loss
 from config import Config
 from model import BACKBONES, AFANet
@@ -138,6 +140,7 @@ class Setup(NamedTuple):
     """One configuration's network, optimiser and batch, as train.py builds them."""
     cfg: object                  # config.Config
     model: torch.nn.Module
+    net: torch.nn.Module         # what the forward calls: the model, compiled with --compile
     par: torch.nn.Module
     optimizer: torch.optim.Optimizer
     autocast: object
@@ -163,17 +166,17 @@ def build(spec: dict) -> Setup:
     freeze_encoder_norms(model)
     optimizer = build_optimizer(model, cfg)
     autocast, scaler = make_autocast(cfg, device)
-    if cfg.compile:
-        compile_and_wrap(model, cfg, device, world=1)
+    net = compile_and_wrap(model, cfg, device, world=1, log=lambda line: None,
+                           backend=spec.get("backend", "inductor"))
     generator = torch.Generator().manual_seed(spec["crop"])
     batch = synthetic_batch(spec["batch_size"], spec["crop"], cfg.num_classes, device, generator)
-    return Setup(cfg, model, PAR(num_iter=cfg.par_iters).to(device), optimizer, autocast, scaler,
-                 batch, generator)
+    return Setup(cfg, model, net, PAR(num_iter=cfg.par_iters).to(device), optimizer, autocast,
+                 scaler, batch, generator)
 
 
 def training_step(s: Setup, step: int) -> None:
     """train.py's step at iteration `step`: compute_losses, the one host sync, the update."""
-    out = compute_losses(s.model, s.model, s.par, s.batch, step, s.cfg, s.autocast)
+    out = compute_losses(s.net, s.model, s.par, s.batch, step, s.cfg, s.autocast)
     torch.stack(list(out.terms.values())).tolist()  # the training loop's one host sync
     update(s.optimizer, s.scaler, out.loss)
 
@@ -182,7 +185,7 @@ def network_step(s: Setup, label: torch.Tensor, aff_label: torch.Tensor) -> None
     """The same network trained on labels given in advance: forward, the four losses, update."""
     images, cfg = s.batch["image"], s.cfg
     with s.autocast():
-        out = s.model(images)
+        out = s.net(images)
     cls_loss = F.multilabel_soft_margin_loss(out.cls_logits.float(), s.batch["cls_labels"])
     seg_logits = pipeline.upsample(out.seg_logits, images.shape[-2:])         # (B, C, H, W)
     seg = pipeline.seg_loss(seg_logits, label)
@@ -213,6 +216,8 @@ def run_one(spec: dict) -> dict:
            "options": list(spec.get("options", ()))}
     if kind == "par":
         return {**row, **time_par(s.par, spec, device)}
+    if kind == "memory":
+        return {**row, **count_memory(s)}
     targets = fixed_targets(s.batch, s.cfg.num_classes, s.generator, s.cfg.radius)
     step = {"cls": lambda: training_step(s, 0),
             "network": lambda: network_step(s, *targets)}.get(
@@ -224,6 +229,10 @@ def run_one(spec: dict) -> dict:
     row["base_mb"] = round(peak_memory_mb(device), 1)
     for _ in range(spec["warmup"]):
         step()
+    if device.type == "cuda":  # the peak of the steps timed, after the warm-up's compiling
+        torch.cuda.reset_peak_memory_stats(device)
+    if kind == "stages" and device.type == "cuda":
+        return {**row, **metered(step, spec["steps"], device)}
     if kind in ("stages", "profile"):
         return {**row, **profiled(step, spec["steps"], device)}
     times, cpu_times = [], []
@@ -266,6 +275,38 @@ def profiled(step, steps: int, device: torch.device, top: int = 12) -> dict:
             "stages_s": {name: statistics.median(stages[name]) for name in STAGES if name in stages},
             "operators": [(name, seconds / total, calls / steps, seconds / steps)
                           for name, (seconds, calls) in ranked]}
+
+
+def metered(step, steps: int, device: torch.device) -> dict:
+    """The step on a GPU, `steps` times: the medians of its wall time and of each of its STAGES,
+    each stage timed between two synchronisations of the device (its kernels run after their
+    launch, so the profiler's CPU ranges would time the launches), and the peak memory allocated
+    during each stage (the peak statistics reset at its start), the highest over the steps."""
+    times, stages, peaks = [], {}, {}
+
+    @contextlib.contextmanager
+    def stage(name):  # stands for record_function in the step's modules
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize(device)
+            stages.setdefault(name, []).append(time.perf_counter() - start)
+            peaks[name] = max(peaks.get(name, 0.0), peak_memory_mb(device))
+
+    with mock.patch.object(train_step, "record_function", stage), \
+            mock.patch.object(pipeline, "record_function", stage):
+        for _ in range(steps):
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times), "peak_mb": round(max(peaks.values()), 1),
+            "stages_s": {name: statistics.median(stages[name]) for name in STAGES if name in stages},
+            "stages_peak_mb": {name: round(peaks[name], 1) for name in STAGES if name in peaks}}
 
 
 def time_variants(s: Setup, warmup: int, steps: int) -> dict:
@@ -321,6 +362,137 @@ def time_par(par, spec: dict, device: torch.device) -> dict:
     reference_s = median_time(lambda: par_reference(images.cpu(), masks.cpu()), steps) \
         if device.type == "cpu" else None  # the reference builds its indices on the CPU
     return {"par_s": median_time(lambda: par(images, masks), 4 * steps), "par_reference_s": reference_s}
+
+
+# =============================================================================================
+# Memory: what a step holds on a GPU, counted on the CPU
+# =============================================================================================
+GPU_OVERHEAD = 1.2      # the CUDA caching allocator's rounding and fragmentation over the count
+GPU_CONTEXT_GB = 1.0    # the CUDA context and the cuBLAS / cuDNN handles, outside the count
+GPU_SIZES_GB = (16, 24, 40, 80)
+
+
+def tensor_bytes(tensors) -> int:
+    """The bytes of the storages under `tensors`, each storage once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def resident_bytes(s: Setup) -> dict:
+    """What a step finds allocated: the parameters and buffers, the gradients of the previous
+    step (alive until the next update sets them to None), AdamW's two states, the batch."""
+    params = list(s.model.parameters())
+    return {"parameters": tensor_bytes([*params, *s.model.buffers(), *s.par.buffers()]),
+            "gradients": tensor_bytes(p.grad for p in params if p.grad is not None),
+            "adamw": tensor_bytes(t for state in s.optimizer.state.values()
+                                  for t in state.values() if torch.is_tensor(t) and t.dim()),
+            "batch": tensor_bytes(v for v in s.batch.values() if torch.is_tensor(v))}
+
+
+def saved_activation_bytes(s: Setup, step: int) -> int:
+    """The bytes the step's autograd graph keeps for its backward (the training forward and the
+    losses; the pseudo labels are made without gradient), each storage once, the parameters and
+    the batch left out: torch.autograd.graph.saved_tensors_hooks."""
+    known = {t.untyped_storage().data_ptr() for t in [*s.model.parameters(), *s.batch.values()]}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in known:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        compute_losses(s.net, s.model, s.par, s.batch, step, s.cfg, s.autocast)
+    return sum(saved.values())
+
+
+def allocation_peak(run, measured) -> tuple:
+    """(bytes, stage): the highest bytes of tensors allocated during measured() above what was
+    allocated when it began, and the stage of STAGES it occurred in. PyTorch's allocations and
+    frees (torch.profiler with profile_memory, CPU) summed in time order, what
+    torch.cuda.max_memory_allocated less the start's allocation measures on a GPU. The profiler
+    sees the frees of the blocks allocated while it runs only: `run()` first, so that
+    measured() frees what a previous call left (a step frees the previous step's gradients)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+        with record_function("measured"):
+            measured()
+    events = prof.profiler.kineto_results.events()
+    (window,) = [e for e in events if e.name() == "measured"]
+    start, end = window.start_ns(), window.end_ns()
+    live, base, peak, peak_at = 0, None, 0, start
+    for at, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        if at > end:
+            break
+        if at >= start and base is None:
+            base = live
+        live += nbytes
+        if base is not None and live - base > peak:
+            peak, peak_at = live - base, at
+    stage = next((e.name() for e in events if e.name() in STAGES
+                  and start <= e.start_ns() <= peak_at <= e.end_ns() <= end), "between stages")
+    return peak, stage
+
+
+def count_memory(s: Setup) -> dict:
+    """The bytes a full step after the label switch holds at its peak, counted on the CPU as a
+    GPU would hold them (fp32 unless --amp; on a GPU `skip_dropped` is the plain masked
+    product, so it is off here too): what the step finds allocated (`resident_bytes`), the
+    activations its graph saves (`saved_activation_bytes`), its peak above what it found
+    (`allocation_peak`, in the stage named), and their sum "peak", which
+    torch.cuda.max_memory_allocated of the same step on a GPU should be close to (kernels'
+    workspaces and the CUDA kernels' own choices aside)."""
+    if s.batch["image"].device.type != "cpu":
+        raise ValueError("the memory count runs on the CPU (bench.py --memory --device cpu)")
+    step = s.cfg.switch_iters + 1
+    with fast.without("skip_dropped"):
+        training_step(s, step)  # AdamW's states exist from the first step on
+        resident = resident_bytes(s)
+        saved = saved_activation_bytes(s, step)
+        peak, stage = allocation_peak(lambda: training_step(s, step), lambda: training_step(s, step))
+    return {**resident, "saved_activations": saved, "above_resident": peak, "peak_stage": stage,
+            "peak": sum(resident.values()) + peak}
+
+
+def largest_batch(at_batch: dict, gib: float) -> int:
+    """The largest batch per GPU whose counted peak, times GPU_OVERHEAD and plus GPU_CONTEXT_GB,
+    fits in `gib` GiB; the peak is linear in the batch, fitted through the counts `at_batch`
+    ({batch size: bytes}, two sizes)."""
+    (b1, p1), (b2, p2) = sorted(at_batch.items())
+    per_image = (p2 - p1) / (b2 - b1)
+    fixed = p1 - b1 * per_image
+    room = (gib - GPU_CONTEXT_GB) * 2 ** 30 / GPU_OVERHEAD - fixed
+    return max(0, int(room // per_image))
+
+
+def memory_report(rows: list) -> str:
+    """The memory table: per crop and paths, the count at the first batch size, its parts, the
+    expected allocation on a GPU and the largest batch for each of GPU_SIZES_GB."""
+    gib = 2 ** 30
+    lines = [f"memory of the full step per GPU (fp32), counted on the CPU (bench.py --memory): "
+             f"parameters and buffers, gradients, AdamW's states, batch, saved activations, and "
+             f"the step's peak over what it finds; on the card x{GPU_OVERHEAD} (the caching "
+             f"allocator) + {GPU_CONTEXT_GB:g} GiB (CUDA context); the largest batch from the "
+             f"peaks at two batch sizes (linear)", ""]
+    table = []
+    for r in rows:
+        sizes = sorted(r["counts"])
+        c = r["counts"][sizes[0]]
+        fixed = c["parameters"] + c["gradients"] + c["adamw"]
+        table.append([r["backbone"], r["crop"], "plain" if r["plain_paths"] else "speed",
+                      sizes[0], f"{fixed / gib:.2f}", f"{c['saved_activations'] / gib:.2f}",
+                      f"{c['above_resident'] / gib:.2f} ({c['peak_stage']})",
+                      f"{c['peak'] / gib:.2f}",
+                      f"{(c['peak'] * GPU_OVERHEAD) / gib + GPU_CONTEXT_GB:.1f}"]
+                     + [largest_batch({b: r["counts"][b]["peak"] for b in sizes[:2]}, size)
+                        for size in GPU_SIZES_GB])
+    lines += markdown_table(["backbone", "crop", "paths", "batch", "weights, grads, AdamW (GiB)",
+                             "saved activations (GiB)", "step above resident (GiB, at)",
+                             "peak (GiB)", "on the card (GiB)"]
+                            + [f"largest batch, {size} GB" for size in GPU_SIZES_GB], table)
+    return "\n".join(lines)
 
 
 # =============================================================================================
@@ -386,6 +558,13 @@ def format_report(result: dict) -> str:
             ["stage"] + [str(r["crop"]) for r in result["stages"]],
             [[name] + [f"{sum(r['stages_s'].values()) if name == 'sum' else r['stages_s'][name]:.3f}"
                        for r in result["stages"]] for name in names + ["sum"]])
+        if all("stages_peak_mb" in r for r in result["stages"]):  # on a GPU
+            lines += ["", "peak memory allocated during each stage of the full step (MB, "
+                      "torch.cuda.max_memory_allocated, reset at the stage's start):", ""]
+            lines += markdown_table(
+                ["stage"] + [str(r["crop"]) for r in result["stages"]],
+                [[name] + [f"{r['stages_peak_mb'][name]:.0f}" for r in result["stages"]]
+                 for name in names])
         lines += ["", "L_reg's share of the profiled full step (its forward, wall time): "
                   + ", ".join(f"crop {r['crop']} {r['stages_s'].get('L_reg', 0) / r['step_s']:.1%}"
                               for r in result["stages"])]
@@ -424,7 +603,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast of the network (fp16 "
                         "on GPUs without bf16); the pseudo labels stay fp32, as in train.py")
-    parser.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward, "
+                        "as train.py --compile")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per process (default: PyTorch's choice)")
     parser.add_argument("--options", nargs="+", default=[], choices=list(OPTIONS),
@@ -440,6 +620,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "passes' BatchNorm statistics (the steps without them)")
     parser.add_argument("--profile", action="store_true", help="also profile the full step "
                         "(torch.profiler, CPU): its operators by self time")
+    parser.add_argument("--memory", action="store_true", help="instead of timing, count the "
+                        "memory a full step holds per GPU, on the CPU, speed paths on and off, at "
+                        "--batch-size and twice it, and the largest batch for 16/24/40/80 GB")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -474,7 +657,9 @@ def measure_crop(common: dict, crop: int, args, result: dict) -> None:
     if not args.no_stages:
         staged = run("stages")
         result["stages"].append({"crop": crop, "stages_s": staged["stages_s"],
-                                 "step_s": staged["step_s"]})
+                                 "step_s": staged["step_s"],
+                                 **({"stages_peak_mb": staged["stages_peak_mb"]}
+                                    if "stages_peak_mb" in staged else {})})
     if args.variants:
         result["variants"].append({"crop": crop, "variants_s": run("variants")["variants_s"]})
     if args.profile:
@@ -489,6 +674,26 @@ def measure_crop(common: dict, crop: int, args, result: dict) -> None:
                                   "ratio": variant["step_s"] / network["step_s"],
                                   "cpu_ratio": variant["cpu_s"] / network["cpu_s"],
                                   "full_peak_mb": variant["peak_mb"]})
+
+
+def count_memory_of_crops(common: dict, args) -> int:
+    """bench.py --memory: the count at each crop, speed paths on and off, two batch sizes, each
+    in its own process on the CPU; the table, and the JSON if asked."""
+    rows = []
+    for crop in args.crops:
+        for plain in (False, True):
+            sizes = (args.batch_size, 2 * args.batch_size)
+            counts = {b: run_in_subprocess({**common, "device": "cpu", "crop": crop,
+                                            "kind": "memory", "batch_size": b,
+                                            "plain_paths": plain, "options": []})
+                      for b in sizes}
+            rows.append({"backbone": args.backbone, "crop": crop, "plain_paths": plain,
+                         "counts": counts})
+    print(memory_report(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -509,6 +714,8 @@ def main(argv=None) -> int:
               "warmup": warmup, "num_steps": args.steps,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
               "load_before": load_average()}
+    if args.memory:
+        return count_memory_of_crops(common, args)
     for crop in args.crops:
         measure_crop(common, crop, args, result)
     par = run_in_subprocess({**common, "crop": PAR_SHAPE[-1], "kind": "par"})

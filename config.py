@@ -95,7 +95,8 @@ class Config:
     amp: bool = opt(False, "bf16 autocast of the network (fp16 with loss scaling on GPUs without "
                            "bf16); the pseudo labels stay fp32. On a CPU only with bf16 "
                            "instructions (AVX512-BF16, AMX): elsewhere it is emulated and slower")
-    compile: bool = opt(False, "torch.compile the encoder and decoder")
+    compile: bool = opt(False, "torch.compile the training forward and backward (the pseudo "
+                                 "labels and validation run eager)")
     speed_paths: bool = opt(True, "run the speed variants of fast.py (the same numbers up to float "
                                   "rounding); off: the plain forms of the method files alone")
     resume: str = opt("", "checkpoint to resume from ('auto': the newest in work_dir)")

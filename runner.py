@@ -454,17 +454,31 @@ def warn_if_bf16_is_emulated(cfg: Config, device: torch.device) -> None:
               f"drop {' and '.join(flags)}", file=sys.stderr)
 
 
-def compile_and_wrap(model: torch.nn.Module, cfg: Config, device: torch.device, world: int):
-    """The module the loop calls: `model`, compiled if asked, inside DDP when distributed."""
+COMPILED = ("torch.compile ({backend}): the training forward and its backward (encoder, heads, "
+            "decoder; one graph at the crop's shape); eager: the pseudo labels (the multi-scale "
+            "CAM passes, PAR, the random walk), the losses, the optimizer step, validation")
+
+
+def compile_and_wrap(model: torch.nn.Module, cfg: Config, device: torch.device, world: int, *,
+                     backend: str = "inductor", log: Callable = print) -> torch.nn.Module:
+    """The module the step's forward calls (`net`): `model`, inside DDP when distributed, and
+    compiled (`backend`; one line through `log` says what runs compiled) with --compile.
+
+    The compiled handle is a separate module around `model`; `model` itself stays eager, and
+    the label chain and validation call it. So the compiled forward sees one input shape (the
+    crop), validation's and evaluate.py's image sizes compile nothing, and the CAM passes run
+    the speed variants' own block loops (fast.py), which compiling would not reach anyway
+    through the encoder's forward. With dynamic shapes inductor fails on the encoder (torch
+    2.13), hence `dynamic=False`. DDP is compiled inside, as PyTorch documents it: dynamo
+    splits the graph at DDP's gradient buckets, so the all-reduce overlaps the backward."""
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        # One graph per input shape: the multi-scale CAM feeds the encoder 3 more shapes than the
-        # training forward, and with dynamic shapes inductor fails on the encoder (torch 2.13).
-        model.encoder.compile(dynamic=False)
-        model.decoder.compile(dynamic=False)
-    if world == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.compile(net, dynamic=False, backend=backend)
+        log(COMPILED.format(backend=backend))
+    return net
 
 
 # =============================================================================================
@@ -520,7 +534,8 @@ class Run:
     world: int
     device: torch.device
     model: torch.nn.Module        # the network, model.AFANet (unwrapped)
-    net: torch.nn.Module          # what the forward calls: the model, or its DDP wrapper
+    net: torch.nn.Module          # what the forward calls: the model, or its DDP wrapper,
+                                  # compiled with --compile (`compile_and_wrap`)
     par: torch.nn.Module          # par.PAR
     optimizer: torch.optim.Optimizer
     autocast: Callable            # () -> the forward's autocast context

@@ -202,7 +202,7 @@ def train(cfg: Config, resumed: Resumed | None = None) -> TrainResult:
         warn_if_classification_only(cfg)
     if world > 1:
         dist.barrier()
-    net = compile_and_wrap(model, cfg, device, world)
+    net = compile_and_wrap(model, cfg, device, world, log=log)
     run = Run(cfg, rank, world, device, model, net, PAR(num_iter=cfg.par_iters).to(device),
               optimizer, autocast, scaler, history, overrides=overrides,
               control=control_group(world, device))

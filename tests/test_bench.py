@@ -127,3 +127,42 @@ def test_profile_names_the_operators_of_the_full_step():
     assert {"aten::addmm", "aten::mm", "aten::mkldnn_convolution"} & set(names[:6])
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert all(calls > 0 and seconds > 0 for _, _, calls, seconds in operators)
+
+
+def test_on_a_gpu_each_stage_is_timed_between_synchronisations(monkeypatch):
+    """bench.py --device cuda: the kernels run after their launch, so each stage of the step is
+    timed between two synchronisations, and its peak memory read after a reset at its start
+    (torch.cuda replaced here: the step runs on the CPU)."""
+    calls, peaks = [], iter(range(1, 100))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: next(peaks) * 2 ** 20)
+    spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
+                compile=False, threads=0, crop=64, kind="stages", options=[])
+    s = bench.build(spec)
+    row = bench.metered(lambda: bench.training_step(s, s.cfg.switch_iters + 1), 1,
+                        torch.device("cuda"))
+    assert list(row["stages_s"]) == list(row["stages_peak_mb"]) == list(bench.STAGES)
+    assert calls == ["sync"] + ["sync", "reset", "sync"] * len(bench.STAGES) + ["sync"]
+    assert list(row["stages_peak_mb"].values()) == list(range(1, len(bench.STAGES) + 1))
+    assert row["peak_mb"] == len(bench.STAGES) and 0 < sum(row["stages_s"].values()) <= row["step_s"]
+    result = {"backbone": "mit_b0", "batch_size": 2, "device": "cuda", "threads": 1, "amp": False,
+              "compile": False, "num_steps": 1, "warmup": 0, "load_before": "0",
+              "load_after": "0", "steps": [], "stages": [{"crop": 64, **row}],
+              "par": {"par_s": 0.01, "par_reference_s": None}}
+    assert "| backward | " in bench.format_report(result).split("peak memory allocated")[1]
+    del result["stages"][0]["stages_peak_mb"]  # on the CPU: no such table
+    assert "peak memory allocated" not in bench.format_report(result)
+
+
+def test_the_memory_table_gives_the_largest_batch_per_gpu():
+    """bench.py --memory: a peak linear in the batch, x1.2 plus 1 GiB on the card."""
+    gib = 2 ** 30
+    count = dict(parameters=gib // 4, gradients=gib // 4, adamw=gib // 2, batch=0,
+                 saved_activations=gib, above_resident=gib, peak_stage="backward")
+    counts = {2: {**count, "peak": 3 * gib}, 4: {**count, "peak": 5 * gib}}  # 1 GiB + 1 per image
+    assert bench.largest_batch({b: c["peak"] for b, c in counts.items()}, 16) == 11  # 15/1.2 - 1
+    report = bench.memory_report([{"backbone": "mit_b1", "crop": 512, "plain_paths": False,
+                                   "counts": counts}])
+    assert "| mit_b1 | 512 | speed | 2 | 1.00 | 1.00 | 1.00 (backward) | 3.00 | 4.6 | 11 | 18 | 31 | 64 |" in report
