@@ -62,8 +62,9 @@ from pretrained import load_pretrained
 from runner import (CutShort, Run, StepSampler, StepStart, StopSignal, TrainStream, agree,
                     check_new_run, check_work_dir_writable, compile_and_wrap, deferred, exit_code,
                     keep_freed_memory, leave_stop_signals_to_main, one_line, resume_from, save,
-                    setup_distributed, shard_loader, start_work_dir, stop_at_once, stop_nonfinite,
-                    stop_on_signal, stop_worker_died, warn_if_bf16_is_emulated, write_metrics)
+                    set_cuda_math, setup_distributed, shard_loader, start_work_dir, stop_at_once,
+                    stop_nonfinite, stop_on_signal, stop_worker_died, warn_if_bf16_is_emulated,
+                    write_metrics)
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 from visualize import class_names_of, training_figure
 
@@ -176,6 +177,7 @@ def train(cfg: Config) -> TrainResult:
     """Run the whole training (or its remainder, when resuming)."""
     keep_freed_memory()                      # fewer page faults: the same numbers, faster
     rank, world, device = setup_distributed(cfg)
+    set_cuda_math(device, cfg.tf32, benchmark=True)  # training crops all have one size
     log = print if rank == 0 else (lambda *a, **k: None)
     check_new_run(cfg)
     if world > 1:
