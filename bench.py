@@ -30,6 +30,7 @@ measures both in one run, on the same synthetic batch:
     python bench.py --crops 320 448 --profile    # and the operators that take the time
     python bench.py --amp                        # bf16 autocast (fp16 on GPUs without bf16)
     python bench.py --compile                    # torch.compile the training forward
+    python bench.py --no-tf32                    # on a GPU: strict float32 (TF32 by default)
     python bench.py --plain-paths                # the plain forms alone (--no-speed-paths)
     python bench.py --crops 320 448 --variants --no-stages --no-bn-stats
                                                  # what each speed variant of fast.py saves
@@ -69,7 +70,7 @@ from attention_affinity import affinity_loss
 from config import Config
 from model import BACKBONES, AFANet
 from par import PAR
-from runner import compile_and_wrap, keep_freed_memory
+from runner import compile_and_wrap, keep_freed_memory, set_cuda_math
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 
 HERE = Path(__file__).resolve().parent
@@ -160,7 +161,8 @@ def build(spec: dict) -> Setup:
                  reuse_forward_cam="reuse_forward_cam" in options,
                  cam_bf16="bf16_cam" in options,
                  cam_bn_stats="no_cam_bn_stats" not in options,
-                 speed_paths=not spec.get("plain_paths"))
+                 speed_paths=not spec.get("plain_paths"), tf32=spec.get("tf32", True))
+    set_cuda_math(device, cfg.tf32, benchmark=True)  # as train.py: one crop size per process
     model = AFANet(cfg.num_classes, backbone=cfg.backbone).to(device).train()
     pipeline.choose_paths(model, cfg.speed_paths)  # also the network-only step's forward
     freeze_encoder_norms(model)
@@ -521,6 +523,7 @@ def markdown_table(header: list, rows: list) -> list:
 def format_report(result: dict) -> str:
     mode = "+".join(m for m in ("amp", "compile") if result[m]) or "eager"
     mode += ", plain paths" if result.get("plain_paths") else ""
+    mode += ", TF32" if result.get("tf32") else ""
     lines = [f"AFA training step, {result['backbone']}, batch {result['batch_size']}, "
              f"{result['device']} ({result['threads']} threads), {mode}; median of "
              f"{result['num_steps']} steps after {result['warmup']} warm-up; load before "
@@ -605,6 +608,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on GPUs without bf16); the pseudo labels stay fp32, as in train.py")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward, "
                         "as train.py --compile")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="on GPUs, TF32 matrix multiplies and convolutions, as train.py "
+                             "(--no-tf32: strict float32; default: on)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per process (default: PyTorch's choice)")
     parser.add_argument("--options", nargs="+", default=[], choices=list(OPTIONS),
@@ -707,9 +713,10 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if args.compile else 1)
     common = dict(device=device, backbone=args.backbone, batch_size=args.batch_size,
                   steps=args.steps, warmup=warmup, amp=args.amp, compile=args.compile,
-                  threads=args.threads, plain_paths=args.plain_paths)
+                  threads=args.threads, plain_paths=args.plain_paths, tf32=args.tf32)
     result = {"backbone": args.backbone, "batch_size": args.batch_size, "device": device,
               "amp": args.amp, "compile": args.compile, "plain_paths": args.plain_paths,
+              "tf32": args.tf32 and device.startswith("cuda"),
               "steps": [], "stages": [], "options": [], "bn_stats": [], "profile": [], "variants": [],
               "warmup": warmup, "num_steps": args.steps,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,

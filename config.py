@@ -95,6 +95,9 @@ class Config:
     amp: bool = opt(False, "bf16 autocast of the network (fp16 with loss scaling on GPUs without "
                            "bf16); the pseudo labels stay fp32. On a CPU only with bf16 "
                            "instructions (AVX512-BF16, AMX): elsewhere it is emulated and slower")
+    tf32: bool = opt(True, "on GPUs (Ampere and later), float32 matrix multiplies and convolutions "
+                           "in TF32, as the release ran (torch 1.7's default): faster, the same "
+                           "numbers to about 1e-3 relative; off: strict float32")
     compile: bool = opt(False, "torch.compile the training forward and backward (the pseudo "
                                  "labels and validation run eager)")
     speed_paths: bool = opt(True, "run the speed variants of fast.py (the same numbers up to float "

@@ -276,14 +276,28 @@ def read_sample(image_path: str, mask_path: str, num_classes: int,
     """An image and its mask, checked to fit each other: (H, W, 3) uint8, (H, W) int32 ids."""
     image = read_image(image_path)  # (H, W, 3)
     mask = read_mask(mask_path)  # (H, W)
-    if mask.shape != image.shape[:2]:
-        raise DatasetError(
-            f"mask {mask_path} is {mask.shape[1]}×{mask.shape[0]} (W×H) but its image "
-            f"{image_path} is {image.shape[1]}×{image.shape[0]}: a mask must label its "
-            "image pixel for pixel (is it another image's mask, or was the image resized?)")
+    check_same_size(mask.shape, image.shape[:2], mask_path, image_path)
     # The cached image-level labels were checked when derived; the mask may have changed since.
     present_classes(mask, num_classes, ignore_index, mask_path)
     return image, mask.astype(np.int32)  # PIL resizes it as mode "I", whatever the PNG held
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(H, W) of an image file, from its header alone."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except _DECODE_ERRORS as error:
+        raise _unreadable("image", path, error) from error
+
+
+def check_same_size(mask_shape: tuple, image_shape: tuple, mask_path: str, image_path: str) -> None:
+    """A DatasetError naming both files when a mask (H, W) does not cover its image (H, W)."""
+    if tuple(mask_shape) != tuple(image_shape):
+        raise DatasetError(
+            f"mask {mask_path} is {mask_shape[1]}×{mask_shape[0]} (W×H) but its image "
+            f"{image_path} is {image_shape[1]}×{image_shape[0]}: a mask must label its "
+            "image pixel for pixel (is it another image's mask, or was the image resized?)")
 
 
 # =============================================================================================
@@ -381,24 +395,29 @@ def check_files_exist(root: str, layout: Layout, split: str, names: list[str]) -
 # Image-level labels: the classes present in each mask, derived once and cached
 # =============================================================================================
 def image_level_labels(mask_paths: list[str], num_classes: int, ignore_index: int = IGNORE_INDEX,
-                       cache: str | None = None, description: str = "image-level labels"
-                       ) -> np.ndarray:
+                       cache: str | None = None, description: str = "image-level labels",
+                       image_paths: list[str] | None = None) -> np.ndarray:
     """(n, C−1) uint8 multi-hot: the foreground classes present in each mask.
 
-    The masks are read once (threads: PNG decoding releases the GIL); with `cache`, a file path,
-    the result is stored there and read back while it holds the same mask paths.
+    The masks are read once (threads: PNG decoding releases the GIL), each checked against its
+    image's size where `image_paths` are given (training reads no mask: this is where a mask of
+    another size shows); with `cache`, a file path, the result is stored there and read back
+    while it holds the same mask paths.
     """
     if cache and os.path.isfile(cache):
         with np.load(cache) as stored:
             if "paths" in stored and stored["paths"].tolist() == mask_paths:
                 return stored["labels"]
 
-    def classes_of(path):
-        return present_classes(read_mask(path), num_classes, ignore_index, path)
+    def classes_of(path, image_path):
+        mask = read_mask(path)  # (H, W)
+        if image_path is not None:
+            check_same_size(mask.shape, image_size(image_path), path, image_path)
+        return present_classes(mask, num_classes, ignore_index, path)
 
     labels = np.zeros((len(mask_paths), num_classes - 1), dtype=np.uint8)  # (n, C−1)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        ids_per_mask = pool.map(classes_of, mask_paths)
+        ids_per_mask = pool.map(classes_of, mask_paths, image_paths or [None] * len(mask_paths))
         progress = tqdm(ids_per_mask, total=len(mask_paths), unit="mask", desc=description)
         for row, ids in enumerate(progress):
             labels[row, ids - 1] = 1  # id k ↔ column k−1 (background has no column)
@@ -425,31 +444,26 @@ def drop_unannotated(names: list[str], labels: np.ndarray, split: str, root: str
 # =============================================================================================
 # Augmentation for training (paper §4.1, as in the authors' release)
 # =============================================================================================
-def random_rescale(image: np.ndarray, mask: np.ndarray, scale_range: tuple[float, float]):
-    """Resize by a factor drawn uniformly from `scale_range`: bilinear image, nearest mask."""
+def random_rescale(image: np.ndarray, scale_range: tuple[float, float]) -> np.ndarray:
+    """Resize (bilinear) by a factor drawn uniformly from `scale_range`."""
     low, high = scale_range
     scale = low + (high - low) * torch.rand(()).item()
-    height, width = mask.shape
+    height, width = image.shape[:2]
     # PIL's (W, H), truncated by int() as in the release
     size = (max(1, int(scale * width)), max(1, int(scale * height)))
-    image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-    mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-    return image, mask
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
 
 
-def random_flip(image: np.ndarray, mask: np.ndarray):
-    """Mirror both left to right with probability ½."""
-    if torch.rand(()).item() > 0.5:
-        return image[:, ::-1], mask[:, ::-1]
-    return image, mask
+def random_flip(image: np.ndarray) -> np.ndarray:
+    """Mirror left to right with probability ½."""
+    return image[:, ::-1] if torch.rand(()).item() > 0.5 else image
 
 
-def random_crop(image: np.ndarray, mask: np.ndarray, crop_size: int,
-                ignore_index: int = IGNORE_INDEX):
-    """A crop_size × crop_size window, the image padded with black (its mask with `ignore_index`)
-    where it is smaller: (S, S, 3) uint8, (S, S) ids, and the valid box (top, bottom, left,
-    right), ends exclusive, of the image's real pixels in crop coordinates."""
-    height, width = mask.shape
+def random_crop(image: np.ndarray, crop_size: int):
+    """A crop_size × crop_size window, the image padded with black where it is smaller:
+    (S, S, 3) uint8 and the valid box (top, bottom, left, right), ends exclusive, of the image's
+    real pixels in crop coordinates."""
+    height, width = image.shape[:2]
     canvas_height, canvas_width = max(crop_size, height), max(crop_size, width)
     # The image sits at a random offset inside a black canvas at least crop × crop ...
     top = int(torch.randint(canvas_height - height + 1, ()))
@@ -459,29 +473,27 @@ def random_crop(image: np.ndarray, mask: np.ndarray, crop_size: int,
     crop_left = int(torch.randint(canvas_width - crop_size + 1, ()))
     image_canvas = np.zeros((canvas_height, canvas_width, 3), dtype=np.uint8)
     image_canvas[top : top + height, left : left + width] = image
-    mask_canvas = np.full((canvas_height, canvas_width), ignore_index, dtype=mask.dtype)
-    mask_canvas[top : top + height, left : left + width] = mask
     window = (slice(crop_top, crop_top + crop_size), slice(crop_left, crop_left + crop_size))
     valid_box = (
         max(top - crop_top, 0), min(top + height, crop_top + crop_size) - crop_top,
         max(left - crop_left, 0), min(left + width, crop_left + crop_size) - crop_left,
     )
-    return image_canvas[window], mask_canvas[window], valid_box
+    return image_canvas[window], valid_box
 
 
-def augment(image: np.ndarray, mask: np.ndarray, crop_size: int,
-            rescale_range: tuple[float, float] = (0.5, 2.0), flip: bool = True,
-            ignore_index: int = IGNORE_INDEX):
+def augment(image: np.ndarray, crop_size: int, rescale_range: tuple[float, float] = (0.5, 2.0),
+            flip: bool = True):
     """The release's training augmentation: rescale, flip, pad-and-crop.
 
-    image (H, W, 3) uint8 and mask (H, W) ids → (S, S, 3) uint8, (S, S) ids and the valid box.
-    The random numbers come from torch's generator, so `torch.manual_seed` and the DataLoader's
-    per-worker seeding make it reproducible.
+    image (H, W, 3) uint8 → (S, S, 3) uint8 and the valid box. Training learns from image-level
+    labels alone, so the mask is not augmented (nor read), as in the release's classification
+    loader. The random numbers come from torch's generator, so `torch.manual_seed` and the
+    DataLoader's per-worker seeding make it reproducible.
     """
-    image, mask = random_rescale(image, mask, rescale_range)
+    image = random_rescale(image, rescale_range)
     if flip:
-        image, mask = random_flip(image, mask)
-    return random_crop(image, mask, crop_size, ignore_index)
+        image = random_flip(image)
+    return random_crop(image, crop_size)
 
 
 def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -500,13 +512,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
     Each item is a dict:
       name        str
       image       (3, H, W) float32, normalised with `mean` and `std`
-      label       (H, W) int64, the ground-truth mask (augmented with the image; 255 on padding)
+      label       (H, W) int64, the ground-truth mask (not with `train=True`)
       cls_labels  (C−1,) float32, multi-hot over the foreground classes present in the mask
       valid_box   (4,) int64, (top, bottom, left, right), ends exclusive: the image's real pixels
 
-    With `train=True`: `augment` (random rescale by a factor in `rescale_range`, random
-    horizontal flip, random crop_size × crop_size crop with black padding); images without any
-    foreground class are skipped. With `train=False`: the full image, unaugmented, every image
+    With `train=True`: the image alone is read (no loss uses the mask), then `augment` (random
+    rescale by a factor in `rescale_range`, random horizontal flip, random crop_size × crop_size
+    crop with black padding); images without any foreground class are skipped. With `train=False`: the full image, unaugmented, every image
     of the split (batch size 1 when sizes differ), except, where `layout.annotated_only` (COCO),
     images without foreground as well. Either skip is counted in one warning line.
 
@@ -549,7 +561,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         labels = image_level_labels(  # (n, C−1)
             [self.mask_path(name) for name in names], num_classes, ignore_index,
             cache=cache_file(cache_dir, f"{layout.name}-{split}", key, "npz"),
-            description=f"image-level labels of {layout.name} {split}")
+            description=f"image-level labels of {layout.name} {split}",
+            image_paths=[self.image_path(name) for name in names])
         if train or layout.annotated_only:  # training never learns from a mask without objects
             purpose = "training" if train else (
                 "evaluation too, as the authors' lists of this data set hold only annotated images")
@@ -568,19 +581,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
+        cls_labels = torch.from_numpy(self.cls_labels[index].copy())  # (C−1,)
+        if self.train:
+            image, valid_box = augment(read_image(self.image_path(name)), self.crop_size,
+                                       self.rescale_range, self.flip)  # (S, S, 3)
+            return {"name": name, "image": normalize(image, self.mean, self.std),  # (3, S, S)
+                    "cls_labels": cls_labels,
+                    "valid_box": torch.tensor(valid_box, dtype=torch.int64)}  # (4,)
         image, mask = read_sample(self.image_path(name), self.mask_path(name), self.num_classes,
                                   self.ignore_index)  # (H, W, 3), (H, W)
-        if self.train:
-            image, mask, valid_box = augment(image, mask, self.crop_size, self.rescale_range,
-                                             self.flip, self.ignore_index)
-        else:
-            valid_box = (0, mask.shape[0], 0, mask.shape[1])
         return {
             "name": name,
             "image": normalize(image, self.mean, self.std),  # (3, H, W)
             "label": torch.from_numpy(mask.astype(np.int64)),  # (H, W)
-            "cls_labels": torch.from_numpy(self.cls_labels[index].copy()),  # (C−1,)
-            "valid_box": torch.tensor(valid_box, dtype=torch.int64),  # (4,)
+            "cls_labels": cls_labels,
+            "valid_box": torch.tensor((0, mask.shape[0], 0, mask.shape[1]), dtype=torch.int64),
         }
 
 

@@ -48,7 +48,8 @@ from model import BACKBONES, AFANet
 from par import PAR
 from pipeline import LabelSettings, make_pseudo_labels, token_grid, upsample
 from pretrained import RELEASE_SIGNATURES, afanet_from_release, describe_state, release_prefix
-from runner import check_compatible, exit_code, keep_freed_memory, read_torch_file
+from runner import (check_compatible, device_line, exit_code, keep_freed_memory, read_torch_file,
+                    set_cuda_math, warn_if_no_gpu)
 from visualize import attention_figure, class_names_of, image_to_rgb, save_prediction
 
 IGNORE_INDEX = data.IGNORE_INDEX
@@ -347,7 +348,7 @@ def predict_images(model: AFANet, paths: list, out_dir: str, device, scales=TEST
 # =============================================================================================
 # Run settings that may differ from the checkpoint's without changing the network.
 CONFIG_OVERRIDES = ("data_root", "cam_scales", "bkg_score", "low", "high", "radius", "par_iters",
-                    "propagate_with", "num_figures", "speed_paths")
+                    "propagate_with", "num_figures", "speed_paths", "tf32")
 # Flags that must match the checkpoint: a different value is an error, not a conversion.
 CONFIG_CHECKS = ("backbone", "num_classes")
 
@@ -592,7 +593,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.pixel is not None and args.figures is None:
         raise ConfigError("--pixel is for --figures; add --figures")
     device = pick_device(args.device)
+    print(device_line(device, 1))
     model, cfg, settings = load_model(args.checkpoint, args, device)
+    if args.device == "auto":
+        warn_if_no_gpu(cfg.data, device)
+    set_cuda_math(device, cfg.tf32, benchmark=False)  # every image has its own size
     out_dir = args.out or os.path.splitext(args.checkpoint)[0] + "_eval"
     os.makedirs(out_dir, exist_ok=True)
     names = class_names_of(cfg.data, cfg.num_classes)

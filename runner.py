@@ -408,10 +408,50 @@ def setup_distributed(cfg: Config):
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
-        if rank == 0:
-            print(f"distributed: {world} processes, backend {backend}, {cfg.batch_size // world} "
-                  f"images per process per iteration ({cfg.batch_size} in all)")
+    if rank == 0:
+        print(device_line(device, world))
+        if cfg.device == "auto":
+            warn_if_no_gpu(cfg.data, device)
+    if world > 1 and rank == 0:
+        print(f"distributed: {world} processes, backend {backend}, {cfg.batch_size // world} "
+              f"images per process per iteration ({cfg.batch_size} in all)")
     return rank, world, device
+
+
+def device_line(device: torch.device, processes: int) -> str:
+    """"device: cuda:0 (NVIDIA A100-SXM4-40GB), 4 processes" or "device: cpu, 1 process": which
+    device runs, said first, so that a run that fell back to the CPU shows it at once."""
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return f"device: {device}{name}, {processes} process{'es' if processes > 1 else ''}"
+
+
+def warn_if_no_gpu(data_name: str, device: torch.device) -> None:
+    """One line on stderr when a VOC 2012 or COCO run fell back to the CPU (--device auto found no
+    GPU): why, where torch can tell, and what to install."""
+    if device.type != "cpu" or data_name not in ("VOC2012", "COCO"):
+        return
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        why = (f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build of "
+               "torch (the pip command for your CUDA version is on https://pytorch.org/get-started/"
+               "locally/)")
+    else:
+        why = (f"this torch ({torch.__version__}, built for CUDA {torch.version.cuda}) sees no GPU: "
+               "no driver or no GPU visible; check nvidia-smi and CUDA_VISIBLE_DEVICES")
+    print(f"warning: no GPU was found, so this {data_name} run is on the CPU, many times slower: "
+          f"{why}", file=sys.stderr)
+
+
+def set_cuda_math(device: torch.device, tf32: bool, benchmark: bool) -> None:
+    """On a GPU: float32 matrix multiplies and convolutions in TF32 (`tf32`; Ampere GPUs and later,
+    as the release ran under torch 1.7, whose default it was: 10-bit mantissas inside the product,
+    float32 sums, a few times faster), and cuDNN's autotuner (`benchmark`), which picks the fastest
+    convolution algorithm per input shape: worth it where the shapes repeat (training's fixed crop),
+    not where every image has its own size. On a CPU nothing changes."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = benchmark
 
 
 def keep_freed_memory() -> bool:

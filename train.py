@@ -60,7 +60,7 @@ from runner import (BatchFailed, CutShort, Resumed, Run, StepSampler, StepStart,
                     TrainStream, agree, agreed_batch, agreed_batches, check_new_run, check_work_dir_writable,
                     compile_and_wrap, control_group, exit_code, keep_freed_memory,
                     leave_stop_signals_to_main, nothing_left_on_failure, one_line,
-                    rank_0_log, resume_from, run_config, save, setup_distributed, shard_loader,
+                    rank_0_log, resume_from, run_config, save, set_cuda_math, setup_distributed, shard_loader,
                     start_work_dir, stop_at_once, stop_nonfinite, stop_on_failure, stop_on_signal,
                     warn_if_bf16_is_emulated, worker_deaths_read_with_batches,
                     write_metrics)
@@ -177,6 +177,7 @@ def train(cfg: Config, resumed: Resumed | None = None) -> TrainResult:
     """Run the whole training (or its remainder: `resumed`, or the checkpoint cfg.resume names)."""
     keep_freed_memory()                      # fewer page faults: the same numbers, faster
     rank, world, device = setup_distributed(cfg)
+    set_cuda_math(device, cfg.tf32, benchmark=True)  # training crops all have one size
     log = print if rank == 0 else (lambda *a, **k: None)
     check_new_run(cfg)
     if world > 1:

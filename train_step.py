@@ -132,11 +132,21 @@ def build_optimizer(model: AFANet, cfg: Config) -> torch.optim.AdamW:
 
 
 def make_autocast(cfg: Config, device: torch.device):
-    """bf16 autocast where the device supports it; otherwise fp16 (with a GradScaler)."""
+    """bf16 autocast where the device computes in bf16 natively; on a GPU without it, fp16 with a
+    GradScaler (the loss scaling fp16's narrow range needs)."""
     if not cfg.amp:
         return contextlib.nullcontext, None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not cuda_has_native_bf16(device):
         dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
     else:
         dtype, scaler = torch.bfloat16, None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether this GPU has bf16 arithmetic: NVIDIA compute capability 8.0 (Ampere) and later; AMD
+    GPUs, as PyTorch says. `torch.cuda.is_bf16_supported()` alone is no test: by default it also
+    counts the emulation older GPUs (V100, T4) run, slower than fp16."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(device)[0] >= 8

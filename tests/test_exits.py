@@ -128,8 +128,6 @@ def smaller_mask(path: Path):
 DATA_ERRORS = [  # id, what breaks, the file the message names
     ("truncated training image", lambda root: truncate(root / "JPEGImages" / f"{BROKEN}.jpg"),
      f"{BROKEN}.jpg"),
-    ("mask of another size", lambda root: smaller_mask(root / "SegmentationClassAug" / f"{BROKEN}.png"),
-     f"{BROKEN}.png"),
     ("truncated validation image", lambda root: truncate(root / "JPEGImages" / f"{VAL}.jpg"),
      f"{VAL}.jpg"),
 ]
@@ -154,7 +152,24 @@ def test_a_data_error_in_a_worker_ends_train_py(broken, tmp_path):
     assert code == 2 and name in error_line(err)
 
 
-@pytest.mark.parametrize("broken", DATA_ERRORS[2:], ids=["truncated validation image"],
+MASK_OF_ANOTHER_SIZE = ("mask of another size",
+                        lambda root: smaller_mask(root / "SegmentationClassAug" / f"{BROKEN}.png"),
+                        f"{BROKEN}.png")
+
+
+@pytest.mark.parametrize("broken", [MASK_OF_ANOTHER_SIZE], ids=["mask of another size"],
+                         indirect=True)
+def test_a_mask_of_another_size_ends_train_py_before_its_first_step(broken, tmp_path, capsys):
+    """Training reads no mask: a mask's size is checked against its image's where the image-level
+    labels are derived, at start-up, before any worker runs or anything is written."""
+    root, name = broken
+    assert train.main([str(f) for f in flags(root, tmp_path / "wd")]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert name in line and "32×32 (W×H) but its image" in line
+    assert not os.path.exists(tmp_path / "wd" / "config.json")  # written once the data loaded
+
+
+@pytest.mark.parametrize("broken", DATA_ERRORS[1:], ids=["truncated validation image"],
                          indirect=True)
 def test_a_data_error_in_a_worker_ends_evaluate_py(broken, synthetic, tmp_path):
     root, name = broken
