@@ -44,7 +44,7 @@ def test_plain_paths_give_the_same_step():
     for plain in (False, True):
         s = bench.build({**spec, "plain_paths": plain})
         assert s.cfg.speed_paths is not plain
-        assert s.fast.bound(model) == (frozenset() if plain else frozenset(fast.VARIANTS))
+        assert fast.bound(s.model) == (frozenset() if plain else frozenset(fast.VARIANTS))
         torch.manual_seed(1)
         out = train_step.compute_losses(s.model, s.model, s.par, s.batch, s.cfg.switch_iters + 1,
                                         s.cfg, s.autocast)
