@@ -93,11 +93,15 @@ class StepSampler(Sampler):
         return (self.end - self.start) * self.per_rank
 
 
-def shard_loader(dataset: Dataset, batch_size: int, rank: int, world: int, workers: int):
-    """This process's share of an evaluation set: items rank, rank + world, … (no repeats)."""
+def shard_loader(dataset: Dataset, batch_size: int, rank: int, world: int, workers: int,
+                 pin_memory: bool = False):
+    """This process's share of an evaluation set: items rank, rank + world, … (no repeats).
+    `pin_memory` (for a GPU): batches in page-locked memory, so that copies to the GPU run
+    asynchronously."""
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      generator=torch.Generator(), worker_init_fn=leave_stop_signals_to_main)
+                      pin_memory=pin_memory, generator=torch.Generator(),
+                      worker_init_fn=leave_stop_signals_to_main)
 
 
 def leave_stop_signals_to_main(worker_id: int) -> None:
@@ -333,6 +337,21 @@ def setup_distributed(cfg: Config):
         print(f"distributed: {world} processes, backend {backend}, {cfg.batch_size // world} "
               f"images per process per iteration ({cfg.batch_size} in all)")
     return rank, world, device
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, a cluster's allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def data_workers(requested: int) -> int:
+    """--workers: as given, or for -1 the cores per training process on this machine (torchrun's
+    LOCAL_WORLD_SIZE processes share them), at least 1, at most 8: beyond that the decoding keeps
+    up with a GPU's step and more workers only hold more memory. Two cores, one process: 2."""
+    if requested >= 0:
+        return requested
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(8, max(1, usable_cores() // processes))
 
 
 def device_line(device: torch.device, processes: int) -> str:

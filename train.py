@@ -60,11 +60,11 @@ from par import PAR
 from pipeline import LabelSettings
 from pretrained import load_pretrained
 from runner import (CutShort, Run, StepSampler, StepStart, StopSignal, TrainStream, agree,
-                    check_new_run, check_work_dir_writable, compile_and_wrap, deferred, exit_code,
-                    keep_freed_memory, leave_stop_signals_to_main, one_line, resume_from, save,
-                    set_cuda_math, setup_distributed, shard_loader, start_work_dir, stop_at_once,
-                    stop_nonfinite, stop_on_signal, stop_worker_died, warn_if_bf16_is_emulated,
-                    write_metrics)
+                    check_new_run, check_work_dir_writable, compile_and_wrap, data_workers,
+                    deferred, exit_code, keep_freed_memory, leave_stop_signals_to_main, one_line,
+                    resume_from, save, set_cuda_math, setup_distributed, shard_loader,
+                    start_work_dir, stop_at_once, stop_nonfinite, stop_on_signal,
+                    stop_worker_died, warn_if_bf16_is_emulated, write_metrics)
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 from visualize import class_names_of, training_figure
 
@@ -155,14 +155,17 @@ def build_model(cfg: Config, device: torch.device, world: int) -> AFANet:
     return model.to(device)
 
 
-def make_loaders(cfg: Config, train_set, val_set, start_step: int, rank: int, world: int):
-    """The training stream from `start_step` on (this process's share) and the val shard."""
+def make_loaders(cfg: Config, train_set, val_set, start_step: int, rank: int, world: int,
+                 device: torch.device):
+    """The training stream from `start_step` on (this process's share) and the val shard; on a
+    GPU in page-locked memory, so that `to_device`'s copies run asynchronously."""
+    workers, pin = data_workers(cfg.workers), device.type == "cuda"
     # A dedicated generator keeps the DataLoader from drawing on the global RNG (exact resume).
     loader = DataLoader(TrainStream(train_set, cfg.seed), batch_size=cfg.batch_size // world,
                         sampler=StepSampler(start_step, cfg.iters, cfg.batch_size, rank, world),
-                        num_workers=cfg.workers, generator=torch.Generator(),
+                        num_workers=workers, pin_memory=pin, generator=torch.Generator(),
                         worker_init_fn=leave_stop_signals_to_main, drop_last=False)
-    return loader, shard_loader(val_set, cfg.val_batch_size, rank, world, cfg.workers)
+    return loader, shard_loader(val_set, cfg.val_batch_size, rank, world, workers, pin)
 
 
 # =============================================================================================
@@ -203,7 +206,7 @@ def train(cfg: Config) -> TrainResult:
     net = compile_and_wrap(model, cfg, device, world)
     run = Run(cfg, rank, world, device, model, net, PAR(num_iter=cfg.par_iters).to(device),
               optimizer, autocast, scaler, history)
-    loader, val_loader = make_loaders(cfg, train_set, val_set, start_step, rank, world)
+    loader, val_loader = make_loaders(cfg, train_set, val_set, start_step, rank, world, device)
     t_start = time.time()
     metrics = train_loop(run, loader, val_loader, val_set, start_step)
     if rank == 0 and history:
