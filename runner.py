@@ -346,8 +346,8 @@ def usable_cores() -> int:
 
 def data_workers(requested: int) -> int:
     """--workers: as given, or for -1 the cores per training process on this machine (torchrun's
-    LOCAL_WORLD_SIZE processes share them), at least 1, at most 8: beyond that the decoding keeps
-    up with a GPU's step and more workers only hold more memory. Two cores, one process: 2."""
+    LOCAL_WORLD_SIZE processes share them), at least 1, at most 8: each worker holds its own
+    prefetched batches in memory, and a few keep a GPU fed. Two cores, one process: 2."""
     if requested >= 0:
         return requested
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -371,16 +371,17 @@ def warn_if_no_gpu(data_name: str, device: torch.device) -> None:
                "torch (the pip command for your CUDA version is on https://pytorch.org/get-started/"
                "locally/)")
     else:
-        why = (f"this torch ({torch.__version__}, built for CUDA {torch.version.cuda}) sees no GPU: "
-               "no driver or no GPU visible; check nvidia-smi and CUDA_VISIBLE_DEVICES")
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}"
+        why = (f"this torch ({torch.__version__}, built for {built}) sees no GPU: no driver or no "
+               "GPU visible; check nvidia-smi and CUDA_VISIBLE_DEVICES")
     print(f"warning: no GPU was found, so this {data_name} run is on the CPU, many times slower: "
           f"{why}", file=sys.stderr)
 
 
 def set_cuda_math(device: torch.device, tf32: bool, benchmark: bool) -> None:
     """On a GPU: float32 matrix multiplies and convolutions in TF32 (`tf32`; Ampere GPUs and later,
-    as the release ran under torch 1.7, whose default it was: 10-bit mantissas inside the product,
-    float32 sums, a few times faster), and cuDNN's autotuner (`benchmark`), which picks the fastest
+    as the release ran under torch 1.7, whose default it was: the products on the tensor cores
+    with 10-bit mantissas, the sums in float32), and cuDNN's autotuner (`benchmark`), which picks the fastest
     convolution algorithm per input shape: worth it where the shapes repeat (training's fixed crop),
     not where every image has its own size. On a CPU nothing changes."""
     if device.type != "cuda":
