@@ -106,7 +106,8 @@ class Config:
     eval_every: int = opt(2000, "validate and checkpoint every this many iterations")
     log_every: int = opt(20, "write a log line every this many iterations")
     keep_ckpts: int = opt(3, "how many periodic checkpoints to keep")
-    workers: int = opt(4, "data-loading worker processes per training process")
+    workers: int = opt(-1, "data-loading worker processes per training process; -1: the cores "
+                           "per training process on this machine, at most 8")
     val_batch_size: int = opt(1, "validation batch size (1 when image sizes differ)")
     num_figures: int = opt(4, "val images drawn in figures/ at every validation")
     seed: int = opt(0, "seed of weights, data order and augmentation")
@@ -297,5 +298,8 @@ def check_config(cfg: Config) -> None:
     if cfg.aff_weight == 0 and cfg.aff_from_afa:
         fail("--aff-from-afa takes affinity labels for L_aff, which --aff-weight 0 turns off; "
              "drop --aff-from-afa or pass a positive --aff-weight")
+    if cfg.workers < -1:
+        fail(f"--workers {cfg.workers}: give a number of processes (0 loads in the training "
+             "process), or -1 for one per core of this machine's share, at most 8")
     if cfg.num_classes < 2:
         fail("--num-classes counts background too: it must be at least 2")

@@ -48,8 +48,8 @@ from model import BACKBONES, AFANet
 from par import PAR
 from pipeline import LabelSettings, make_pseudo_labels, token_grid, upsample
 from pretrained import RELEASE_SIGNATURES, afanet_from_release, describe_state, release_prefix
-from runner import (check_compatible, device_line, exit_code, keep_freed_memory, read_torch_file,
-                    set_cuda_math, warn_if_no_gpu)
+from runner import (check_compatible, data_workers, device_line, exit_code, keep_freed_memory,
+                    read_torch_file, set_cuda_math, usable_cores, warn_if_no_gpu)
 from visualize import attention_figure, class_names_of, image_to_rgb, save_prediction
 
 IGNORE_INDEX = data.IGNORE_INDEX
@@ -383,7 +383,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "object)")
     parser.add_argument("--out", help="output folder (default: <checkpoint without .pth>_eval)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading and CRF processes")
+    parser.add_argument("--workers", type=int, default=-1, help="data-loading processes (default "
+                        "-1: one per core, at most 8; 0 loads in this process)")
+    parser.add_argument("--crf-workers", type=int, default=crf_workers(), help="dense-CRF "
+                        "processes (default: 80%% of the cores, as the release's test script; "
+                        f"here {crf_workers()}; 0 runs it in this process)")
     parser.add_argument("--batch-size", type=int, help="images per forward (default: 1 for the "
                         "segmentation table, whose images are enlarged to --long-side; the "
                         "checkpoint's val batch size for --pseudo)")
@@ -398,6 +402,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                dict(type=kind, nargs="+" if f.type == "tuple" else None)))
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser.parse_args(argv)
+
+
+def crf_workers() -> int:
+    """The release's dense-CRF pool: 80 % of the cores (at least 1): the CRF of each image is
+    CPU work, while the network runs in this process."""
+    return max(1, int(0.8 * usable_cores()))
 
 
 def config_from_checkpoint(ckpt: dict, args: argparse.Namespace) -> Config:
@@ -590,6 +600,9 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--scales {' '.join(map(str, scales))}: give positive scales")
     if args.long_side < 0:
         raise ConfigError(f"--long-side {args.long_side}: give a positive size, or 0 to keep it")
+    if args.workers < -1 or args.crf_workers < 0:
+        raise ConfigError(f"--workers {args.workers} / --crf-workers {args.crf_workers}: give a "
+                          "number of processes (0: in this process; --workers -1: one per core)")
     if args.pixel is not None and args.figures is None:
         raise ConfigError("--pixel is for --figures; add --figures")
     device = pick_device(args.device)
@@ -606,7 +619,8 @@ def run(args: argparse.Namespace) -> dict:
     def loader(split, batch_size):
         dataset = load_split(cfg, split, cache_dir)
         return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size or batch_size,
-                                           shuffle=False, num_workers=args.workers)
+                                           shuffle=False, num_workers=data_workers(args.workers),
+                                           pin_memory=device.type == "cuda")
 
     metrics = {}
     if args.image:
@@ -628,7 +642,7 @@ def run(args: argparse.Namespace) -> dict:
             or (args.crf and not args.image)):
         metrics.update(segmentation_report(model, cfg, loader(args.split or cfg.val_split, 1),
                                            device, names, scales, args.long_side, args.crf,
-                                           args.workers, args.save_masks))
+                                           args.crf_workers, args.save_masks))
     if metrics:
         metrics["checkpoint"] = args.checkpoint
         print(f"metrics: {write_metrics(out_dir, metrics)}")

@@ -3,8 +3,9 @@
 Each guarantee of a training run lives here, tested in tests/test_train.py,
 tests/test_reliability.py, tests/test_exits.py and (under torchrun) tests/test_train_e2e.py:
 - exact resume: the training set is a stream seeded by (seed, position) (`TrainStream`,
-  `StepSampler`), every checkpoint carries every RNG state (`rng_state`), and `resume_from` puts
-  them back, so a resumed run repeats the uninterrupted one number for number;
+  `StepSampler`), every checkpoint carries every process's RNG streams (`gather_rng_states`),
+  and `resume_from` gives each process its own back, so a resumed run repeats the uninterrupted
+  one number for number; a resumed run continues with its saved settings (`run_config`);
 - atomic checkpoints: written to a temporary file and renamed (`save_checkpoint`), the last
   keep_ckpts periodic ones kept (`save`), read back with one clear message per failure;
 - one run per work dir (`check_new_run`), written to only once data, weights and checkpoint have
@@ -13,7 +14,9 @@ tests/test_reliability.py, tests/test_exits.py and (under torchrun) tests/test_t
 - stops that keep the work: SIGINT / SIGTERM save and exit with 128 + signal (`StopSignal`,
   `stop_on_signal`), a non-finite loss undoes its step and saves the weights before it
   (`StepStart`, `stop_nonfinite`), a data-loading worker's death ends in one line and a
-  checkpoint of the last completed step (`deferred`, `stop_worker_died`); a signal during
+  checkpoint of the last completed step (`worker_deaths_read_with_batches`); under DDP every
+  process agrees before each step and at each validation batch, so that a failed read on one
+  stops all with that checkpoint (`agreed_batch`, `agreed_batches`, `stop_on_failure`); a signal during
   validation saves at once (`CutShort`), a second Ctrl-C stops in one line (`stop_at_once`);
 - user errors as one line and exit code 2, and no data-loading worker outliving the script,
   however it ends (`exit_code`, `end_data_workers`);
@@ -94,11 +97,15 @@ class StepSampler(Sampler):
         return (self.end - self.start) * self.per_rank
 
 
-def shard_loader(dataset: Dataset, batch_size: int, rank: int, world: int, workers: int):
-    """This process's share of an evaluation set: items rank, rank + world, … (no repeats)."""
+def shard_loader(dataset: Dataset, batch_size: int, rank: int, world: int, workers: int,
+                 pin_memory: bool = False):
+    """This process's share of an evaluation set: items rank, rank + world, … (no repeats).
+    `pin_memory` (for a GPU): batches in page-locked memory, so that copies to the GPU run
+    asynchronously."""
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      generator=torch.Generator(), worker_init_fn=leave_stop_signals_to_main)
+                      pin_memory=pin_memory, generator=torch.Generator(),
+                      worker_init_fn=leave_stop_signals_to_main)
 
 
 def leave_stop_signals_to_main(worker_id: int) -> None:
@@ -418,6 +425,21 @@ def setup_distributed(cfg: Config):
     return rank, world, device
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, a cluster's allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def data_workers(requested: int) -> int:
+    """--workers: as given, or for -1 the cores per training process on this machine (torchrun's
+    LOCAL_WORLD_SIZE processes share them), at least 1, at most 8: each worker holds its own
+    prefetched batches in memory, and a few keep a GPU fed. Two cores, one process: 2."""
+    if requested >= 0:
+        return requested
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(8, max(1, usable_cores() // processes))
+
+
 def device_line(device: torch.device, processes: int) -> str:
     """"device: cuda:0 (NVIDIA A100-SXM4-40GB), 4 processes" or "device: cpu, 1 process": which
     device runs, said first, so that a run that fell back to the CPU shows it at once."""
@@ -435,16 +457,17 @@ def warn_if_no_gpu(data_name: str, device: torch.device) -> None:
                "torch (the pip command for your CUDA version is on https://pytorch.org/get-started/"
                "locally/)")
     else:
-        why = (f"this torch ({torch.__version__}, built for CUDA {torch.version.cuda}) sees no GPU: "
-               "no driver or no GPU visible; check nvidia-smi and CUDA_VISIBLE_DEVICES")
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}"
+        why = (f"this torch ({torch.__version__}, built for {built}) sees no GPU: no driver or no "
+               "GPU visible; check nvidia-smi and CUDA_VISIBLE_DEVICES")
     print(f"warning: no GPU was found, so this {data_name} run is on the CPU, many times slower: "
           f"{why}", file=sys.stderr)
 
 
 def set_cuda_math(device: torch.device, tf32: bool, benchmark: bool) -> None:
     """On a GPU: float32 matrix multiplies and convolutions in TF32 (`tf32`; Ampere GPUs and later,
-    as the release ran under torch 1.7, whose default it was: 10-bit mantissas inside the product,
-    float32 sums, a few times faster), and cuDNN's autotuner (`benchmark`), which picks the fastest
+    as the release ran under torch 1.7, whose default it was: the products on the tensor cores
+    with 10-bit mantissas, the sums in float32), and cuDNN's autotuner (`benchmark`), which picks the fastest
     convolution algorithm per input shape: worth it where the shapes repeat (training's fixed crop),
     not where every image has its own size. On a CPU nothing changes."""
     if device.type != "cuda":

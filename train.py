@@ -57,13 +57,13 @@ from par import PAR
 from pipeline import LabelSettings, choose_paths
 from pretrained import load_pretrained
 from runner import (BatchFailed, CutShort, Resumed, Run, StepSampler, StepStart, StopSignal,
-                    TrainStream, agree, agreed_batch, agreed_batches, check_new_run, check_work_dir_writable,
-                    compile_and_wrap, control_group, exit_code, keep_freed_memory,
-                    leave_stop_signals_to_main, nothing_left_on_failure, one_line,
-                    rank_0_log, resume_from, run_config, save, set_cuda_math, setup_distributed, shard_loader,
-                    start_work_dir, stop_at_once, stop_nonfinite, stop_on_failure, stop_on_signal,
-                    warn_if_bf16_is_emulated, worker_deaths_read_with_batches,
-                    write_metrics)
+                    TrainStream, agree, agreed_batch, agreed_batches, check_new_run,
+                    check_work_dir_writable, compile_and_wrap, control_group, data_workers,
+                    exit_code, keep_freed_memory, leave_stop_signals_to_main,
+                    nothing_left_on_failure, one_line, rank_0_log, resume_from, run_config, save,
+                    set_cuda_math, setup_distributed, shard_loader, start_work_dir, stop_at_once,
+                    stop_nonfinite, stop_on_failure, stop_on_signal, warn_if_bf16_is_emulated,
+                    worker_deaths_read_with_batches, write_metrics)
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 from visualize import class_names_of, training_figure
 
@@ -155,14 +155,17 @@ def build_model(cfg: Config, device: torch.device, world: int) -> AFANet:
     return model.to(device)
 
 
-def make_loaders(cfg: Config, train_set, val_set, start_step: int, rank: int, world: int):
-    """The training stream from `start_step` on (this process's share) and the val shard."""
+def make_loaders(cfg: Config, train_set, val_set, start_step: int, rank: int, world: int,
+                 device: torch.device):
+    """The training stream from `start_step` on (this process's share) and the val shard; on a
+    GPU in page-locked memory, so that `to_device`'s copies run asynchronously."""
+    workers, pin = data_workers(cfg.workers), device.type == "cuda"
     # A dedicated generator keeps the DataLoader from drawing on the global RNG (exact resume).
     loader = DataLoader(TrainStream(train_set, cfg.seed), batch_size=cfg.batch_size // world,
                         sampler=StepSampler(start_step, cfg.iters, cfg.batch_size, rank, world),
-                        num_workers=cfg.workers, generator=torch.Generator(),
+                        num_workers=workers, pin_memory=pin, generator=torch.Generator(),
                         worker_init_fn=leave_stop_signals_to_main, drop_last=False)
-    return loader, shard_loader(val_set, cfg.val_batch_size, rank, world, cfg.workers)
+    return loader, shard_loader(val_set, cfg.val_batch_size, rank, world, workers, pin)
 
 
 # =============================================================================================
@@ -207,7 +210,7 @@ def train(cfg: Config, resumed: Resumed | None = None) -> TrainResult:
     run = Run(cfg, rank, world, device, model, net, PAR(num_iter=cfg.par_iters).to(device),
               optimizer, autocast, scaler, history, overrides=overrides,
               control=control_group(world, device))
-    loader, val_loader = make_loaders(cfg, train_set, val_set, start_step, rank, world)
+    loader, val_loader = make_loaders(cfg, train_set, val_set, start_step, rank, world, device)
     t_start = time.time()
     metrics = train_loop(run, loader, val_loader, val_set, start_step)
     if rank == 0 and history:

@@ -8,7 +8,7 @@ import evaluate
 import runner
 import train
 import train_step
-from config import Config, parse_config
+from config import Config, ConfigError, parse_config
 
 
 def fake_gpu(monkeypatch, capability: tuple) -> None:
@@ -171,3 +171,60 @@ def test_evaluate_of_a_voc_checkpoint_without_a_gpu_warns(monkeypatch, capsys):
         evaluate.run(evaluate.parse_args(["--checkpoint", "x.pth"]))
     err = capsys.readouterr().err
     assert err.startswith("warning: no GPU was found, so this VOC2012 run is on the CPU")
+
+
+# --- data loading sized for the machine; page-locked batches for a GPU -------------------------
+@pytest.mark.parametrize("device, pinned", [("cuda:0", True), ("cpu", False)])
+def test_training_batches_are_page_locked_for_a_gpu(device, pinned):
+    """Without page-locked memory, to_device's non_blocking copy is a synchronous one."""
+    cfg = Config(workers=0, batch_size=2)
+    loader, val_loader = train.make_loaders(cfg, [0, 1], [0, 1, 2], 0, 0, 1, torch.device(device))
+    assert loader.pin_memory == val_loader.pin_memory == pinned
+
+
+@pytest.mark.parametrize("cores, processes, workers", [(2, 1, 2), (16, 4, 4), (64, 1, 8),
+                                                       (2, 4, 1), (96, 8, 8)])
+def test_data_workers_default_to_the_cores_per_training_process(monkeypatch, cores, processes,
+                                                                 workers):
+    monkeypatch.setattr(runner, "usable_cores", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    assert runner.data_workers(-1) == workers
+    assert runner.data_workers(3) == 3 and runner.data_workers(0) == 0  # as given
+
+
+def test_workers_flag_defaults_per_preset_and_refuses_nonsense():
+    assert parse_config(["--data", "VOC2012"]).workers == parse_config(["--data", "COCO"]).workers == -1
+    assert parse_config([]).workers == 0                     # synthetic: in the training process
+    with pytest.raises(ConfigError, match="--workers -2"):
+        parse_config(["--workers", "-2"])
+
+
+@pytest.mark.parametrize("cores, pool", [(1, 1), (2, 1), (10, 8), (64, 51)])
+def test_the_crf_pool_is_80_percent_of_the_cores_apart_from_the_data_workers(monkeypatch, cores,
+                                                                             pool):
+    monkeypatch.setattr(runner, "usable_cores", lambda: cores)
+    monkeypatch.setattr(evaluate, "usable_cores", lambda: cores)
+    assert evaluate.crf_workers() == pool
+    args = evaluate.parse_args(["--checkpoint", "x.pth"])
+    assert (args.crf_workers, args.workers) == (pool, -1)
+
+
+@pytest.mark.parametrize("device, pinned", [("cuda:0", True), ("cpu", False)])
+def test_evaluate_pins_batches_for_a_gpu_and_gives_the_crf_its_own_pool(monkeypatch, tmp_path,
+                                                                       device, pinned):
+    seen = {}
+    monkeypatch.setattr(evaluate, "pick_device", lambda name: torch.device(device))
+    monkeypatch.setattr(evaluate, "device_line", lambda device, processes: "device: ...")
+    monkeypatch.setattr(evaluate, "load_model",
+                        lambda path, args, device: (None, Config(data="VOC2012"), None))
+    monkeypatch.setattr(evaluate, "set_cuda_math", lambda *args, **kwargs: None)
+    monkeypatch.setattr(evaluate, "load_split", lambda cfg, split, cache_dir: [0, 1])
+
+    def segmentation_report(model, cfg, loader, device, names, scales, long_side, crf, workers,
+                            save_dir):
+        seen.update(pinned=loader.pin_memory, data_workers=loader.num_workers, crf_workers=workers)
+        return {}
+    monkeypatch.setattr(evaluate, "segmentation_report", segmentation_report)
+    evaluate.run(evaluate.parse_args(["--checkpoint", "x.pth", "--out", str(tmp_path),
+                                      "--workers", "0", "--crf-workers", "3", "--crf"]))
+    assert seen == {"pinned": pinned, "data_workers": 0, "crf_workers": 3}

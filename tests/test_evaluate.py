@@ -591,7 +591,7 @@ def test_cli_crf_without_the_package_is_one_clear_line(tiny_run, capsys, monkeyp
 def test_cli_crf_in_worker_processes(tiny_run):
     masks, out_dir = str(tiny_run["root"] / "crf_masks"), str(tiny_run["root"] / "crf")
     code = evaluate.main(["--checkpoint", tiny_run["checkpoint"], "--out", out_dir, "--crf",
-                          "--long-side", "0", "--workers", "2", "--save-masks", masks])
+                          "--long-side", "0", "--crf-workers", "2", "--save-masks", masks])
     assert code == 0
     with open(os.path.join(out_dir, "metrics.json")) as f:
         metrics = json.load(f)

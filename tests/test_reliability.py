@@ -224,9 +224,11 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_command_line_prints_only_the_error(tmp_path):
-    """The real entry point: exit code 2 and a single stderr line, nothing from deep inside."""
+    """The real entry point: exit code 2 and a single stderr line, nothing from deep inside
+    (--device cpu: on a machine without a GPU, --device auto adds its warning line first)."""
     result = subprocess.run(
-        [sys.executable, "train.py", *tiny(tmp_path / "nowhere", tmp_path / "wd", *VOC)],
+        [sys.executable, "train.py", *tiny(tmp_path / "nowhere", tmp_path / "wd", *VOC),
+         "--device", "cpu"],
         cwd=PROJECT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: dataset root ") and result.stderr.count("\n") == 1
@@ -342,7 +344,9 @@ def test_resuming_a_finished_run_prints_no_empty_speed_line(synthetic, tmp_path,
 
 
 def test_training_voc_from_random_weights_warns(voc, tmp_path, capsys):
-    code, err = run(tiny(voc, tmp_path / "wd", *VOC, "--iters", 1, "--cam-iters", 1), capsys)
+    # --device cpu: on a machine without a GPU, --device auto adds the warning that says so
+    code, err = run(tiny(voc, tmp_path / "wd", *VOC, "--iters", 1, "--cam-iters", 1, "--device",
+                         "cpu"), capsys)
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "--data VOC2012 without --pretrained" in warnings[0]
