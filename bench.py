@@ -449,11 +449,12 @@ def count_memory(s: Setup) -> dict:
     if s.batch["image"].device.type != "cpu":
         raise ValueError("the memory count runs on the CPU (bench.py --memory --device cpu)")
     step = s.cfg.switch_iters + 1
-    with fast.without("skip_dropped"):
-        training_step(s, step)  # AdamW's states exist from the first step on
-        resident = resident_bytes(s)
-        saved = saved_activation_bytes(s, step)
-        peak, stage = allocation_peak(lambda: training_step(s, step), lambda: training_step(s, step))
+    if s.cfg.speed_paths:
+        pipeline.choose_paths(s.model, True, [v for v in fast.VARIANTS if v != "skip_dropped"])
+    training_step(s, step)  # AdamW's states exist from the first step on
+    resident = resident_bytes(s)
+    saved = saved_activation_bytes(s, step)
+    peak, stage = allocation_peak(lambda: training_step(s, step), lambda: training_step(s, step))
     return {**resident, "saved_activations": saved, "above_resident": peak, "peak_stage": stage,
             "peak": sum(resident.values()) + peak}
 

@@ -29,10 +29,12 @@ from vit import DropPath
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 GIB = 2 ** 30
-# bench.py --memory --crops 512 (BENCHMARKS.md, "Memory per GPU"): mit_b1, crop 512, 2 images,
-# speed paths on, counted 3.3 GiB; the bound allows the caching allocator's rounding and the
-# kernels' workspaces, x1.2.
-PEAK_BOUND_GIB = 4.0
+# bench.py --memory --crops 512 (BENCHMARKS.md, "Memory per GPU"): a full step of mit_b1, crop
+# 512, 2 images, speed paths on, holds 1.87 GiB at its peak (in the multi-scale CAM); the bound
+# allows x1.2 for the caching allocator's rounding and 0.25 GiB for the kernels' workspaces
+# (cuDNN, cuBLAS, foreach AdamW), which the count on the CPU does not see.
+COUNTED_GIB = 1.87
+PEAK_BOUND_GIB = 1.2 * COUNTED_GIB + 0.25
 
 
 @pytest.fixture(autouse=True)
@@ -234,7 +236,8 @@ def test_a_one_process_ddp_step_equals_the_plain_step(device, backend, tmp_path)
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_peak_memory_of_a_step(device):
     """On a GPU: a full step, mit_b1, crop 512, 2 images, speed paths on, allocates at its peak
-    less than PEAK_BOUND_GIB (bench.py --memory's count x1.2) and more than half the count. On
+    less than PEAK_BOUND_GIB (bench.py --memory's count, x1.2 + 0.25 GiB) and more than half
+    the count. On
     the CPU: the counting method itself (bench.allocation_peak, bench.count_memory)."""
     if device == "cuda":
         s = setup(device, backbone="mit_b1", crop=512)
@@ -244,7 +247,7 @@ def test_the_peak_memory_of_a_step(device):
         full_step(s, seed=2)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / GIB
-        assert 0.5 * PEAK_BOUND_GIB / 1.2 < peak < PEAK_BOUND_GIB, f"{peak:.2f} GiB"
+        assert 0.5 * COUNTED_GIB < peak < PEAK_BOUND_GIB, f"{peak:.2f} GiB"
         return
     kept, MiB = [], 2 ** 20
 

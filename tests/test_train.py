@@ -453,7 +453,7 @@ def test_rank_0_writes_into_the_work_dir_after_all_has_loaded_and_every_process_
     monkeypatch.setattr(train, "warn_if_bf16_is_emulated", event("warn"))
     monkeypatch.setattr(train, "start_work_dir", event("write"))
 
-    def compile_and_wrap(*args):
+    def compile_and_wrap(*args, **kwargs):
         raise Stop
     monkeypatch.setattr(train, "compile_and_wrap", compile_and_wrap)
     with pytest.raises(Stop):
