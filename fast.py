@@ -227,15 +227,15 @@ def batchnorm_statistics_from_moments(decoder, features):
             weights = torch.outer(U_h.sum(0), U_w.sum(0)).flatten()  # (H_g·W_g), a_g[i]·b_g[j]
             matrices.append((U_h, U_w))
             sums.append((x.flatten(2) @ weights).sum(0))  # (C_g), P·m_g over this process's batch
-        totals = torch.cat([*sums, bias.new_tensor([B * H * W])])  # (Σ C_g + 1)
-        if group is not None:
+        pixels = B * H * W  # P, this process's
+        if group is not None:  # the batch of every process: the sums and P added up, on the device
+            totals = torch.cat([*sums, torch.full((1,), pixels, dtype=bias.dtype, device=bias.device)])
             torch.distributed.all_reduce(totals, group=group)
-        pixels = float(totals[-1])
-        if pixels < 2:
+            sums, pixels = totals[:-1].split([len(s) for s in sums]), totals[-1]
+        elif pixels < 2:
             raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {pixels}")
         mean, centred = bias.clone(), []
-        for (x, projection), (U_h, U_w), m in zip(terms, matrices,
-                                                  totals[:-1].split([len(s) for s in sums])):
+        for (x, projection), (U_h, U_w), m in zip(terms, matrices, sums):
             m = m / pixels  # (C_g), m_g
             mean += m if projection is None else projection @ m
             centred.append((x - m[:, None, None], projection, U_h, U_w))  # x̃_g (B, C_g, H_g, W_g)

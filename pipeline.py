@@ -25,6 +25,7 @@ walk with the raw multi-head self-attention instead of the learned affinity
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -47,10 +48,16 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 PROPAGATE_WITH = ("affinity", "attention")
 
 
+@functools.lru_cache(maxsize=8)  # made once per device: a copy from the host waits for the GPU
+def mean_and_std(device: torch.device, dtype: torch.dtype) -> tuple:
+    """IMAGENET_MEAN and IMAGENET_STD as (1, 3, 1, 1) tensors on `device` (never written to)."""
+    return tuple(torch.tensor(values, dtype=dtype, device=device).view(1, 3, 1, 1)
+                 for values in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """Normalised images (B, 3, H, W) back to RGB in [0, 1]: x·std + mean, / 255."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = mean_and_std(images.device, images.dtype)  # (1, 3, 1, 1) each
     return (images * std + mean) / 255.0
 
 
@@ -66,8 +73,7 @@ def par_image(images: torch.Tensor) -> torch.Tensor:
     the cast the labels, and with them the whole training trajectory, part from the release's.
     (The clamp to 0–255 changes nothing for normalised pixels; it keeps other inputs in the
     range the cast is defined on.)"""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = mean_and_std(images.device, images.dtype)  # (1, 3, 1, 1) each
     return (images * std + mean).clamp(0, 255).trunc() / 255.0
 
 

@@ -130,7 +130,6 @@ FULL_STEP = {
     ("item", "crf_loss.py:forward"): 1,                  # DenseCRFLoss's check that images are RGB 0–255
     ("tolist", "crf_loss.py:permutohedral_lattice"): 1,  # the lattice's radix: its size check and strides
     ("unique", "crf_loss.py:permutohedral_lattice"): 1,  # the lattice's vertices (their number M is a shape)
-    ("host→device", "pipeline.py:denormalize"): 4,       # its mean and std, for PAR's pixels and for L_reg
 }
 SPEED_PATHS = {("tolist", "fast.py:refine_cams_with_par_packed"): 1}  # K, with the box check
 PLAIN_PATHS = {("item", "cam.py:_checked_box_mask"): 1}               # the box check
