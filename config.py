@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -145,6 +146,13 @@ PRESETS = {
 HELP_PRESETS = ("synthetic", "VOC2012", "COCO")  # the order in which --help lists the defaults
 
 
+def note(line: str) -> None:
+    """One "note: ..." line on stderr, from the first process only (every process of a torchrun
+    parses the same flags)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {line}", file=sys.stderr)
+
+
 def preset_defaults(name: str) -> str:
     """A flag's default in each preset: "512", or "synthetic 128; VOC2012, COCO 512"."""
     default = next(f.default for f in dataclasses.fields(Config) if f.name == name)
@@ -235,9 +243,9 @@ def scale_schedule(preset: dict, given: dict) -> dict:
     scaled = {name: max(1, round(defaults[name] * ratio)) for name in SCHEDULE if name not in given}
     changed = {name: value for name, value in scaled.items() if value != defaults[name]}
     if changed:
-        print(f"note: --iters {given['iters']} scales the preset's schedule ({defaults['iters']} "
+        note(f"--iters {given['iters']} scales the preset's schedule ({defaults['iters']} "
               "iterations): " + ", ".join(f"--{name.replace('_', '-')} {defaults[name]}→{value}"
-                                          for name, value in changed.items()), file=sys.stderr)
+                                          for name, value in changed.items()))
     return {**preset, **changed}
 
 
@@ -254,8 +262,7 @@ def yield_to_flags(preset: dict, given: dict) -> dict:
             flag = name.replace("_", "-")
             flag = (f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool) else
                     f"--{flag} {value}")
-            print(f"note: {why}: {flag} for this run, against the preset's default",
-                  file=sys.stderr)
+            note(f"{why}: {flag} for this run, against the preset's default")
     if given.get("aff_weight", None) == 0:
         set_default("aff_from_afa", False, "--aff-weight 0 trains no affinity to take labels from")
     if "switch_iters" in given and "cam_iters" not in given:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import json
 import multiprocessing
 import os
@@ -763,6 +764,43 @@ def stop_on_failure(run: Run, bar, done: int, error: Exception | None, failed: i
         raise type(error)(f"{one_line(error).rstrip('. ')}; {saved}; once that is fixed, "
                           f"continue with: {resume_command(run.cfg)}") from error
     raise error
+
+
+FAILED_KEY = "afa_failed"  # in the process group's store: "<rank>\t<error>" of a failed process
+
+
+def default_store():
+    """The store of the default process group (hosted by torchrun's agent, so it outlives any one
+    process), or None."""
+    get = getattr(dist.distributed_c10d, "_get_default_store", None)
+    try:
+        return get() if get is not None and dist.is_initialized() else None
+    except (RuntimeError, ValueError):
+        return None
+
+
+def stop_after_error(run: Run, error: Exception) -> None:
+    """An error raised in a step. Under DDP the other processes then fail in their next
+    collective (the broken connection); each tells which it is: the first to fail writes its
+    error into the store and raises it with its traceback; a process whose collective broke
+    because another one failed ends with one line naming that process, its error and the
+    newest checkpoint, instead of a traceback of its own."""
+    store = default_store() if run.world > 1 else None
+    if store is None or isinstance(error, USER_ERRORS):
+        raise error
+    try:  # the failed process writes its line before it exits, which breaks the collectives
+        store.wait([FAILED_KEY], datetime.timedelta(seconds=2))
+        failed, what = store.get(FAILED_KEY).decode().split("\t", 1)
+    except RuntimeError:  # no other process failed first: this error is the cause
+        store.set(FAILED_KEY, f"{run.rank}\t{type(error).__name__}: {one_line(error)}")
+        raise error
+    if int(failed) == run.rank:
+        raise error
+    kept = latest_checkpoint(run.cfg.work_dir)
+    raise PeerFailed(f"process {failed} of {run.world} failed ({what}), so this one stopped; "
+                     f"the newest checkpoint is {kept}; continue with: {resume_command(run.cfg)}"
+                     if kept else f"process {failed} of {run.world} failed ({what}), so this one "
+                     "stopped; no checkpoint was written yet") from error
 
 
 class BatchFailed(Exception):

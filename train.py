@@ -62,7 +62,7 @@ from runner import (BatchFailed, CutShort, Resumed, Run, StepSampler, StepStart,
                     exit_code, keep_freed_memory, leave_stop_signals_to_main,
                     nothing_left_on_failure, one_line, rank_0_log, resume_from, run_config, save,
                     set_cuda_math, setup_distributed, shard_loader, start_work_dir, stop_at_once,
-                    stop_nonfinite, stop_on_failure, stop_on_signal, warn_if_bf16_is_emulated,
+                    stop_after_error, stop_nonfinite, stop_on_failure, stop_on_signal, warn_if_bf16_is_emulated,
                     worker_deaths_read_with_batches, write_metrics)
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 from visualize import class_names_of, training_figure
@@ -274,6 +274,8 @@ def train_loop(run: Run, loader, val_loader, val_set, start_step: int) -> dict:
         stop_on_failure(run, bar, done, failure.error, failure.failed)
     except KeyboardInterrupt:
         stop_at_once(run, done)
+    except Exception as error:  # under DDP: which process failed first, said once
+        stop_after_error(run, error)
     finally:  # also on an error: the bar ends before the message, the signals are the caller's
         bar.close()
         stop.restore()

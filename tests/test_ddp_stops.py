@@ -19,7 +19,7 @@ ENV = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
 FAIL_AT = 3  # the step whose read fails on process 1
 
 # train.py behind a patch: each process logs its own losses (losses_rank<r>.jsonl); with
-# AFA_FAIL_READ set, process 1's read for step FAIL_AT fails as a broken file would; with
+# AFA_STEP_BUG set, process 1's step 2 raises; with AFA_FAIL_READ set, process 1's read for step FAIL_AT fails as a broken file would; with
 # AFA_SLOW_VALIDATION, validation takes its time and says when it starts.
 SCRIPT = f"""
 import json, os, sys, time
@@ -27,6 +27,8 @@ import data, metrics, runner, train
 rank, real_losses = int(os.environ["RANK"]), train.compute_losses
 work_dir = sys.argv[sys.argv.index("--work-dir") + 1]
 def compute_losses(net, model, par, batch, step, *args):
+    if os.environ.get("AFA_STEP_BUG") and rank == 1 and step == 2:
+        raise RuntimeError("a bug in the step")
     out = real_losses(net, model, par, batch, step, *args)
     with open(os.path.join(work_dir, f"losses_rank{{rank}}.jsonl"), "a") as f:
         f.write(json.dumps({{"step": step, **{{k: float(v) for k, v in out.terms.items()}}}}) + "\\n")
@@ -124,3 +126,21 @@ def test_a_stop_signal_during_validation_under_torchrun_saves_within_seconds(syn
     out = process.stdout.read()
     assert "interrupted after iteration 2 (SIGTERM)" in out and "validation was cut short" in out
     assert (work_dir / "checkpoints" / "interrupted_iter_2.pth").is_file()
+
+
+def test_an_error_in_one_processs_step_ends_all_with_one_line_naming_it(synthetic, script, tmp_path):
+    """A bug (or an out-of-memory error) inside one process's step: that process shows its
+    traceback; the other, whose collective broke, ends with one line naming the failed process,
+    its error and the newest checkpoint, within seconds."""
+    work_dir = tmp_path / "wd"
+    started = time.time()
+    process = torchrun(script, flags(synthetic, work_dir, "--eval-every", 1),
+                       env={**ENV, "AFA_STEP_BUG": "1"})
+    assert process.wait(timeout=600) != 0
+    assert time.time() - started < 120
+    err = process.stderr.read()
+    assert "[rank1]: RuntimeError: a bug in the step" in err
+    assert "[rank0]: Traceback" not in err, err[-3000:]
+    newest = work_dir / "checkpoints" / "iter_2.pth"
+    assert (f"error: process 1 of 2 failed (RuntimeError: a bug in the step), so this one "
+            f"stopped; the newest checkpoint is {newest}") in err
