@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from typing import NamedTuple
@@ -50,7 +49,7 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from config import PRESETS, Config, ConfigError, parse_config, parse_flags
+from config import PRESETS, Config, ConfigError, parse_flags
 from metrics import format_metrics, metrics_table, validate
 from model import AFANet
 from par import PAR

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 import bench
-import fast
 import runner
 from config import Config
 from metrics import validation_labels

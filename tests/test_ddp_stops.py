@@ -5,17 +5,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from processes import PROJECT, TORCHRUN_ENV, torchrun_command
 from synthetic import make_synthetic
 
 pytestmark = pytest.mark.slow
-PROJECT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
+ENV = TORCHRUN_ENV
 FAIL_AT = 3  # the step whose read fails on process 1
 
 # train.py behind a patch: each process logs its own losses (losses_rank<r>.jsonl); with
@@ -65,11 +64,9 @@ def flags(root, work_dir, *extra):
                              "--log-every", 1, *extra]]
 
 
-def torchrun(script, argv, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "2", str(script), *argv], cwd=PROJECT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kwargs)
+def torchrun(script, argv, env):
+    return subprocess.Popen(torchrun_command(script, *argv), cwd=PROJECT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
 
 
 def losses(work_dir, rank):
@@ -99,7 +96,7 @@ def test_a_failed_read_on_one_process_stops_all_saves_and_resumes_exactly(synthe
     assert saved.is_file(), err[-3000:]
     assert (f"error: image broken.jpg cannot be read: it is truncated; the state after iteration "
             f"{FAIL_AT} is saved in {saved}") in err
-    assert f"error: process 1 of 2 stopped the run with an error" in err
+    assert "error: process 1 of 2 stopped the run with an error" in err
     assert time.time() - started < 120  # nobody waited for a collective's timeout
 
     resumed = torchrun(script, ["--work-dir", str(work_dir), "--resume", "auto"], env=ENV)

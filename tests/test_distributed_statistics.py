@@ -1,12 +1,7 @@
 """Under DDP the decoder's BatchNorm statistics of the CAM passes are the whole batch's, over all
 processes, with the speed paths as with the plain forms (SyncBatchNorm): two gloo processes, each
 with half the batch, end with the statistics of one process over the concatenated batch."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-PROJECT = Path(__file__).resolve().parent.parent
+from processes import every_process_ok, run_script
 
 SCRIPT = """
 import torch, torch.distributed as dist
@@ -37,11 +32,5 @@ dist.destroy_process_group()
 
 
 def test_the_moments_variant_takes_the_statistics_of_the_batch_over_all_processes(tmp_path):
-    script = tmp_path / "statistics.py"
-    script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(script)], cwd=PROJECT, capture_output=True,
-                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                      "PYTHONPATH": str(PROJECT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout
+    done = run_script(tmp_path, SCRIPT)
+    assert every_process_ok(done), done.stderr[-3000:]

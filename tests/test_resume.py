@@ -6,19 +6,18 @@ synthetic set; a stop is a real Ctrl-C to a real process, as a user makes it.
 """
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import config
 import runner
 import train
+from processes import every_process_ok, run_script
 from synthetic import make_synthetic
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -202,8 +201,7 @@ def test_a_checkpoint_of_every_visible_gpus_streams_resumes_on_fewer_gpus(monkey
 
 def test_each_process_saves_and_restores_its_own_streams(tmp_path):
     """Two gloo processes with different streams save one checkpoint; each restores its own."""
-    script = tmp_path / "streams.py"
-    script.write_text(f"""
+    script = f"""
 import os, random, torch, torch.distributed as dist
 import numpy as np, runner, config
 dist.init_process_group("gloo")
@@ -222,10 +220,6 @@ runner.restore_rng_states(runner.load_checkpoint(path)["rng"], rank, 2, torch.de
 assert (torch.rand(3).tolist(), random.random(), float(np.random.rand())) == expected, rank
 print(f"ok {{rank}}\\n", end="", flush=True)
 dist.destroy_process_group()
-""")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(script)], cwd=PROJECT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                      "PYTHONPATH": str(PROJECT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout
+"""
+    done = run_script(tmp_path, script)
+    assert every_process_ok(done), done.stderr[-3000:]

@@ -119,8 +119,8 @@ def torchrun(script, flags) -> list:
 
 
 DDP_SCRIPT = """
-import os, sys, torch, train
-cfg = train.parse_config(sys.argv[1:])
+import os, sys, torch, config, train
+cfg = config.parse_config(sys.argv[1:])
 result = train.train(cfg)
 torch.save({k: v.detach().clone() for k, v in result.model.named_parameters()},
            f"{cfg.work_dir}/rank{os.environ['RANK']}.pt")
@@ -149,8 +149,8 @@ def test_torchrun_two_cpu_processes_agree(tiny_synthetic, tmp_path):
 
 
 SIGTERM_SCRIPT = """
-import os, sys, train
-cfg = train.parse_config(sys.argv[1:])
+import os, sys, config, train
+cfg = config.parse_config(sys.argv[1:])
 open(f"{cfg.work_dir}.pid{os.environ['RANK']}", "w").write(str(os.getpid()))
 sys.exit(train.main(sys.argv[1:]))
 """

@@ -1,6 +1,5 @@
 """The training figure names the val image of every row."""
 import numpy as np
-import pytest
 import torch
 from PIL import Image, ImageDraw
 
