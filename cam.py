@@ -112,7 +112,7 @@ def _argmax(x, dim):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None, forward_cams=None,
+def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, bn_stats=None, forward_cams=None,
                     attention=False):
     """Multi-scale, flip-augmented CAMs normalised to [0, 1], and the affinity at the largest scale.
 
@@ -123,7 +123,7 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None
     max(CAM, un-flipped CAM of the mirror), ReLU; sum over scales; per image and class subtract the
     min and divide by the max (+ 1e-5). The model runs in whatever mode (train / eval) it is in.
 
-    decoder_stats (None: `model.cam`'s default) and attention (True: the pairwise scores are the
+    bn_stats (None: `model.cam`'s default) and attention (True: the pairwise scores are the
     raw attention logits) are passed on to `model.cam` (AFANet's).
     forward_cams: (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the caller
     already has (the training forward's); the scale-1.0 pass then runs on the mirrors only. Equal
@@ -134,7 +134,7 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None
     given scales are used as they are (identical for the default scales).
     """
     B, H, W, scales = _check_multi_scale(images, scales, forward_cams)
-    options = {**({} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}),
+    options = {**({} if bn_stats is None else {"bn_stats": bool(bn_stats)}),
                **({"attention": True} if attention else {})}
     cams, affinity = 0, None
     for s in scales:

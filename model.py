@@ -349,7 +349,7 @@ class SegFormerHead(nn.Module):
         return torch.cat(embedded, dim=1)  # (B, 4·embed_dim, H_1, W_1)
 
     @torch.no_grad()
-    def update_batchnorm_statistics(self, features):
+    def update_bn_stats(self, features):
         """Run the decoder on features (4 maps (B, C_i, H_i, W_i)) up to and including its
         BatchNorm, for the side effect alone: in train mode the BatchNorm's running mean and
         variance take this batch in, as a full `forward` would (what follows the BatchNorm, ReLU,
@@ -410,14 +410,14 @@ class AFANet(nn.Module):
         return AFAOutput(cls_logits=cls_logits, seg_logits=self.decoder(features),
                          affinity=affinity, cams=self.classifier(top))
 
-    def cam(self, x, *, decoder_stats=True, attention=False):
+    def cam(self, x, *, bn_stats=True, attention=False):
         """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, affinity (B, N, N)).
 
         The classifier on the un-pooled stage-4 features, and the affinity exactly as in `forward`
         (`attention`: the logits q·kᵀ the AFA head reads, (B, afa_blocks, nh, N, N), the raw
         attention of the paper's "propagation with MHSA"). Gradients as the grad mode allows.
 
-        decoder_stats: in train mode, also run the decoder without gradient up to its BatchNorm,
+        bn_stats: in train mode, also run the decoder without gradient up to its BatchNorm,
         so that its running statistics see this pass as in the release, whose CAM path runs the
         whole decoder, in train mode, on every CAM pass (the eval-mode segmentation depends on
         it). False skips it (faster, other statistics). Eval mode updates nothing either way.
@@ -426,8 +426,8 @@ class AFANet(nn.Module):
         attn_logits = attn_logits[-self.afa_blocks:]  # each (B, nh, N, N)
         pairwise = (torch.stack(attn_logits, dim=1) if attention  # (B, afa_blocks, nh, N, N)
                     else self.affinity_head(torch.cat(attn_logits, dim=1)))  # (B, N, N)
-        if decoder_stats and self.training:
-            self.decoder.update_batchnorm_statistics(features)
+        if bn_stats and self.training:
+            self.decoder.update_bn_stats(features)
         return self.classifier(features[-1]), pairwise  # (B, C−1, h, w), (B, N, N)
 
     def param_groups(self):

@@ -132,7 +132,7 @@ class LabelSettings:
     thresholds: str = "train"            # the CAM label: three bands ("train") or bkg_score ("eval")
     affinity_from: str = "cam_pass"      # the walk's affinity: "cam_pass" or "forward" (`forward`)
     cam_bf16: bool = False               # the CAM passes in bfloat16 (training's --cam-bf16)
-    decoder_stats: bool | None = None    # the CAM passes update the decoder's BatchNorm statistics
+    cam_bn_stats: bool | None = None     # the CAM passes update the decoder's BatchNorm statistics
     reuse_forward_cam: bool = False      # the forward's CAMs stand for the scale-1.0 pass's
     paths: Paths = Paths()               # the stage functions: plain, or fast.py's (`choose_paths`)
 
@@ -151,14 +151,14 @@ class LabelSettings:
                  else choose_paths(model, cfg.speed_paths))
         return cls(cam_scales=tuple(cfg.cam_scales), low=cfg.low, high=cfg.high,
                    bkg_score=cfg.bkg_score, radius=cfg.radius, propagate_with=cfg.propagate_with,
-                   cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
+                   cam_bf16=cfg.cam_bf16, cam_bn_stats=cfg.cam_bn_stats,
                    reuse_forward_cam=cfg.reuse_forward_cam, paths=paths)
 
     def for_evaluation(self, affinity_from: str = "cam_pass") -> "LabelSettings":
         """The same numbers for the labels of a network in eval mode (validation, evaluate.py,
         the figures): the CAM label at bkg_score, none of the training step's options."""
         return dataclasses.replace(self, thresholds="eval", affinity_from=affinity_from,
-                                   cam_bf16=False, decoder_stats=None, reuse_forward_cam=False)
+                                   cam_bf16=False, cam_bn_stats=None, reuse_forward_cam=False)
 
 
 class PseudoLabels(NamedTuple):
@@ -195,7 +195,7 @@ def make_pseudo_labels(model, par, batch: dict, settings: LabelSettings, need=("
       eval-mode forward ("forward", the release's validation: `forward.affinity` (B, N, N)).
     settings.propagate_with: "affinity" walks with the learned affinity, "attention" with the
       raw MHSA maps of the same blocks and pass (`mhsa_affinity`; paper Table 4).
-    settings.cam_bf16, decoder_stats, reuse_forward_cam: how training runs the CAM passes
+    settings.cam_bf16, cam_bn_stats, reuse_forward_cam: how training runs the CAM passes
       (`multi_scale_cams`; `forward.cams` are the reused CAMs, where `forward` is given).
     forward: the AFAOutput of the network's forward on these images, where the settings read it.
     """
@@ -249,14 +249,14 @@ def multi_scale_cams(model, images: torch.Tensor, settings: LabelSettings, *, mh
 
     With `mhsa` the affinity is `mhsa_affinity` of that pass's attention logits (`AFANet.cam`'s
     `attention`) instead of the AFA head's output. The training step's options: `cam_bf16` runs
-    the passes in bfloat16; `decoder_stats` (None: the model's default) whether the passes update
+    the passes in bfloat16; `cam_bn_stats` (None: the model's default) whether the passes update
     the decoder's BatchNorm statistics in train mode, as in the release; `forward_cams`
     (B, C-1, h, w) the training forward's CAMs, reused at scale 1.0 (faster; other
     stochastic-depth draws, so other numbers).
     """
     with label_precision(images.device.type, settings.cam_bf16):
         cams, pairwise = settings.paths.multi_scale_cam(
-            model, images, settings.cam_scales, decoder_stats=settings.decoder_stats,
+            model, images, settings.cam_scales, bn_stats=settings.cam_bn_stats,
             forward_cams=forward_cams, attention=mhsa)  # (B, C-1, H, W), (B, N, N) or (B, L, nh, N, N)
     if mhsa:
         pairwise = mhsa_affinity(pairwise.unbind(1), head_dim_of(model))   # (B, N, N)
@@ -334,13 +334,13 @@ def mhsa_affinity_of(model, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cam_statistics_passes(model, images: torch.Tensor, settings: LabelSettings) -> None:
+def cam_bn_stats_passes(model, images: torch.Tensor, settings: LabelSettings) -> None:
     """The CAM passes of the classification-only phase, for the decoder's BatchNorm statistics
     alone. The release runs its multi-scale CAM on every iteration, in train mode, before it
     knows whether the labels are used, and each pass updates those statistics; this does the same
     passes (same stochastic-depth draws, same statistics) and keeps nothing else."""
     with label_precision(images.device.type, settings.cam_bf16):
-        settings.paths.multi_scale_cam(model, images, settings.cam_scales, decoder_stats=True)
+        settings.paths.multi_scale_cam(model, images, settings.cam_scales, bn_stats=True)
 
 
 def random_walk_cams(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: torch.Tensor,

@@ -23,7 +23,7 @@ from attention_affinity import affinity_loss
 from config import Config
 from model import AFANet
 from par import PAR
-from pipeline import (LabelSettings, PseudoLabels, affinity_targets, cam_statistics_passes,
+from pipeline import (LabelSettings, PseudoLabels, affinity_targets, cam_bn_stats_passes,
                       make_pseudo_labels, reg_loss, seg_loss, upsample)
 
 
@@ -54,7 +54,7 @@ def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Co
     cls_loss = F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_labels)
     if step <= cfg.cam_iters:
         if cfg.cam_bn_stats:  # as the release: the CAM passes run, for the BatchNorm statistics
-            cam_statistics_passes(model, images, settings)
+            cam_bn_stats_passes(model, images, settings)
         # Classification only. The zero-weighted terms keep every parameter in the graph (so DDP
         # needs no unused-parameter search) and give the release's zero gradients to the heads.
         zero = 0.0 * (out.seg_logits.float().sum() + out.affinity.float().sum())

@@ -84,8 +84,8 @@ def test_classification_phase_step_with_and_without_the_statistics_passes(option
     spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
                 compile=False, threads=0, crop=64, kind="cls", options=options)
     calls = []
-    real = train_step.cam_statistics_passes
-    monkeypatch.setattr(train_step, "cam_statistics_passes",
+    real = train_step.cam_bn_stats_passes
+    monkeypatch.setattr(train_step, "cam_bn_stats_passes",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     row = bench.run_one(spec)
     assert row["step_s"] > 0 and row["options"] == options

@@ -104,7 +104,7 @@ def test_label_settings_are_read_once_from_a_config():
     settings = LabelSettings.from_config(cfg, AFANet(3, backbone="mit_b0"))
     assert settings == LabelSettings(
         cam_scales=(1.0, 1.5), low=0.3, high=0.6, bkg_score=0.4, radius=5,
-        propagate_with="attention", cam_bf16=True, decoder_stats=False, reuse_forward_cam=True)
+        propagate_with="attention", cam_bf16=True, cam_bn_stats=False, reuse_forward_cam=True)
     assert settings.for_evaluation("forward") == LabelSettings(
         cam_scales=(1.0, 1.5), low=0.3, high=0.6, bkg_score=0.4, radius=5,
         propagate_with="attention", thresholds="eval", affinity_from="forward")

@@ -284,14 +284,14 @@ def test_statistics_after_a_step_equal_the_release_decoder_on_every_cam_pass(ste
 @pytest.mark.parametrize("step", [1, 3, 5], ids=["classification only", "PAR label", "AFA label"])
 def test_statistics_after_a_step_equal_those_of_the_plain_batchnorm_pass(step, monkeypatch):
     """The CAM passes' BatchNorm update from moments on the stage grids
-    (`fast.batchnorm_statistics_from_moments`) leaves the buffers of a whole step where the
+    (`fast.update_bn_stats_from_moments`) leaves the buffers of a whole step where the
     plain decoder pass up to the BatchNorm leaves them, stochastic depth on, on an odd crop."""
     cfg = Config(backbone="mit_b0", num_classes=6, crop=80, cam_iters=2, switch_iters=4)
     assert cfg.cam_bn_stats
     torch.manual_seed(0)
     ours = AFANet(cfg.num_classes, backbone=cfg.backbone).train()
     plain = copy.deepcopy(ours)
-    pipeline.choose_paths(plain, True, [v for v in fast.VARIANTS if v != "bn_moments"])
+    pipeline.choose_paths(plain, True, [v for v in fast.VARIANTS if v != "bn_stats_moments"])
     par, batch = PAR(), step_batch(size=cfg.crop)
     torch.manual_seed(1)
     train_step.compute_losses(ours, ours, par, batch, step, cfg, contextlib.nullcontext)
