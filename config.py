@@ -5,7 +5,8 @@
 the release's COCO script); `parse_config` generates the command line from the fields, so that any
 flag overrides both, and `check_config` refuses contradictory settings before anything is built.
 train.py parses it and saves it in every checkpoint; evaluate.py reads it back from one; bench.py
-builds one for its timings.
+builds one for its timings. Where the authors' release names a setting, the field keeps its name
+(`cam_iters`, `bkg_score`), so that its configuration reads across.
 """
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 
-# model.BACKBONES, named here to check a configuration without the network's code (tested equal)
-BACKBONES = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5", "vit_tiny16", "vit_s16",
-             "vit_b16")
+from model import BACKBONES  # the encoders the network builds, to check --backbone against
 
 
 class ConfigError(Exception):

@@ -37,12 +37,10 @@ from attention_affinity import affinity_labels, window_mask
 from cam import (cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par,
                  valid_box_mask)
 from crf_loss import DenseCRFLoss
+from data import IMAGENET_MEAN, IMAGENET_STD  # the normalisation undone for PAR and L_reg
 from random_walk import propagate
 
 ENCODER_STRIDE = 16  # the stride of the encoder's last stage: one token per 16 × 16 pixels
-# data.py's normalisation (RGB, on the 0–255 scale), undone for PAR and L_reg (tested equal)
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 # What the random walk propagates with (paper §3.2; Table 4's "AFA (prop. with MHSA)").
 PROPAGATE_WITH = ("affinity", "attention")
 
