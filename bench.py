@@ -66,7 +66,7 @@ import data
 import fast
 import pipeline
 import train_step
-from attention_affinity import affinity_loss
+from attention_affinity import affinity_labels, affinity_loss, window_mask
 from config import Config
 from model import BACKBONES, AFANet
 from par import PAR
@@ -134,7 +134,9 @@ def fixed_targets(batch: dict, num_classes: int, generator: torch.Generator, rad
     label = torch.randint(0, num_classes, (B, H, W), generator=generator)
     label[torch.rand(B, H, W, generator=generator) < 0.2] = 255                # some ignored pixels
     label = label.to(images.device)
-    return label, pipeline.affinity_targets(label, radius)
+    grid = pipeline.token_grid(H), pipeline.token_grid(W)                      # (h, w), stride 16
+    window = window_mask(*grid, radius, device=images.device)                 # (N, N)
+    return label, affinity_labels(label, grid, window)                        # (B, N, N)
 
 
 class Setup(NamedTuple):

@@ -15,7 +15,8 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 
-from model import BACKBONES  # the encoders the network builds, to check --backbone against
+from model import BACKBONES, PAIRWISE  # what the network builds, to check --backbone and
+                                      # --propagate-with against
 
 
 class ConfigError(Exception):
@@ -287,8 +288,8 @@ def check_config(cfg: Config) -> None:
              "cannot replace the PAR label before pseudo labels are used at all")
     if cfg.seg_label not in ("cam", "par", "afa"):
         fail(f"--seg-label {cfg.seg_label}: choose cam, par or afa")
-    if cfg.propagate_with not in ("affinity", "attention"):
-        fail(f"--propagate-with {cfg.propagate_with}: choose affinity or attention")
+    if cfg.propagate_with not in PAIRWISE:
+        fail(f"--propagate-with {cfg.propagate_with}: choose {' or '.join(PAIRWISE)}")
     if cfg.reg_weight < 0:
         fail(f"--reg-weight {cfg.reg_weight}: give a weight >= 0 (0 turns L_reg off)")
     if cfg.aff_weight == 0 and cfg.seg_label == "afa" and cfg.propagate_with == "affinity":

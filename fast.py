@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import cam
-from model import Block, MixTransformer
+from model import PAIRWISE, Block, MixTransformer
 from vit import Block as ViTBlock
 from vit import DropPath, VisionTransformer
 
@@ -382,36 +382,37 @@ def factored_affinity(head, queries, keys):
     return torch.sigmoid(logits)  # (B, N, N)
 
 
-def partial_cam(model, x, num_pairwise, *, bn_stats=True, attention=False):
-    """Replaces `AFANet.cam(x, bn_stats=..., attention=...)` followed by keeping the pairwise
+def partial_cam(model, x, num_pairwise, *, bn_stats=True, pairwise="affinity"):
+    """Replaces `AFANet.cam(x, bn_stats=..., pairwise=...)` followed by keeping the pairwise
     scores of the first n = num_pairwise images only; identity: every block's output is the same
-    through the fused kernel (`fused_attention`), and the affinity of the factors q, k of the
-    logits is `factored_affinity`. x (B, 3, H, W) -> (cams (B, C−1, h, w), affinity (n, N, N)
-    or, with `attention`, the logits (n, afa_blocks, nh, N, N)); n = 0 skips the AFA head. The
-    same draws and decoder statistics as `cam`.
+    through the fused kernel (`fused_attention`), the affinity of the factors q, k of the logits
+    is `factored_affinity`, and the MHSA affinity ("attention") is that of the logits q·kᵀ of the
+    first n images. x (B, 3, H, W) -> (cams (B, C−1, h, w), scores (n, N, N)); n = 0 skips the
+    AFA head. The same draws and decoder statistics as `cam`.
     """
     B = x.shape[0]
     if not 0 <= num_pairwise <= B:
         raise ValueError(f"num_pairwise must be in [0, {B}], got {num_pairwise}")
+    if pairwise not in PAIRWISE:
+        raise ValueError(f"pairwise must be one of {PAIRWISE}, got {pairwise!r}")
     encoder, n = model.encoder, num_pairwise
     if not isinstance(encoder, (MixTransformer, VisionTransformer)):  # the plain form, then the first n
-        cams, pairwise = model.cam(x, bn_stats=bn_stats, attention=attention)
-        return cams, pairwise[:n]
+        cams, scores = model.cam(x, bn_stats=bn_stats, pairwise=pairwise)
+        return cams, scores[:n]
     if n == 0:
         features, _ = run_blocks(encoder, x, 0, None)
         N = features[-1].shape[-2:].numel()
-        shape = (0, model.afa_blocks, encoder.num_heads[-1], N, N) if attention else (0, N, N)
-        pairwise = features[-1].new_zeros(shape)
+        scores = features[-1].new_zeros((0, N, N))
     else:
         features, factors = run_blocks(encoder, x, model.afa_blocks, factored_block)
         queries, keys = [q[:n] for q, _ in factors], [k[:n] for _, k in factors]  # (n, nh, N, d) each
-        if attention:  # (n, afa_blocks, nh, N, N), the logits q·kᵀ
-            pairwise = torch.stack([q @ k.transpose(-2, -1) for q, k in zip(queries, keys)], dim=1)
+        if pairwise == "attention":  # of the logits q·kᵀ, (n, nh, N, N) each
+            scores = model.mhsa_affinity([q @ k.transpose(-2, -1) for q, k in zip(queries, keys)])
         else:
-            pairwise = factored_affinity(model.affinity_head, queries, keys)  # (n, N, N)
+            scores = factored_affinity(model.affinity_head, queries, keys)  # (n, N, N)
     if bn_stats and model.training:
         model.decoder.update_bn_stats(features)
-    return model.classifier(features[-1]), pairwise  # (B, C−1, h, w), (n, ...)
+    return model.classifier(features[-1]), scores  # (B, C−1, h, w), (n, N, N)
 
 
 def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), **options):

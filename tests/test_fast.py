@@ -498,24 +498,24 @@ def test_partial_cam_equals_cam(afanet):
         fast.partial_cam(afanet, images, 5)
 
 
-def test_partial_cam_with_attention_gives_the_afa_heads_input(afanet):
-    """The MHSA ablation's pass: the same CAMs, and in place of the affinity the attention logits
-    q·kᵀ of the blocks the AFA head reads, of the first n images."""
+def test_partial_cam_with_attention_gives_the_mhsa_affinity(afanet):
+    """The MHSA ablation's pass: the same CAMs, and in place of the learned affinity the MHSA
+    affinity of the logits q·kᵀ the AFA head reads, of the first n images."""
     images = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         cams, _ = afanet.cam(images)
-        _, plain_logits = afanet.cam(images, attention=True)  # (B, afa_blocks, nh, N, N)
+        _, plain = afanet.cam(images, pairwise="attention")  # (B, N, N)
         attn_logits = afanet.encoder(images)[1][-afanet.afa_blocks:]  # each (B, nh, N, N)
-        assert torch.equal(plain_logits, torch.stack(attn_logits, dim=1))
-        heads = afanet.encoder.num_heads[-1]
+        assert torch.equal(plain, afanet.mhsa_affinity(attn_logits))
         for n in (0, 2, 4):
-            fast_cams, logits = fast.partial_cam(afanet, images, n, attention=True)
+            fast_cams, scores = fast.partial_cam(afanet, images, n, pairwise="attention")
             torch.testing.assert_close(fast_cams, cams, rtol=1e-5, atol=1e-5)
-            assert logits.shape == (n, afanet.afa_blocks, heads, 16, 16)
-            for block, expected in enumerate(attn_logits):
-                torch.testing.assert_close(logits[:, block], expected[:n], rtol=1e-4, atol=1e-4)
+            assert scores.shape == (n, 16, 16)
+            torch.testing.assert_close(scores, plain[:n], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="num_pairwise"):
-        fast.partial_cam(afanet, images, 5, attention=True)
+        fast.partial_cam(afanet, images, 5, pairwise="attention")
+    with pytest.raises(ValueError, match="pairwise"):
+        fast.partial_cam(afanet, images, 4, pairwise="mhsa")
 
 
 def decoder_batchnorm_state(model):
