@@ -131,7 +131,7 @@ PRESETS = {
     # only eval-mode seg numbers depend on them) and reuse the forward's scale-1.0 CAMs
     # (reuse_forward_cam). All in float32: bf16 would be slower on CPUs without bf16 instructions.
     # The data are loaded in the training process (workers=0: the same batches, without 2 worker
-    # processes competing for the 2 cores; docs/demo_study.md, round 4).
+    # processes competing for the 2 cores; docs/demo_study.md, "Round 4").
     # CAM scales, thresholds and PAR stay the paper's: with fewer scales the CAM alone is already
     # sharp at this size and PAR and AFA are left little to show (docs/demo_study.md).
     "synthetic": dict(data_root="data/synthetic", train_split="train", num_classes=6,
