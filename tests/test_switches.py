@@ -170,6 +170,8 @@ def test_seg_target_follows_seg_label(net, spy, seg_label, aff_weight, at, kind)
     (["--aff-weight", "0"], ("--seg-label afa", "--aff-weight 0")),
     (["--aff-weight", "0", "--seg-label", "afa"], ("--seg-label afa", "--aff-weight 0")),
     (["--aff-weight", "0", "--seg-label", "par", "--aff-from-afa"], ("--aff-from-afa", "--aff-weight 0")),
+    (["--data", "COCO", "--aff-weight", "0", "--seg-label", "cam", "--aff-from-afa"],  # typed: refused
+     ("drop --aff-from-afa", "--aff-weight 0")),                                       # (not yielded)
     (["--seg-label", "crf"], ("--seg-label crf", "cam, par or afa")),
     (["--propagate-with", "mhsa"], ("--propagate-with mhsa", "affinity or attention")),
     (["--reg-weight", "-1"], ("--reg-weight -1",)),

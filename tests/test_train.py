@@ -148,8 +148,6 @@ def test_a_presets_default_never_turns_an_explicit_flag_into_an_error(data, flag
         assert cfg.cam_iters == cfg.switch_iters == 100000
     err = capsys.readouterr().err
     assert ("note: " in err) == (data == "COCO" or "--aff-weight" not in given), err
-    with pytest.raises(ConfigError, match="drop --aff-from-afa"):  # typed by the user: refused
-        parse_config(["--data", data, "--aff-weight", "0", "--seg-label", "cam", "--aff-from-afa"])
 
 
 def test_bad_flag_value_exits_with_usage(capsys):
