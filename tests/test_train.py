@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import fast
 import pipeline
+import random_walk
 import runner
 import train
 import train_step
@@ -332,7 +333,7 @@ def test_amp_leaves_the_pseudo_labels_in_float32(monkeypatch):
     model = AFANet(cfg.num_classes, backbone=cfg.backbone).eval()   # deterministic passes
     par, batch = PAR(), step_batch()
     seen = []
-    real_cam, real_propagate = fast.partial_cam, pipeline.propagate
+    real_cam, real_propagate = fast.partial_cam, random_walk.propagate
 
     def cam(model, x, num_affinity, **options):
         seen.append(("cam", torch.is_autocast_enabled("cpu")))
@@ -343,7 +344,7 @@ def test_amp_leaves_the_pseudo_labels_in_float32(monkeypatch):
         return real_propagate(cams, affinity, *args, **kwargs)
 
     monkeypatch.setattr(fast, "partial_cam", cam)
-    monkeypatch.setattr(pipeline, "propagate", propagate)
+    monkeypatch.setattr(random_walk, "propagate", propagate)
     out = train_step.compute_losses(model, model, par, batch, 1, cfg, autocast)
     assert {kind for kind, _ in seen} == {"cam", "walk"}
     assert not any(low_precision for _, low_precision in seen), seen
