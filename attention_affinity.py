@@ -7,7 +7,8 @@ between the N = h·w tokens of the stride-16 grid, supervised by affinity labels
 PAR-refined pseudo label: a pair within a local window is positive when both pixels carry the
 same class, negative otherwise. The learned affinity then drives the random walk that propagates
 the CAMs (random_walk.py). This module holds the four pieces: the local window, the head, the
-affinity labels and the affinity loss.
+affinity labels and the affinity loss; and the raw attention read as an affinity, which the
+paper's ablation walks with instead of the learned one (§4.3, Table 4, "AFA (prop. with MHSA)").
 
 The authors' release differs from the paper: the paper's affinity loss averages the positive and
 the negative terms over their pair counts; the release halves both terms and adds 1 to each count
@@ -139,3 +140,34 @@ def affinity_loss(affinity, labels):
     positive_loss = torch.where(positive, 1 - affinity, zero).sum() / (positive.sum() + 1)
     negative_loss = torch.where(negative, affinity, zero).sum() / (negative.sum() + 1)
     return 0.5 * positive_loss + 0.5 * negative_loss
+
+
+def mhsa_affinity(attn_logits, head_dim):
+    """The MHSA maps as an affinity (B, N, N): the paper's "propagation with MHSA" (Table 4).
+
+    attn_logits: the pre-softmax, unscaled logits q·kᵀ of the blocks that feed the AFA head, each
+    (B, nh, N, N) (or one such tensor); head_dim d = the per-head width of those blocks (the last
+    stage's embed dim / its heads). The definition, in float32 also inside an autocast region:
+
+        A_l,m = softmax_j(q·kᵀ / √d)        each block l and head m, rows sum to 1,
+        Ā = mean over l and m of A_l,m,     (B, N, N)
+        affinity = (Ā + Āᵀ) / 2              symmetric, non-negative, in [0, 1].
+
+    The random walk then uses it as it uses the learned affinity (squared, windowed, columns
+    normalised): only the source of the pairwise scores changes. Whether the walk helps depends
+    on the rows' structure, not their scale: pixel j's label follows its object only where the
+    attention of j's object goes to j's object (a constant factor, or the release's +0.1 column
+    offset, leaves each arg-max in place). What attention trained from scratch does here:
+    docs/demo_study.md ("Propagation with the raw attention").
+    """
+    if torch.is_tensor(attn_logits):
+        attn_logits = [attn_logits]
+    inv_sqrt_d = head_dim ** -0.5
+    total, maps = 0, 0
+    with torch.autocast(attn_logits[0].device.type, enabled=False):
+        for logits in attn_logits:  # (B, nh, N, N)
+            attention = (logits.float() * inv_sqrt_d).softmax(dim=-1)  # (B, nh, N, N)
+            total = total + attention.sum(dim=1)  # (B, N, N)
+            maps += logits.shape[1]
+        mean = total / maps  # (B, N, N)
+        return (mean + mean.transpose(1, 2)) / 2  # (B, N, N)

@@ -31,7 +31,7 @@ measures both in one run, on the same synthetic batch:
     python bench.py --amp                        # bf16 autocast (fp16 on GPUs without bf16)
     python bench.py --compile                    # torch.compile the training forward
     python bench.py --no-tf32                    # on a GPU: strict float32 (TF32 by default)
-    python bench.py --plain-paths                # the plain forms alone (--no-speed-paths)
+    python bench.py --no-speed-paths             # the plain forms alone, as train.py's
     python bench.py --crops 320 448 --variants --no-stages --no-bn-stats
                                                  # what each speed variant of fast.py saves
     python bench.py --options reuse_forward_cam bf16_cam   # also the step with options that
@@ -66,7 +66,7 @@ import data
 import fast
 import pipeline
 import train_step
-from attention_affinity import affinity_loss
+from attention_affinity import affinity_labels, affinity_loss, window_mask
 from config import Config
 from model import BACKBONES, AFANet
 from par import PAR
@@ -134,7 +134,9 @@ def fixed_targets(batch: dict, num_classes: int, generator: torch.Generator, rad
     label = torch.randint(0, num_classes, (B, H, W), generator=generator)
     label[torch.rand(B, H, W, generator=generator) < 0.2] = 255                # some ignored pixels
     label = label.to(images.device)
-    return label, pipeline.affinity_targets(label, radius)
+    grid = pipeline.token_grid(H), pipeline.token_grid(W)                      # (h, w), stride 16
+    window = window_mask(*grid, radius, device=images.device)                 # (N, N)
+    return label, affinity_labels(label, grid, window)                        # (B, N, N)
 
 
 class Setup(NamedTuple):
@@ -161,7 +163,7 @@ def build(spec: dict) -> Setup:
                  reuse_forward_cam="reuse_forward_cam" in options,
                  cam_bf16="bf16_cam" in options,
                  cam_bn_stats="no_cam_bn_stats" not in options,
-                 speed_paths=not spec.get("plain_paths"), tf32=spec.get("tf32", True))
+                 speed_paths=spec.get("speed_paths", True), tf32=spec.get("tf32", True))
     set_cuda_math(device, cfg.tf32, benchmark=True)  # as train.py: one crop size per process
     model = AFANet(cfg.num_classes, backbone=cfg.backbone).to(device).train()
     pipeline.choose_paths(model, cfg.speed_paths)  # also the network-only step's forward
@@ -484,7 +486,7 @@ def memory_report(rows: list) -> str:
         sizes = sorted(r["counts"])
         c = r["counts"][sizes[0]]
         fixed = c["parameters"] + c["gradients"] + c["adamw"]
-        table.append([r["backbone"], r["crop"], "plain" if r["plain_paths"] else "speed",
+        table.append([r["backbone"], r["crop"], "speed" if r["speed_paths"] else "plain",
                       sizes[0], f"{fixed / gib:.2f}", f"{c['saved_activations'] / gib:.2f}",
                       f"{c['above_resident'] / gib:.2f} ({c['peak_stage']})",
                       f"{c['peak'] / gib:.2f}",
@@ -523,7 +525,7 @@ def markdown_table(header: list, rows: list) -> list:
 
 def format_report(result: dict) -> str:
     mode = "+".join(m for m in ("amp", "compile") if result[m]) or "eager"
-    mode += ", plain paths" if result.get("plain_paths") else ""
+    mode += "" if result.get("speed_paths", True) else ", plain paths"
     mode += ", TF32" if result.get("tf32") else ""
     lines = [f"AFA training step, {result['backbone']}, batch {result['batch_size']}, "
              f"{result['device']} ({result['threads']} threads), {mode}; median of "
@@ -617,8 +619,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--options", nargs="+", default=[], choices=list(OPTIONS),
                         help="also time the full step with these options, alone and together: "
                              + "; ".join(f"{k}: {v}" for k, v in OPTIONS.items()))
-    parser.add_argument("--plain-paths", action="store_true", help="time everything with the "
-                        "plain forms of the method files alone (train.py --no-speed-paths)")
+    parser.add_argument("--speed-paths", action=argparse.BooleanOptionalAction, default=True,
+                        help="the speed variants of fast.py, as train.py (--no-speed-paths: "
+                             "time everything with the plain forms of the method files alone)")
     parser.add_argument("--variants", action="store_true", help="also time the full step with "
                         "every speed variant of fast.py on, all off, and each one off alone, "
                         "interleaved in one process: what each variant saves")
@@ -688,13 +691,13 @@ def count_memory_of_crops(common: dict, args) -> int:
     in its own process on the CPU; the table, and the JSON if asked."""
     rows = []
     for crop in args.crops:
-        for plain in (False, True):
+        for speed in (True, False):
             sizes = (args.batch_size, 2 * args.batch_size)
             counts = {b: run_in_subprocess({**common, "device": "cpu", "crop": crop,
                                             "kind": "memory", "batch_size": b,
-                                            "plain_paths": plain, "options": []})
+                                            "speed_paths": speed, "options": []})
                       for b in sizes}
-            rows.append({"backbone": args.backbone, "crop": crop, "plain_paths": plain,
+            rows.append({"backbone": args.backbone, "crop": crop, "speed_paths": speed,
                          "counts": counts})
     print(memory_report(rows))
     if args.json:
@@ -714,9 +717,9 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if args.compile else 1)
     common = dict(device=device, backbone=args.backbone, batch_size=args.batch_size,
                   steps=args.steps, warmup=warmup, amp=args.amp, compile=args.compile,
-                  threads=args.threads, plain_paths=args.plain_paths, tf32=args.tf32)
+                  threads=args.threads, speed_paths=args.speed_paths, tf32=args.tf32)
     result = {"backbone": args.backbone, "batch_size": args.batch_size, "device": device,
-              "amp": args.amp, "compile": args.compile, "plain_paths": args.plain_paths,
+              "amp": args.amp, "compile": args.compile, "speed_paths": args.speed_paths,
               "tf32": args.tf32 and device.startswith("cuda"),
               "steps": [], "stages": [], "options": [], "bn_stats": [], "profile": [], "variants": [],
               "warmup": warmup, "num_steps": args.steps,

@@ -112,8 +112,7 @@ def _argmax(x, dim):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None, forward_cams=None,
-                    attention=False):
+def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, forward_cams=None, **cam_options):
     """Multi-scale, flip-augmented CAMs normalised to [0, 1], and the affinity at the largest scale.
 
     images (B, 3, H, W); `model.cam(x)` must return (cams (2B, C-1, h, w) before ReLU, affinity
@@ -123,8 +122,7 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None
     max(CAM, un-flipped CAM of the mirror), ReLU; sum over scales; per image and class subtract the
     min and divide by the max (+ 1e-5). The model runs in whatever mode (train / eval) it is in.
 
-    decoder_stats (None: `model.cam`'s default) and attention (True: the pairwise scores are the
-    raw attention logits) are passed on to `model.cam` (AFANet's).
+    cam_options are passed on to every `model.cam` call (AFANet's: bn_stats, pairwise).
     forward_cams: (B, C-1, h, w) raw CAMs of the un-flipped images at scale 1.0 that the caller
     already has (the training forward's); the scale-1.0 pass then runs on the mirrors only. Equal
     in eval mode; in train mode the forward drew its own stochastic-depth masks and the decoder's
@@ -134,22 +132,20 @@ def multi_scale_cam(model, images, scales=(1.0, 0.5, 1.5), *, decoder_stats=None
     given scales are used as they are (identical for the default scales).
     """
     B, H, W, scales = _check_multi_scale(images, scales, forward_cams)
-    options = {**({} if decoder_stats is None else {"decoder_stats": bool(decoder_stats)}),
-               **({"attention": True} if attention else {})}
     cams, affinity = 0, None
     for s in scales:
         scaled = _resize(images, s)  # (B, 3, sH, sW)
         keep_affinity = s == max(scales) and affinity is None
         if forward_cams is not None and s == 1.0 and not keep_affinity:
             # The forward's CAMs are the un-flipped half of this pass (exactly so in eval mode).
-            mirrored_cams, _ = model.cam(scaled.flip(-1), **options)  # (B, C-1, h, w)
+            mirrored_cams, _ = model.cam(scaled.flip(-1), **cam_options)  # (B, C-1, h, w)
             if forward_cams.shape[1:] != mirrored_cams.shape[1:]:
                 raise ValueError(f"forward_cams must be (B, C-1, h, w) = {tuple(mirrored_cams.shape)}, "
                                  f"got {tuple(forward_cams.shape)}")
             scale_cams = torch.cat([forward_cams.to(mirrored_cams.dtype), mirrored_cams])  # (2B, C-1, h, w)
         else:
             both = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW): images and mirrors
-            scale_cams, scale_affinity = model.cam(both, **options)  # (2B, C-1, h, w), (2B, N, N)
+            scale_cams, scale_affinity = model.cam(both, **cam_options)  # (2B, C-1, h, w), (2B, N, N)
             if keep_affinity:
                 affinity = scale_affinity[:B]  # (B, N, N), the un-flipped images
             del scale_affinity  # at (2B, N, N) it may be large; free it before the next scale

@@ -5,7 +5,8 @@
 the release's COCO script); `parse_config` generates the command line from the fields, so that any
 flag overrides both, and `check_config` refuses contradictory settings before anything is built.
 train.py parses it and saves it in every checkpoint; evaluate.py reads it back from one; bench.py
-builds one for its timings.
+builds one for its timings. Where the authors' release names a setting, the field keeps its name
+(`cam_iters`, `bkg_score`), so that its configuration reads across.
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-# model.BACKBONES, named here to check a configuration without the network's code (tested equal)
-BACKBONES = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5", "vit_tiny16", "vit_s16",
-             "vit_b16")
+from model import BACKBONES, PAIRWISE  # what the network builds, to check --backbone and
+                                      # --propagate-with against
 
 
 class ConfigError(Exception):
@@ -132,7 +132,7 @@ PRESETS = {
     # only eval-mode seg numbers depend on them) and reuse the forward's scale-1.0 CAMs
     # (reuse_forward_cam). All in float32: bf16 would be slower on CPUs without bf16 instructions.
     # The data are loaded in the training process (workers=0: the same batches, without 2 worker
-    # processes competing for the 2 cores; docs/demo_study.md, round 4).
+    # processes competing for the 2 cores; docs/demo_study.md, "Round 4").
     # CAM scales, thresholds and PAR stay the paper's: with fewer scales the CAM alone is already
     # sharp at this size and PAR and AFA are left little to show (docs/demo_study.md).
     "synthetic": dict(data_root="data/synthetic", train_split="train", num_classes=6,
@@ -295,8 +295,8 @@ def check_config(cfg: Config) -> None:
              "cannot replace the PAR label before pseudo labels are used at all")
     if cfg.seg_label not in ("cam", "par", "afa"):
         fail(f"--seg-label {cfg.seg_label}: choose cam, par or afa")
-    if cfg.propagate_with not in ("affinity", "attention"):
-        fail(f"--propagate-with {cfg.propagate_with}: choose affinity or attention")
+    if cfg.propagate_with not in PAIRWISE:
+        fail(f"--propagate-with {cfg.propagate_with}: choose {' or '.join(PAIRWISE)}")
     if cfg.reg_weight < 0:
         fail(f"--reg-weight {cfg.reg_weight}: give a weight >= 0 (0 turns L_reg off)")
     if cfg.aff_weight == 0 and cfg.seg_label == "afa" and cfg.propagate_with == "affinity":

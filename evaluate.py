@@ -246,7 +246,7 @@ def pseudo_labels_of(model: AFANet, par: PAR, images: torch.Tensor, cls_labels: 
     scale-1.0 affinity instead); "afa" the AFA pseudo label (§3.2), the segmentation target
     after the switch; "seg" the seg branch at one scale. `propagate_with="attention"`: both walks
     use the MHSA maps of the same blocks, scale and pass instead of the learned affinity
-    (pipeline.mhsa_affinity; paper Table 4, "AFA (prop. with MHSA)").
+    (attention_affinity.mhsa_affinity; paper Table 4, "AFA (prop. with MHSA)").
     """
     B, _, H, W = images.shape
     whole = torch.tensor([[0, H, 0, W]], device=images.device).expand(B, 4)  # (B, 4) valid box

@@ -12,7 +12,7 @@ encoder other than a MixTransformer or a VisionTransformer keeps its plain forwa
 The variants (`VARIANTS`; `without(*names)` turns some off, `bench.py --variants` times each):
 - "skip_dropped": stochastic depth does not compute the branch of a dropped sample (CPU, eager);
 - "grid_fusion": the decoder's 1×1 fusion conv runs on the stage grids, not at stride 4;
-- "bn_moments": the CAM passes' decoder BatchNorm statistics from moments on the stage grids;
+- "bn_stats_moments": the CAM passes' decoder BatchNorm statistics from moments on the stage grids;
 - "partial_affinity": the multi-scale CAM computes only the affinity it keeps, from q and k;
 - "packed_par": the PAR label refines each image's present classes only.
 `pipeline.choose_paths(model, speed_paths, variants)` chooses them once per network, where it is
@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 import cam
-from model import Block, MixTransformer
+from model import PAIRWISE, Block, MixTransformer
 from vit import Block as ViTBlock
 from vit import DropPath, VisionTransformer
 
-VARIANTS = ("skip_dropped", "grid_fusion", "bn_moments", "partial_affinity",
+VARIANTS = ("skip_dropped", "grid_fusion", "bn_stats_moments", "partial_affinity",
             "packed_par")
-BOUND = ("forward", "residual", "update_batchnorm_statistics")  # what `apply` may bind
+BOUND = ("forward", "residual", "update_bn_stats")  # what `apply` may bind
 
 
 def apply(model, variants=VARIANTS):
@@ -56,9 +56,9 @@ def apply(model, variants=VARIANTS):
             module.forward = types.MethodType(block_forward, module)
     if "grid_fusion" in variants:
         model.decoder.forward = types.MethodType(decoder_forward, model.decoder)
-    if "bn_moments" in variants:
-        model.decoder.update_batchnorm_statistics = types.MethodType(
-            batchnorm_statistics_from_moments, model.decoder)
+    if "bn_stats_moments" in variants:
+        model.decoder.update_bn_stats = types.MethodType(
+            update_bn_stats_from_moments, model.decoder)
     model.__dict__["_speed_variants"] = variants
     return model
 
@@ -179,7 +179,7 @@ def run_blocks(encoder, x, num_attn, last_block):
 
 
 # =============================================================================================
-# The decoder: "grid_fusion", "bn_moments"
+# The decoder: "grid_fusion", "bn_stats_moments"
 # =============================================================================================
 def decoder_forward(decoder, features):
     """Replaces `SegFormerHead.forward(features)` ("grid_fusion"); identity: its fusion conv of the
@@ -190,9 +190,9 @@ def decoder_forward(decoder, features):
 
 
 @torch.no_grad()
-def batchnorm_statistics_from_moments(decoder, features):
-    """Replaces `SegFormerHead.update_batchnorm_statistics(features)`, which runs the fusion at
-    stride 4 ("bn_moments"); identity: in train mode the BatchNorm takes only the per-channel
+def update_bn_stats_from_moments(decoder, features):
+    """Replaces `SegFormerHead.update_bn_stats(features)`, which runs the fusion at
+    stride 4 ("bn_stats_moments"); identity: in train mode the BatchNorm takes only the per-channel
     mean and variance of its input y = conv(embed(features)), and both follow from the moments of
     the features on their own grids. Returns nothing.
 
@@ -382,36 +382,37 @@ def factored_affinity(head, queries, keys):
     return torch.sigmoid(logits)  # (B, N, N)
 
 
-def partial_cam(model, x, num_pairwise, *, decoder_stats=True, attention=False):
-    """Replaces `AFANet.cam(x, decoder_stats=..., attention=...)` followed by keeping the pairwise
+def partial_cam(model, x, num_pairwise, *, bn_stats=True, pairwise="affinity"):
+    """Replaces `AFANet.cam(x, bn_stats=..., pairwise=...)` followed by keeping the pairwise
     scores of the first n = num_pairwise images only; identity: every block's output is the same
-    through the fused kernel (`fused_attention`), and the affinity of the factors q, k of the
-    logits is `factored_affinity`. x (B, 3, H, W) -> (cams (B, C−1, h, w), affinity (n, N, N)
-    or, with `attention`, the logits (n, afa_blocks, nh, N, N)); n = 0 skips the AFA head. The
-    same draws and decoder statistics as `cam`.
+    through the fused kernel (`fused_attention`), the affinity of the factors q, k of the logits
+    is `factored_affinity`, and the MHSA affinity ("attention") is that of the logits q·kᵀ of the
+    first n images. x (B, 3, H, W) -> (cams (B, C−1, h, w), scores (n, N, N)); n = 0 skips the
+    AFA head. The same draws and decoder statistics as `cam`.
     """
     B = x.shape[0]
     if not 0 <= num_pairwise <= B:
         raise ValueError(f"num_pairwise must be in [0, {B}], got {num_pairwise}")
+    if pairwise not in PAIRWISE:
+        raise ValueError(f"pairwise must be one of {PAIRWISE}, got {pairwise!r}")
     encoder, n = model.encoder, num_pairwise
     if not isinstance(encoder, (MixTransformer, VisionTransformer)):  # the plain form, then the first n
-        cams, pairwise = model.cam(x, decoder_stats=decoder_stats, attention=attention)
-        return cams, pairwise[:n]
+        cams, scores = model.cam(x, bn_stats=bn_stats, pairwise=pairwise)
+        return cams, scores[:n]
     if n == 0:
         features, _ = run_blocks(encoder, x, 0, None)
         N = features[-1].shape[-2:].numel()
-        shape = (0, model.afa_blocks, encoder.num_heads[-1], N, N) if attention else (0, N, N)
-        pairwise = features[-1].new_zeros(shape)
+        scores = features[-1].new_zeros((0, N, N))
     else:
         features, factors = run_blocks(encoder, x, model.afa_blocks, factored_block)
         queries, keys = [q[:n] for q, _ in factors], [k[:n] for _, k in factors]  # (n, nh, N, d) each
-        if attention:  # (n, afa_blocks, nh, N, N), the logits q·kᵀ
-            pairwise = torch.stack([q @ k.transpose(-2, -1) for q, k in zip(queries, keys)], dim=1)
+        if pairwise == "attention":  # of the logits q·kᵀ, (n, nh, N, N) each
+            scores = model.mhsa_affinity([q @ k.transpose(-2, -1) for q, k in zip(queries, keys)])
         else:
-            pairwise = factored_affinity(model.affinity_head, queries, keys)  # (n, N, N)
-    if decoder_stats and model.training:
-        model.decoder.update_batchnorm_statistics(features)
-    return model.classifier(features[-1]), pairwise  # (B, C−1, h, w), (n, ...)
+            scores = factored_affinity(model.affinity_head, queries, keys)  # (n, N, N)
+    if bn_stats and model.training:
+        model.decoder.update_bn_stats(features)
+    return model.classifier(features[-1]), scores  # (B, C−1, h, w), (n, N, N)
 
 
 def multi_scale_cam_partial_affinity(model, images, scales=(1.0, 0.5, 1.5), **options):

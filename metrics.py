@@ -105,8 +105,8 @@ def validation_labels(model, images: torch.Tensor, cls_labels: torch.Tensor,
     "cam": the multi-scale CAM's label at the evaluation threshold `bkg_score`; "walk": the arg-max
     of those CAMs propagated with the affinity of the eval forward at scale 1.0 (on its
     ⌈H/16⌉ × ⌈W/16⌉ grid) with background `low`, no PAR — or, with `propagate_with="attention"`,
-    with the MHSA maps of the same blocks on that grid (pipeline.mhsa_affinity; paper Table 4);
-    "seg": the arg-max of the seg branch. The ground-truth image-level labels select the classes.
+    with the MHSA maps of the same blocks on that grid (attention_affinity.mhsa_affinity; paper
+    Table 4); "seg": the arg-max of the seg branch. The ground-truth image-level labels select the classes.
     """
     H, W = images.shape[-2:]
     out = model(images)                                                    # scale 1.0, eval mode

@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention_affinity import AffinityHead
+from attention_affinity import AffinityHead, mhsa_affinity
 from vit import VIT_CONFIGS, DropPath, VisionTransformer, init_vit_weights, vit  # one copy, shared
 
 # SegFormer's MiT family (Xie et al. 2021, Table 6): all share heads (1, 2, 5, 8), MLP ratio 4 and
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5  # 1/√d
+        self.inv_sqrt_d = (dim // num_heads) ** -0.5  # 1/√d
         self.sr_ratio = sr_ratio
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
@@ -123,7 +123,7 @@ class Attention(nn.Module):
         """
         q, k, v = self.queries_keys_values(x, H, W)  # (B, nh, N_q, d), (B, nh, N_kv, d), (B, nh, N_kv, d)
         logits = q @ k.transpose(-2, -1)  # (B, nh, N_q, N_kv), q·kᵀ
-        attn = (logits * self.scale).softmax(dim=-1)  # softmax(q·kᵀ/√d)
+        attn = (logits * self.inv_sqrt_d).softmax(dim=-1)  # softmax(q·kᵀ/√d)
         out = attn @ v  # (B, nh, N_q, d)
         return self.merge_heads(out), logits
 
@@ -349,12 +349,17 @@ class SegFormerHead(nn.Module):
         return torch.cat(embedded, dim=1)  # (B, 4·embed_dim, H_1, W_1)
 
     @torch.no_grad()
-    def update_batchnorm_statistics(self, features):
+    def update_bn_stats(self, features):
         """Run the decoder on features (4 maps (B, C_i, H_i, W_i)) up to and including its
         BatchNorm, for the side effect alone: in train mode the BatchNorm's running mean and
         variance take this batch in, as a full `forward` would (what follows the BatchNorm, ReLU,
         Dropout2d and the last conv, cannot change them). Returns nothing."""
         self.linear_fuse.bn(self.linear_fuse.conv(self.embed(features)))  # (B, embed_dim, H_1, W_1), discarded
+
+
+# What `AFANet.cam` gives as the random walk's pairwise scores (paper §3.2; Table 4's MHSA row):
+# the values of --propagate-with.
+PAIRWISE = ("affinity", "attention")
 
 
 class AFAOutput(NamedTuple):
@@ -410,25 +415,34 @@ class AFANet(nn.Module):
         return AFAOutput(cls_logits=cls_logits, seg_logits=self.decoder(features),
                          affinity=affinity, cams=self.classifier(top))
 
-    def cam(self, x, *, decoder_stats=True, attention=False):
-        """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, affinity (B, N, N)).
+    def cam(self, x, *, bn_stats=True, pairwise="affinity"):
+        """x (B, 3, H, W) -> (cams (B, C−1, h, w) before ReLU, pairwise scores (B, N, N)).
 
-        The classifier on the un-pooled stage-4 features, and the affinity exactly as in `forward`
-        (`attention`: the logits q·kᵀ the AFA head reads, (B, afa_blocks, nh, N, N), the raw
-        attention of the paper's "propagation with MHSA"). Gradients as the grad mode allows.
+        The classifier on the un-pooled stage-4 features, and the pairwise scores of the random
+        walk from the attention logits the AFA head reads: "affinity", the learned affinity
+        exactly as in `forward`; "attention", the raw MHSA maps as an affinity (`mhsa_affinity`,
+        the paper's "propagation with MHSA", Table 4). Gradients as the grad mode allows.
 
-        decoder_stats: in train mode, also run the decoder without gradient up to its BatchNorm,
+        bn_stats: in train mode, also run the decoder without gradient up to its BatchNorm,
         so that its running statistics see this pass as in the release, whose CAM path runs the
         whole decoder, in train mode, on every CAM pass (the eval-mode segmentation depends on
         it). False skips it (faster, other statistics). Eval mode updates nothing either way.
         """
+        if pairwise not in PAIRWISE:
+            raise ValueError(f"pairwise must be one of {PAIRWISE}, got {pairwise!r}")
         features, attn_logits = self.encoder(x)  # 4 maps (B, C_i, H_i, W_i), each block's logits
         attn_logits = attn_logits[-self.afa_blocks:]  # each (B, nh, N, N)
-        pairwise = (torch.stack(attn_logits, dim=1) if attention  # (B, afa_blocks, nh, N, N)
-                    else self.affinity_head(torch.cat(attn_logits, dim=1)))  # (B, N, N)
-        if decoder_stats and self.training:
-            self.decoder.update_batchnorm_statistics(features)
-        return self.classifier(features[-1]), pairwise  # (B, C−1, h, w), (B, N, N)
+        scores = (self.mhsa_affinity(attn_logits) if pairwise == "attention"
+                  else self.affinity_head(torch.cat(attn_logits, dim=1)))  # (B, N, N)
+        if bn_stats and self.training:
+            self.decoder.update_bn_stats(features)
+        return self.classifier(features[-1]), scores  # (B, C−1, h, w), (B, N, N)
+
+    def mhsa_affinity(self, attn_logits):
+        """`attention_affinity.mhsa_affinity` of the logits of the `afa_blocks` last blocks, each
+        (B, nh, N, N), with the per-head width d of the encoder's last stage: (B, N, N)."""
+        head_dim = self.encoder.embed_dims[-1] // self.encoder.num_heads[-1]
+        return mhsa_affinity(attn_logits, head_dim)  # (B, N, N)
 
     def param_groups(self):
         """Parameters by learning-rate group (paper §4.1; the groups of the release): "encoder"

@@ -20,7 +20,8 @@ the CAM passes alone in bfloat16.
 The paper's ablations (§4.3, Tables 3 and 4) change single stages: the seg branch supervised by
 the CAM label, the PAR label or the AFA label (`make_pseudo_labels(need=...)`), and the random
 walk with the raw multi-head self-attention instead of the learned affinity
-(`LabelSettings(propagate_with="attention")`: `mhsa_affinity` of the same pass's attention).
+(`LabelSettings(propagate_with="attention")`: `attention_affinity.mhsa_affinity` of the same
+pass's attention).
 """
 from __future__ import annotations
 
@@ -34,18 +35,15 @@ import torch.nn.functional as F
 from torch.profiler import record_function  # the stage labels bench.py times the step by
 
 import fast
-from attention_affinity import affinity_labels, window_mask
+from attention_affinity import window_mask
 from cam import (cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_with_par,
                  valid_box_mask)
 from crf_loss import DenseCRFLoss
-from random_walk import propagate
+from data import IMAGENET_MEAN, IMAGENET_STD  # the normalisation undone for PAR and L_reg
+from model import PAIRWISE  # what the walk propagates with (§3.2; Table 4's "prop. with MHSA")
+from random_walk import random_walk_cams
 
 ENCODER_STRIDE = 16  # the stride of the encoder's last stage: one token per 16 × 16 pixels
-# data.py's normalisation (RGB, on the 0–255 scale), undone for PAR and L_reg (tested equal)
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-# What the random walk propagates with (paper §3.2; Table 4's "AFA (prop. with MHSA)").
-PROPAGATE_WITH = ("affinity", "attention")
 
 
 @functools.lru_cache(maxsize=8)  # made once per device: a copy from the host waits for the GPU
@@ -138,15 +136,15 @@ class LabelSettings:
     thresholds: str = "train"            # the CAM label: three bands ("train") or bkg_score ("eval")
     affinity_from: str = "cam_pass"      # the walk's affinity: "cam_pass" or "forward" (`forward`)
     cam_bf16: bool = False               # the CAM passes in bfloat16 (training's --cam-bf16)
-    decoder_stats: bool | None = None    # the CAM passes update the decoder's BatchNorm statistics
+    cam_bn_stats: bool | None = None     # the CAM passes update the decoder's BatchNorm statistics
     reuse_forward_cam: bool = False      # the forward's CAMs stand for the scale-1.0 pass's
     paths: Paths = Paths()               # the stage functions: plain, or fast.py's (`choose_paths`)
 
     def __post_init__(self):
-        if (self.propagate_with not in PROPAGATE_WITH or self.thresholds not in THRESHOLDS
+        if (self.propagate_with not in PAIRWISE or self.thresholds not in THRESHOLDS
                 or self.affinity_from not in AFFINITY_FROM):
             raise ValueError(f"propagate_with, thresholds and affinity_from must be in "
-                             f"{PROPAGATE_WITH}, {THRESHOLDS} and {AFFINITY_FROM}, got "
+                             f"{PAIRWISE}, {THRESHOLDS} and {AFFINITY_FROM}, got "
                              f"{self.propagate_with!r}, {self.thresholds!r}, {self.affinity_from!r}")
 
     @classmethod
@@ -157,14 +155,14 @@ class LabelSettings:
                  else choose_paths(model, cfg.speed_paths))
         return cls(cam_scales=tuple(cfg.cam_scales), low=cfg.low, high=cfg.high,
                    bkg_score=cfg.bkg_score, radius=cfg.radius, propagate_with=cfg.propagate_with,
-                   cam_bf16=cfg.cam_bf16, decoder_stats=cfg.cam_bn_stats,
+                   cam_bf16=cfg.cam_bf16, cam_bn_stats=cfg.cam_bn_stats,
                    reuse_forward_cam=cfg.reuse_forward_cam, paths=paths)
 
     def for_evaluation(self, affinity_from: str = "cam_pass") -> "LabelSettings":
         """The same numbers for the labels of a network in eval mode (validation, evaluate.py,
         the figures): the CAM label at bkg_score, none of the training step's options."""
         return dataclasses.replace(self, thresholds="eval", affinity_from=affinity_from,
-                                   cam_bf16=False, decoder_stats=None, reuse_forward_cam=False)
+                                   cam_bf16=False, cam_bn_stats=None, reuse_forward_cam=False)
 
 
 class PseudoLabels(NamedTuple):
@@ -201,7 +199,7 @@ def make_pseudo_labels(model, par, batch: dict, settings: LabelSettings, need=("
       eval-mode forward ("forward", the release's validation: `forward.affinity` (B, N, N)).
     settings.propagate_with: "affinity" walks with the learned affinity, "attention" with the
       raw MHSA maps of the same blocks and pass (`mhsa_affinity`; paper Table 4).
-    settings.cam_bf16, decoder_stats, reuse_forward_cam: how training runs the CAM passes
+    settings.cam_bf16, cam_bn_stats, reuse_forward_cam: how training runs the CAM passes
       (`multi_scale_cams`; `forward.cams` are the reused CAMs, where `forward` is given).
     forward: the AFAOutput of the network's forward on these images, where the settings read it.
     """
@@ -211,13 +209,11 @@ def make_pseudo_labels(model, par, batch: dict, settings: LabelSettings, need=("
     # The walk's background scores: low for "walk", low and high for "afa"; none: no walk.
     walk_scores = [t for t, asked in ((settings.low, "walk" in need or "afa" in need),
                                       (settings.high, "afa" in need)) if asked]
-    mhsa = settings.propagate_with == "attention"
-    mhsa_in_pass = bool(walk_scores) and settings.affinity_from == "cam_pass" and mhsa
     with label_precision(images.device.type):
         # --- Stage 1: multi-scale CAM (paper §3.1) and the CAM label ---------------------------
         with record_function("multi-scale CAM"):
             cams, affinity = multi_scale_cams(
-                model, images, settings, mhsa=mhsa_in_pass,
+                model, images, settings,
                 forward_cams=(forward.cams.detach() if settings.reuse_forward_cam and forward
                               else None))
         with record_function("CAM label"):                                 # (B, C-1, H, W) cams
@@ -226,47 +222,50 @@ def make_pseudo_labels(model, par, batch: dict, settings: LabelSettings, need=("
         # --- Stage 2: the CAM label refined with PAR (paper §3.3) ------------------------------
         with record_function("PAR label"):
             pixels = par_image(images.float())                              # (B, 3, H, W) in [0, 1]
-            par_label = (refine_cam_label(par, pixels, cams, cls_labels, valid_box, settings)
-                         if "par" in need else None)                       # (B, H, W)
+            par_label = (settings.paths.refine_cams_with_par(
+                par, pixels, cams, cls_labels, low=settings.low, high=settings.high,
+                valid_box=valid_box) if "par" in need else None)          # (B, H, W)
         if not walk_scores:
             return PseudoLabels(cams=cams, cam=cam, par=par_label)
         # --- Stage 3: random walk with the learned affinity (or the MHSA maps), PAR (§3.2) ----
         scale = max(settings.cam_scales)
         if settings.affinity_from == "forward":   # the release's validation: scale 1.0, eval mode
             scale = 1.0
-            affinity = (mhsa_affinity_of(model, images) if mhsa
-                        else forward.affinity).float()                     # (B, N, N)
+            affinity = (forward.affinity if settings.propagate_with == "affinity" else
+                        model.cam(images, bn_stats=False, pairwise="attention")[1]
+                        ).float()                                          # (B, N, N)
+        H, W = images.shape[-2:]
+        grid = token_grid(int(scale * H)), token_grid(int(scale * W))     # the affinity's (h, w)
+        mask = window_mask(*grid, settings.radius, device=cams.device)    # (N, N)
         with record_function("random walk"):
-            walked = random_walks(cams, affinity, cls_labels, scale, walk_scores,
-                                  settings.radius)                         # (B, C, H, W) each
+            walked = [random_walk_cams(cams, affinity, cls_labels, grid, mask, t)
+                      for t in walk_scores]                                # (B, C, H, W) each
         with record_function("AFA label (PAR)"):
-            afa = (afa_pseudo_label(par, pixels, *walked, cls_labels, valid_box)
+            afa = (refine_propagated_with_par(par, pixels, *walked, cls_labels, valid_box)
                    if "afa" in need else None)                             # (B, H, W)
     walk = walked[0].argmax(1) if "walk" in need else None                 # (B, H, W)
     return PseudoLabels(cams=cams, cam=cam, par=par_label, affinity=affinity, walked=walked[0],
                         walk=walk, afa=afa)
 
 
-def multi_scale_cams(model, images: torch.Tensor, settings: LabelSettings, *, mhsa: bool = False,
+def multi_scale_cams(model, images: torch.Tensor, settings: LabelSettings, *,
                      forward_cams: torch.Tensor | None = None) -> tuple:
     """Stage 1: the multi-scale CAMs (B, C-1, H, W) of images (B, 3, H, W) at `settings.cam_scales`
-    and the affinity (B, N, N) at the largest scale, of the un-flipped images, from the same pass;
-    both float32.
+    and the walk's pairwise scores (B, N, N) at the largest scale, of the un-flipped images, from
+    the same pass: the learned affinity, or the MHSA affinity of the same logits where
+    `settings.propagate_with` is "attention" (`AFANet.cam`'s `pairwise`); both float32.
 
-    With `mhsa` the affinity is `mhsa_affinity` of that pass's attention logits (`AFANet.cam`'s
-    `attention`) instead of the AFA head's output. The training step's options: `cam_bf16` runs
-    the passes in bfloat16; `decoder_stats` (None: the model's default) whether the passes update
-    the decoder's BatchNorm statistics in train mode, as in the release; `forward_cams`
-    (B, C-1, h, w) the training forward's CAMs, reused at scale 1.0 (faster; other
-    stochastic-depth draws, so other numbers).
+    The training step's options: `cam_bf16` runs the passes in bfloat16; `cam_bn_stats` (None:
+    the model's default) whether the passes update the decoder's BatchNorm statistics in train
+    mode, as in the release; `forward_cams` (B, C-1, h, w) the training forward's CAMs, reused at
+    scale 1.0 (faster; other stochastic-depth draws, so other numbers).
     """
+    options = {} if settings.cam_bn_stats is None else {"bn_stats": settings.cam_bn_stats}
     with label_precision(images.device.type, settings.cam_bf16):
-        cams, pairwise = settings.paths.multi_scale_cam(
-            model, images, settings.cam_scales, decoder_stats=settings.decoder_stats,
-            forward_cams=forward_cams, attention=mhsa)  # (B, C-1, H, W), (B, N, N) or (B, L, nh, N, N)
-    if mhsa:
-        pairwise = mhsa_affinity(pairwise.unbind(1), head_dim_of(model))   # (B, N, N)
-    return cams.float(), pairwise.float()
+        cams, affinity = settings.paths.multi_scale_cam(
+            model, images, settings.cam_scales, forward_cams=forward_cams,
+            pairwise=settings.propagate_with, **options)                  # (B, C-1, H, W), (B, N, N)
+    return cams.float(), affinity.float()
 
 
 def cam_label(cams: torch.Tensor, cls_labels: torch.Tensor, valid_box: torch.Tensor | None,
@@ -279,115 +278,19 @@ def cam_label(cams: torch.Tensor, cls_labels: torch.Tensor, valid_box: torch.Ten
     return cam_to_label(cams, cls_labels, bkg_score=settings.bkg_score, valid_box=valid_box)
 
 
-def refine_cam_label(par, pixels: torch.Tensor, cams: torch.Tensor, cls_labels: torch.Tensor,
-                     valid_box: torch.Tensor | None, settings: LabelSettings) -> torch.Tensor:
-    """Stage 2, the PAR label (B, H, W) (paper §3.3): pixels (B, 3, H, W) in [0, 1], cams
-    (B, C-1, H, W)."""
-    return settings.paths.refine_cams_with_par(par, pixels, cams, cls_labels, low=settings.low,
-                                               high=settings.high, valid_box=valid_box)
-
-
-def random_walks(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: torch.Tensor,
-                 scale: float, bkg_scores, radius: int) -> list:
-    """`random_walk_cams` at each background score of `bkg_scores`: a list of (B, C, H, W)."""
-    return [random_walk_cams(cams, affinity, cls_labels, scale, t, radius) for t in bkg_scores]
-
-
-# =============================================================================================
-# Propagation with the raw attention (paper §4.3, Table 4: "AFA (prop. with MHSA)")
-# =============================================================================================
-def mhsa_affinity(attn_logits, head_dim: int) -> torch.Tensor:
-    """The MHSA maps as an affinity (B, N, N): the paper's "propagation with MHSA" (Table 4).
-
-    attn_logits: the pre-softmax, unscaled logits q·kᵀ of the blocks that feed the AFA head, each
-    (B, nh, N, N) (or a (B, L·nh, N, N) stack); head_dim d = the per-head width of those blocks
-    (the last stage's embed dim / its heads). The definition, in float32:
-
-        A_l,m = softmax_j(q·kᵀ / √d)        each block l and head m, rows sum to 1,
-        Ā = mean over l and m of A_l,m,     (B, N, N)
-        affinity = (Ā + Āᵀ) / 2              symmetric, non-negative, in [0, 1].
-
-    The random walk then uses it as it uses the learned affinity (squared, windowed, columns
-    normalised): only the source of the pairwise scores changes. Whether the walk helps depends
-    on the rows' structure, not their scale: pixel j's label follows its object only where the
-    attention of j's object goes to j's object (a constant factor, or the release's +0.1 column
-    offset, leaves each arg-max in place). What attention trained from scratch does here:
-    docs/demo_study.md ("Propagation with the raw attention").
-    """
-    if torch.is_tensor(attn_logits):
-        attn_logits = [attn_logits]
-    scale = head_dim ** -0.5
-    total, maps = 0, 0
-    for logits in attn_logits:                                             # (B, nh, N, N)
-        attention = (logits.float() * scale).softmax(dim=-1)              # (B, nh, N, N)
-        total = total + attention.sum(dim=1)                               # (B, N, N)
-        maps += logits.shape[1]
-    mean = total / maps                                                    # (B, N, N)
-    return (mean + mean.transpose(1, 2)) / 2                               # (B, N, N)
-
-
-def head_dim_of(model) -> int:
-    """The per-head width d of the encoder's last stage (whose blocks feed the AFA head)."""
-    return model.encoder.embed_dims[-1] // model.encoder.num_heads[-1]
-
-
 @torch.no_grad()
-def mhsa_affinity_of(model, x: torch.Tensor) -> torch.Tensor:
-    """`mhsa_affinity` of the model's `afa_blocks` last blocks for images x (B, 3, H, W): (B, N, N)
-    on the ⌈H/16⌉ × ⌈W/16⌉ grid, the same blocks, grid and pass as the learned affinity's."""
-    _, attn_logits = model.encoder(x)                                      # each (B, nh, N, N)
-    return mhsa_affinity(attn_logits[-model.afa_blocks:], head_dim_of(model))
-
-
-@torch.no_grad()
-def cam_statistics_passes(model, images: torch.Tensor, settings: LabelSettings) -> None:
+def cam_bn_stats_passes(model, images: torch.Tensor, settings: LabelSettings) -> None:
     """The CAM passes of the classification-only phase, for the decoder's BatchNorm statistics
     alone. The release runs its multi-scale CAM on every iteration, in train mode, before it
     knows whether the labels are used, and each pass updates those statistics; this does the same
     passes (same stochastic-depth draws, same statistics) and keeps nothing else."""
     with label_precision(images.device.type, settings.cam_bf16):
-        settings.paths.multi_scale_cam(model, images, settings.cam_scales, decoder_stats=True)
-
-
-def random_walk_cams(cams: torch.Tensor, affinity: torch.Tensor, cls_labels: torch.Tensor,
-                     scale: float, bkg_score: float, radius: int) -> torch.Tensor:
-    """Propagate the label-masked CAMs with the learned affinity (paper §3.2), back at the image size.
-
-    cams (B, C-1, H, W) in [0, 1]; affinity (B, N, N) computed on the images resized by `scale`,
-    so its grid is h × w = token_grid(int(scale·H)) × token_grid(int(scale·W)).
-    Returns (B, C, H, W), background first, absent classes 0.
-    """
-    B, _, H, W = cams.shape
-    h, w = token_grid(int(scale * H)), token_grid(int(scale * W))
-    label_cams = cams * cls_labels[:, :, None, None]                       # (B, C-1, H, W)
-    label_cams = F.interpolate(label_cams, size=(h, w), mode="bilinear",
-                               align_corners=False)                        # (B, C-1, h, w)
-    mask = window_mask(h, w, radius, device=cams.device)                   # (N, N)
-    walked = propagate(label_cams, affinity, mask, cls_labels, bkg_score)  # (B, C, h, w)
-    return F.interpolate(walked, size=(H, W), mode="bilinear", align_corners=False)  # (B, C, H, W)
-
-
-def afa_pseudo_label(par, pixels: torch.Tensor, walked_low: torch.Tensor,
-                     walked_high: torch.Tensor, cls_labels: torch.Tensor,
-                     valid_box: torch.Tensor | None) -> torch.Tensor:
-    """The AFA pseudo label (paper §3.2): the walks at background low and high (B, C, H, W)
-    refined with PAR in the valid box; pixels (B, 3, H, W) in [0, 1].
-    Returns (B, H, W) int64 with 255 where ignored.
-    """
-    return refine_propagated_with_par(par, pixels, walked_low, walked_high, cls_labels, valid_box)
+        settings.paths.multi_scale_cam(model, images, settings.cam_scales, bn_stats=True)
 
 
 # =============================================================================================
-# Stage 4 and the losses (paper §3.2, §3.4)
+# The losses (paper §3.4)
 # =============================================================================================
-def affinity_targets(pseudo_label: torch.Tensor, radius: int) -> torch.Tensor:
-    """Affinity labels (B, N, N) in {0, 1, 255} of a pseudo label (B, H, W) on its stride-16
-    grid, inside the window of `radius` tokens (paper §3.2)."""
-    h, w = token_grid(pseudo_label.shape[-2]), token_grid(pseudo_label.shape[-1])
-    mask = window_mask(h, w, radius, device=pseudo_label.device)           # (N, N)
-    return affinity_labels(pseudo_label, grid=(h, w), mask=mask)           # (B, N, N)
-
-
 def seg_loss(seg_logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """L_seg (paper §3.4), balanced as in the release: ½ (CE over background pixels + CE over
     foreground pixels).

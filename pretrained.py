@@ -131,7 +131,7 @@ def load_pretrained(encoder, path):
     state = {key: value for key, value in state.items() if not key.startswith(HEAD_PREFIXES)}
     convert = {"mmseg": segformer_from_mmseg, "hf_segformer": segformer_from_hf, "hf_vit": vit_from_hf}
     if layout in convert:
-        state = convert[layout](state)  # now in our names
+        state = convert[layout](state)  # in this module's names
     if "dist_token" in state and "dist_token" not in expected:
         raise ValueError(f"{path} is a distilled DeiT (it has a distillation token), which this ViT "
                          f"does not have; use the weights of the plain DeiT (deit_*_patch16_224)")

@@ -12,9 +12,13 @@ The authors' release differs from the paper: the paper normalises the transition
 T = D⁻¹·a^β with D the degree matrix; the release divides each column by (its sum + 0.1), so the
 walk leaks mass at pixels with little affinity in their window. This module follows the release,
 with the offset exposed as `column_offset`.
+
+`random_walk_cams` is the walk of the training step: the CAMs at the image size, label-masked and
+resized to the affinity's grid, walked (`propagate`), resized back.
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def propagate(cams, affinity, mask, cls_labels, bkg_score, power=2, column_offset=0.1):
@@ -64,3 +68,19 @@ def propagate(cams, affinity, mask, cls_labels, bkg_score, power=2, column_offse
 
     propagated = torch.bmm(probs, transition)  # (B, C, N) @ (B, N, N) -> (B, C, N)
     return propagated.view(B, num_fg + 1, h, w)  # (B, C, h, w)
+
+
+def random_walk_cams(cams, affinity, cls_labels, grid, mask, bkg_score):
+    """Propagate the label-masked CAMs with the affinity (paper §3.2), back at the image size.
+
+    cams: (B, C-1, H, W) in [0, 1]. affinity: (B, N, N) on the token grid (h, w) = `grid` of the
+    images it was computed from, N = h·w. mask: (N, N) bool window, or None. cls_labels and
+    bkg_score: as in `propagate`.
+    Returns (B, C, H, W), background first, absent classes 0.
+    """
+    H, W = cams.shape[-2:]
+    label_cams = cams * cls_labels[:, :, None, None]  # (B, C-1, H, W)
+    label_cams = F.interpolate(label_cams, size=tuple(grid), mode="bilinear",
+                               align_corners=False)  # (B, C-1, h, w)
+    walked = propagate(label_cams, affinity, mask, cls_labels, bkg_score)  # (B, C, h, w)
+    return F.interpolate(walked, size=(H, W), mode="bilinear", align_corners=False)  # (B, C, H, W)

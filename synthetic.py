@@ -29,7 +29,7 @@ _SYNTHETIC_MARKER = "synthetic.json"
 # direction; each class has a large chroma at its own angle, the five angles 72° apart, so every
 # class colour lies equally far from every background. A neutral grey background would not do:
 # normalisation turns grey into a blue-leaning colour, which a from-scratch "blue" feature cannot
-# tell from a blue class (docs/demo_study.md, round 1).
+# tell from a blue class (docs/demo_study.md, "Round 1").
 _CLASS_ANGLES = (0.0, 72.0, 144.0, 216.0, 288.0)  # chroma angle of each class, degrees
 _CLASS_ANGLE_JITTER = 12.0  # ± degrees around it, per object
 _CLASS_CHROMA = (60.0, 90.0)  # chroma radius of an object's colour, 0–255 scale

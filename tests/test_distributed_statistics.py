@@ -17,10 +17,10 @@ with torch.no_grad():                                  # some running statistics
     model.decoder.linear_fuse.bn.running_var.uniform_(0.5, 2)
 whole = AFANet(4, backbone="mit_b0").train()
 whole.load_state_dict(model.state_dict())
-whole.decoder.update_batchnorm_statistics(features)   # one process, the whole batch, plain BatchNorm
+whole.decoder.update_bn_stats(features)   # one process, the whole batch, plain BatchNorm
 synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 half = [f[2 * rank:2 * rank + 2] for f in features]   # this process's 2 of the 4 images
-fast.batchnorm_statistics_from_moments(synced.decoder, half)
+fast.update_bn_stats_from_moments(synced.decoder, half)
 for name in ("running_mean", "running_var", "num_batches_tracked"):
     got = getattr(synced.decoder.linear_fuse.bn, name)
     want = getattr(whole.decoder.linear_fuse.bn, name)

@@ -138,7 +138,7 @@ def test_apply_binds_on_the_instance_and_unbinds():
     assert list(model.state_dict()) == keys
     fast.apply(model, ())
     bound = [name for module in model.modules() for name in ("forward", "residual",
-             "update_batchnorm_statistics") if name in module.__dict__]
+             "update_bn_stats") if name in module.__dict__]
     assert bound == []
     assert pipeline.choose_paths(model, False) == pipeline.Paths()
     assert pipeline.choose_paths(model, True) == pipeline.Paths(
@@ -310,7 +310,7 @@ def test_blocks_skipping_dropped_branches_equal_the_plain_blocks(grad):
         assert skipped  # some draws dropped a sample's MLP branch, which then did not run
 
 
-# ---------------------------------------------------------------- the decoder: grid_fusion, bn_moments
+# ---------------------------------------------------------------- the decoder: grid_fusion, bn_stats_moments
 
 @pytest.mark.parametrize("grids", ["mit", "vit"])
 def test_fusion_on_the_stage_grids_equals_the_plain_fusion(grids):
@@ -403,7 +403,7 @@ def assert_same_batchnorm_state(actual, expected):
 @pytest.mark.parametrize("size", [(96, 160), (112, 112)])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("backbone", ["mit_b0", "vit_tiny16"])  # stride-4 + coarser grids; one stride-16 grid
-def test_batchnorm_statistics_from_moments_equal_the_plain_pass(backbone, batch, size, momentum):
+def test_update_bn_stats_from_moments_equal_the_plain_pass(backbone, batch, size, momentum):
     torch.manual_seed(0)
     model = AFANet(num_classes=5, backbone=backbone).train()
     model.decoder.linear_fuse.bn.momentum = momentum
@@ -412,42 +412,42 @@ def test_batchnorm_statistics_from_moments_equal_the_plain_pass(backbone, batch,
     with torch.no_grad():
         for seed in (1, 2):  # two updates: the running averages compound
             features, _ = model.encoder(torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)))
-            plain.update_batchnorm_statistics(features)
-            fast.batchnorm_statistics_from_moments(moments, features)
+            plain.update_bn_stats(features)
+            fast.update_bn_stats_from_moments(moments, features)
     expected = batchnorm_state(plain)
     assert int(expected[2]) == 2
     assert (expected[0] - before[0]).abs().max() > 1e-3 and (expected[1] - before[1]).abs().max() > 1e-3
     assert_same_batchnorm_state(batchnorm_state(moments), expected)
 
 
-def test_batchnorm_statistics_from_moments_on_uneven_grids():
+def test_update_bn_stats_from_moments_on_uneven_grids():
     # the grids of test_fusion_by_grid: no stage grid divides the stride-4 one evenly
     torch.manual_seed(0)
     plain = SegFormerHead((8, 16, 24, 32), num_classes=3, embed_dim=12).train()
     moments = copy.deepcopy(plain)
     features = [torch.randn(2, 8, 17, 21) + 3, torch.randn(2, 16, 9, 11), torch.randn(2, 24, 5, 6),
                 torch.randn(2, 32, 5, 6)]
-    plain.update_batchnorm_statistics(features)
-    fast.batchnorm_statistics_from_moments(moments, features)
+    plain.update_bn_stats(features)
+    fast.update_bn_stats_from_moments(moments, features)
     assert_same_batchnorm_state(batchnorm_state(moments), batchnorm_state(plain))
 
 
-def test_batchnorm_statistics_from_moments_keep_a_pending_backward_valid():
+def test_update_bn_stats_from_moments_keep_a_pending_backward_valid():
     # the training step: forward with graph (it saves the BatchNorm buffers), CAM passes that
     # update them, then backward; the plain pass allows it, so must this one
     torch.manual_seed(0)
     head = SegFormerHead((8, 16, 24, 32), num_classes=3, embed_dim=12).train()
     features = [torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8), torch.randn(2, 24, 4, 4),
                 torch.randn(2, 32, 4, 4)]
-    for update in (head.update_batchnorm_statistics,
-                   functools.partial(fast.batchnorm_statistics_from_moments, head)):
+    for update in (head.update_bn_stats,
+                   functools.partial(fast.update_bn_stats_from_moments, head)):
         loss = head(features).square().mean()
         update([f + 1 for f in features])
         loss.backward()
     assert head.linear_fuse.conv.weight.grad is not None
 
 
-def test_batchnorm_statistics_from_moments_follow_the_batchnorm_switches():
+def test_update_bn_stats_from_moments_follow_the_batchnorm_switches():
     # as a BatchNorm forward: nothing moves in eval mode or without running statistics, and a
     # single value per channel is refused
     torch.manual_seed(0)
@@ -455,16 +455,16 @@ def test_batchnorm_statistics_from_moments_follow_the_batchnorm_switches():
     features = [torch.randn(1, 8, 4, 4), torch.randn(1, 16, 2, 2), torch.randn(1, 24, 1, 1),
                 torch.randn(1, 32, 1, 1)]
     before = batchnorm_state(head)
-    fast.batchnorm_statistics_from_moments(head.eval(), features)
+    fast.update_bn_stats_from_moments(head.eval(), features)
     head.train().linear_fuse.bn.track_running_stats = False
-    fast.batchnorm_statistics_from_moments(head, features)
+    fast.update_bn_stats_from_moments(head, features)
     assert all(torch.equal(a, b) for a, b in zip(batchnorm_state(head), before))
     head.linear_fuse.bn.track_running_stats = True
     single = [f[..., :1, :1] for f in features]
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         head.linear_fuse.bn(head.linear_fuse.conv(head.embed(single)))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        fast.batchnorm_statistics_from_moments(head, single)
+        fast.update_bn_stats_from_moments(head, single)
 
 
 # ---------------------------------------------------------------- the multi-scale CAM: partial_affinity
@@ -498,24 +498,24 @@ def test_partial_cam_equals_cam(afanet):
         fast.partial_cam(afanet, images, 5)
 
 
-def test_partial_cam_with_attention_gives_the_afa_heads_input(afanet):
-    """The MHSA ablation's pass: the same CAMs, and in place of the affinity the attention logits
-    q·kᵀ of the blocks the AFA head reads, of the first n images."""
+def test_partial_cam_with_attention_gives_the_mhsa_affinity(afanet):
+    """The MHSA ablation's pass: the same CAMs, and in place of the learned affinity the MHSA
+    affinity of the logits q·kᵀ the AFA head reads, of the first n images."""
     images = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         cams, _ = afanet.cam(images)
-        _, plain_logits = afanet.cam(images, attention=True)  # (B, afa_blocks, nh, N, N)
+        _, plain = afanet.cam(images, pairwise="attention")  # (B, N, N)
         attn_logits = afanet.encoder(images)[1][-afanet.afa_blocks:]  # each (B, nh, N, N)
-        assert torch.equal(plain_logits, torch.stack(attn_logits, dim=1))
-        heads = afanet.encoder.num_heads[-1]
+        assert torch.equal(plain, afanet.mhsa_affinity(attn_logits))
         for n in (0, 2, 4):
-            fast_cams, logits = fast.partial_cam(afanet, images, n, attention=True)
+            fast_cams, scores = fast.partial_cam(afanet, images, n, pairwise="attention")
             torch.testing.assert_close(fast_cams, cams, rtol=1e-5, atol=1e-5)
-            assert logits.shape == (n, afanet.afa_blocks, heads, 16, 16)
-            for block, expected in enumerate(attn_logits):
-                torch.testing.assert_close(logits[:, block], expected[:n], rtol=1e-4, atol=1e-4)
+            assert scores.shape == (n, 16, 16)
+            torch.testing.assert_close(scores, plain[:n], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="num_pairwise"):
-        fast.partial_cam(afanet, images, 5, attention=True)
+        fast.partial_cam(afanet, images, 5, pairwise="attention")
+    with pytest.raises(ValueError, match="pairwise"):
+        fast.partial_cam(afanet, images, 4, pairwise="mhsa")
 
 
 def decoder_batchnorm_state(model):

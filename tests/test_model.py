@@ -346,7 +346,7 @@ def test_cam_leaves_decoder_batchnorm_alone_in_eval_mode_or_when_asked():
     images = torch.randn(2, 3, 64, 64)
     before = decoder_batchnorm_state(model)
     with torch.no_grad():
-        cams, affinity = model.train().cam(images, decoder_stats=False)
+        cams, affinity = model.train().cam(images, bn_stats=False)
         model.eval().cam(images)
     assert all(torch.equal(a, b) for a, b in zip(decoder_batchnorm_state(model), before))
     assert cams.shape == (2, 4, 4, 4) and affinity.shape == (2, 16, 16)

@@ -1,19 +1,19 @@
-"""Tests for pipeline.py's propagation with the raw attention (paper Table 4, "AFA (prop. with
-MHSA)"): attention with object structure must carry a partial CAM over its object through the
-whole label chain (MHSA affinity → random walk at both thresholds → PAR → AFA label). And the
-chain's settings: read once from a config, unknown choices refused."""
+"""Tests for the propagation with the raw attention (paper Table 4, "AFA (prop. with MHSA)"):
+attention with object structure must carry a partial CAM over its object through the whole label
+chain (MHSA affinity → random walk at both thresholds → PAR → AFA label). And pipeline.py's
+settings of the chain: read once from a config, unknown choices refused."""
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from attention_affinity import window_mask
+from attention_affinity import mhsa_affinity, window_mask
+from cam import refine_propagated_with_par
 from model import AFANet
 from par import PAR
-from pipeline import (LabelSettings, afa_pseudo_label, make_pseudo_labels, mhsa_affinity,
-                      random_walks)
-from random_walk import propagate
+from pipeline import LabelSettings, make_pseudo_labels
+from random_walk import propagate, random_walk_cams
 
 SIZE, STRIDE = 128, 16                     # a 128 × 128 image on the 8 × 8 token grid
 GRID = SIZE // STRIDE
@@ -52,8 +52,10 @@ def attention_logits(object_tokens, logit_gap):
 
 def label_through_the_chain(logits, pixels, cams, cls_labels):
     affinity = mhsa_affinity(logits, HEAD_DIM)                              # (1, N, N)
-    walked = random_walks(cams, affinity, cls_labels, 1.0, (LOW, HIGH), RADIUS)  # 2 × (1, C, H, W)
-    return afa_pseudo_label(PAR(), pixels, *walked, cls_labels, None)[0]    # (H, W)
+    mask = window_mask(GRID, GRID, RADIUS)                                  # (N, N)
+    walked = [random_walk_cams(cams, affinity, cls_labels, (GRID, GRID), mask, t)
+              for t in (LOW, HIGH)]                                         # 2 × (1, C, H, W)
+    return refine_propagated_with_par(PAR(), pixels, *walked, cls_labels, None)[0]  # (H, W)
 
 
 def test_attention_with_object_structure_recovers_the_object():
@@ -104,7 +106,7 @@ def test_label_settings_are_read_once_from_a_config():
     settings = LabelSettings.from_config(cfg, AFANet(3, backbone="mit_b0"))
     assert settings == LabelSettings(
         cam_scales=(1.0, 1.5), low=0.3, high=0.6, bkg_score=0.4, radius=5,
-        propagate_with="attention", cam_bf16=True, decoder_stats=False, reuse_forward_cam=True)
+        propagate_with="attention", cam_bf16=True, cam_bn_stats=False, reuse_forward_cam=True)
     assert settings.for_evaluation("forward") == LabelSettings(
         cam_scales=(1.0, 1.5), low=0.3, high=0.6, bkg_score=0.4, radius=5,
         propagate_with="attention", thresholds="eval", affinity_from="forward")

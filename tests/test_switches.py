@@ -13,10 +13,12 @@ import data
 import evaluate
 import metrics
 import pipeline
+import random_walk
 import synthetic
 import train
 import train_step
 from cam import cam_to_label, multi_scale_cam
+from attention_affinity import mhsa_affinity
 from crf_loss import DenseCRFLoss
 from config import PRESETS, Config, ConfigError, parse_config
 from model import AFANet
@@ -168,6 +170,8 @@ def test_seg_target_follows_seg_label(net, spy, seg_label, aff_weight, at, kind)
     (["--aff-weight", "0"], ("--seg-label afa", "--aff-weight 0")),
     (["--aff-weight", "0", "--seg-label", "afa"], ("--seg-label afa", "--aff-weight 0")),
     (["--aff-weight", "0", "--seg-label", "par", "--aff-from-afa"], ("--aff-from-afa", "--aff-weight 0")),
+    (["--data", "COCO", "--aff-weight", "0", "--seg-label", "cam", "--aff-from-afa"],  # typed: refused
+     ("drop --aff-from-afa", "--aff-weight 0")),                                       # (not yielded)
     (["--seg-label", "crf"], ("--seg-label crf", "cam, par or afa")),
     (["--propagate-with", "mhsa"], ("--propagate-with mhsa", "affinity or attention")),
     (["--reg-weight", "-1"], ("--reg-weight -1",)),
@@ -199,14 +203,14 @@ def naive_mhsa(attn_logits, head_dim):
 def test_mhsa_affinity_is_the_definition():
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(2, 3, 12, 12, generator=g) * 5 for _ in range(2)]
-    a = pipeline.mhsa_affinity(logits, head_dim=16)
+    a = mhsa_affinity(logits, head_dim=16)
     assert torch.allclose(a.double(), naive_mhsa(logits, 16), atol=1e-6)
     assert torch.equal(a, a.transpose(1, 2)) and (a >= 0).all() and (a <= 1).all()
     # rows of each map sum to 1, so the symmetric mean has total mass N per image
     assert torch.allclose(a.sum(dim=(1, 2)), torch.full((2,), 12.0), atol=1e-4)
 
 
-def test_mhsa_affinity_of_the_model_uses_its_last_blocks_and_head_width(net):
+def test_the_cam_pass_with_attention_gives_the_mhsa_of_its_last_blocks_and_head_width(net):
     model, _ = net
     x = torch.randn(2, 3, 64, 48)
     _, all_logits = model.encoder(x)                                # every block, (B, nh, N, N)
@@ -214,8 +218,24 @@ def test_mhsa_affinity_of_the_model_uses_its_last_blocks_and_head_width(net):
     attention = model.encoder.block4[-1].attn
     head_dim = attention.q.out_features // attention.num_heads      # 256 / 8 for mit_b0
     expected = naive_mhsa(last, head_dim)
-    got = pipeline.mhsa_affinity_of(model, x)
+    cams, got = model.cam(x, pairwise="attention")
     assert got.shape == (2, 12, 12) and torch.allclose(got.double(), expected, atol=1e-6)
+    assert torch.equal(cams, model.cam(x)[0])
+    with pytest.raises(ValueError, match="pairwise"):
+        model.cam(x, pairwise="mhsa")
+
+
+def mhsa_of(model, x):
+    """The MHSA affinity of the model's AFA blocks for images x: (B, N, N)."""
+    return model.mhsa_affinity(model.encoder(x)[1][-model.afa_blocks:])
+
+
+def walks_of(monkeypatch) -> list:
+    """The affinities the random walk receives, recorded."""
+    walks, real = [], random_walk.propagate
+    monkeypatch.setattr(random_walk, "propagate",
+                        lambda cams, affinity, *a, **k: walks.append(affinity) or real(cams, affinity, *a, **k))
+    return walks
 
 
 def test_training_labels_walk_with_attention_at_the_largest_scale(net, monkeypatch):
@@ -223,14 +243,11 @@ def test_training_labels_walk_with_attention_at_the_largest_scale(net, monkeypat
     the CAMs are those of the plain multi-scale CAM."""
     model, par = net
     batch, cfg = batch_of(), config()
-    walks = []
-    real = pipeline.propagate
-    monkeypatch.setattr(pipeline, "propagate",
-                        lambda cams, affinity, *a, **k: walks.append(affinity) or real(cams, affinity, *a, **k))
+    walks = walks_of(monkeypatch)
     labels = reference_labels(net, batch, cfg, propagate_with="attention")
     largest = torch.nn.functional.interpolate(batch["image"], size=(96, 96), mode="bilinear",
                                               align_corners=False)   # scale 1.5 of 64
-    expected = pipeline.mhsa_affinity_of(model, largest)         # (B, 36, 36)
+    expected = mhsa_of(model, largest)                            # (B, 36, 36)
     assert len(walks) == 2 and all(torch.allclose(w, expected, atol=1e-5) for w in walks)
     learned = reference_labels(net, batch, cfg)
     assert torch.equal(labels.cam, learned.cam) and torch.equal(labels.par, learned.par)
@@ -241,17 +258,18 @@ def test_training_labels_walk_with_attention_at_the_largest_scale(net, monkeypat
 
 
 def test_validation_walks_with_attention_when_asked(net, monkeypatch):
+    """Validation walks with the learned affinity of the eval forward, or with the MHSA
+    affinity at its scale 1.0."""
     model, _ = net
     batch = {**batch_of(), "label": torch.zeros(2, 64, 64, dtype=torch.long)}
-    calls = []
-    real = pipeline.mhsa_affinity_of
-    monkeypatch.setattr(pipeline, "mhsa_affinity_of",
-                        lambda m, x: calls.append(x.shape) or real(m, x))
+    walks = walks_of(monkeypatch)
+    mhsa, learned = mhsa_of(model, batch["image"]), model(batch["image"]).affinity  # (B, 16, 16)
     metrics.validate(model, [batch], NUM_CLASSES, "cpu", pipeline.LabelSettings(cam_scales=(1.0,)))
-    assert calls == []
+    assert walks and all(torch.allclose(w, learned, atol=1e-6) for w in walks)
+    walks.clear()
     metrics.validate(model, [batch], NUM_CLASSES, "cpu",
                      pipeline.LabelSettings(cam_scales=(1.0,), propagate_with="attention"))
-    assert calls == [(2, 3, 64, 64)]                                 # the eval forward's scale 1.0
+    assert walks and all(torch.allclose(w, mhsa, atol=1e-6) for w in walks)
 
 
 @pytest.mark.parametrize("propagate_with", ["affinity", "attention"])
@@ -265,8 +283,8 @@ def test_evaluate_pseudo_reads_propagate_with_from_the_checkpoint(propagate_with
     torch.save({"model": net[0].state_dict(), "config": dataclasses.asdict(cfg), "step": 0},
                checkpoint)
     calls = []
-    real = pipeline.mhsa_affinity
-    monkeypatch.setattr(pipeline, "mhsa_affinity", lambda *a: calls.append(1) or real(*a))
+    real = AFANet.mhsa_affinity
+    monkeypatch.setattr(AFANet, "mhsa_affinity", lambda *a: calls.append(1) or real(*a))
     out = str(tmp_path / "out")
     assert evaluate.main(["--checkpoint", checkpoint, "--out", out, "--pseudo", "--workers", "0",
                           "--device", "cpu"]) == 0

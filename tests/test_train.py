@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import fast
 import pipeline
+import random_walk
 import runner
 import train
 import train_step
@@ -148,8 +149,6 @@ def test_a_presets_default_never_turns_an_explicit_flag_into_an_error(data, flag
         assert cfg.cam_iters == cfg.switch_iters == 100000
     err = capsys.readouterr().err
     assert ("note: " in err) == (data == "COCO" or "--aff-weight" not in given), err
-    with pytest.raises(ConfigError, match="drop --aff-from-afa"):  # typed by the user: refused
-        parse_config(["--data", data, "--aff-weight", "0", "--seg-label", "cam", "--aff-from-afa"])
 
 
 def test_bad_flag_value_exits_with_usage(capsys):
@@ -284,14 +283,14 @@ def test_statistics_after_a_step_equal_the_release_decoder_on_every_cam_pass(ste
 @pytest.mark.parametrize("step", [1, 3, 5], ids=["classification only", "PAR label", "AFA label"])
 def test_statistics_after_a_step_equal_those_of_the_plain_batchnorm_pass(step, monkeypatch):
     """The CAM passes' BatchNorm update from moments on the stage grids
-    (`fast.batchnorm_statistics_from_moments`) leaves the buffers of a whole step where the
+    (`fast.update_bn_stats_from_moments`) leaves the buffers of a whole step where the
     plain decoder pass up to the BatchNorm leaves them, stochastic depth on, on an odd crop."""
     cfg = Config(backbone="mit_b0", num_classes=6, crop=80, cam_iters=2, switch_iters=4)
     assert cfg.cam_bn_stats
     torch.manual_seed(0)
     ours = AFANet(cfg.num_classes, backbone=cfg.backbone).train()
     plain = copy.deepcopy(ours)
-    pipeline.choose_paths(plain, True, [v for v in fast.VARIANTS if v != "bn_moments"])
+    pipeline.choose_paths(plain, True, [v for v in fast.VARIANTS if v != "bn_stats_moments"])
     par, batch = PAR(), step_batch(size=cfg.crop)
     torch.manual_seed(1)
     train_step.compute_losses(ours, ours, par, batch, step, cfg, contextlib.nullcontext)
@@ -334,7 +333,7 @@ def test_amp_leaves_the_pseudo_labels_in_float32(monkeypatch):
     model = AFANet(cfg.num_classes, backbone=cfg.backbone).eval()   # deterministic passes
     par, batch = PAR(), step_batch()
     seen = []
-    real_cam, real_propagate = fast.partial_cam, pipeline.propagate
+    real_cam, real_propagate = fast.partial_cam, random_walk.propagate
 
     def cam(model, x, num_affinity, **options):
         seen.append(("cam", torch.is_autocast_enabled("cpu")))
@@ -345,7 +344,7 @@ def test_amp_leaves_the_pseudo_labels_in_float32(monkeypatch):
         return real_propagate(cams, affinity, *args, **kwargs)
 
     monkeypatch.setattr(fast, "partial_cam", cam)
-    monkeypatch.setattr(pipeline, "propagate", propagate)
+    monkeypatch.setattr(random_walk, "propagate", propagate)
     out = train_step.compute_losses(model, model, par, batch, 1, cfg, autocast)
     assert {kind for kind, _ in seen} == {"cam", "walk"}
     assert not any(low_precision for _, low_precision in seen), seen
