@@ -34,38 +34,42 @@ from vit import DropPath, VisionTransformer
 
 VARIANTS = ("skip_dropped", "grid_fusion", "bn_stats_moments", "partial_affinity",
             "packed_par")
-BOUND = ("forward", "residual", "update_bn_stats")  # what `apply` may bind
+def bindings(model):
+    """Every (module, method name, variant function, variant) that `apply` may bind on `model`."""
+    for module in model.modules():
+        if isinstance(module, DropPath):
+            yield module, "residual", skip_dropped_residual, "skip_dropped"
+        if isinstance(module, (Block, ViTBlock)):
+            yield module, "forward", block_forward, "skip_dropped"
+    decoder = getattr(model, "decoder", None)  # a wrapper of an AFANet may have none
+    if decoder is not None:
+        yield decoder, "forward", decoder_forward, "grid_fusion"
+        yield decoder, "update_bn_stats", update_bn_stats_from_moments, "bn_stats_moments"
 
 
 def apply(model, variants=VARIANTS):
-    """Bind `variants` (names of VARIANTS) onto the modules of `model` (an AFANet) and unbind
-    every other; `model` then runs them in its forward, its CAM passes and its decoder
-    statistics. Binding what is bound already does nothing. Returns `model`."""
+    """Bind `variants` (names of VARIANTS) onto the modules of `model` (an AFANet) as instance
+    attributes that shadow the plain methods, and unbind those bound before that are not asked
+    for now; `model` then runs them in its forward, its CAM passes and its decoder statistics.
+    The choice is recorded as `model.speed_variants`. Returns `model`."""
     variants = frozenset(variants)
     if not variants <= set(VARIANTS):
         raise ValueError(f"unknown speed variants {sorted(variants - set(VARIANTS))}; choose from {VARIANTS}")
+    before = bound(model) or frozenset()
     if bound(model) == variants:
         return model
-    for module in model.modules():
-        for name in BOUND:  # back to the plain methods
-            if isinstance(module.__dict__.get(name), types.MethodType):
-                del module.__dict__[name]
-        if "skip_dropped" in variants and isinstance(module, DropPath):
-            module.residual = types.MethodType(skip_dropped_residual, module)
-        if "skip_dropped" in variants and isinstance(module, (Block, ViTBlock)):
-            module.forward = types.MethodType(block_forward, module)
-    if "grid_fusion" in variants:
-        model.decoder.forward = types.MethodType(decoder_forward, model.decoder)
-    if "bn_stats_moments" in variants:
-        model.decoder.update_bn_stats = types.MethodType(
-            update_bn_stats_from_moments, model.decoder)
-    model.__dict__["_speed_variants"] = variants
+    for module, name, function, variant in bindings(model):
+        if variant in variants:
+            setattr(module, name, types.MethodType(function, module))
+        elif variant in before:
+            delattr(module, name)  # the class's plain method again
+    model.speed_variants = variants
     return model
 
 
 def bound(model):
     """The variants `apply` bound onto `model` (a frozenset), or None if it never ran on it."""
-    return model.__dict__.get("_speed_variants")
+    return getattr(model, "speed_variants", None)
 
 
 def chain(variants=VARIANTS) -> dict:
@@ -106,7 +110,7 @@ def skip_dropped_residual(drop_path, x, branch):
 
 def residual(drop_path, x, branch):
     """x + drop_path(branch(x)), through `skip_dropped_residual` where "skip_dropped" bound it."""
-    skip = drop_path.__dict__.get("residual")
+    skip = getattr(drop_path, "residual", None)  # `skip_dropped_residual`, where bound
     return x + drop_path(branch(x)) if skip is None else skip(x, branch)
 
 
