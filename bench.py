@@ -103,6 +103,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device: torch.device) -> float:
+    """Wall-clock seconds of fn(), from and to an idle device (on a GPU, synchronised)."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def synthetic_batch(batch_size: int, crop: int, num_classes: int, device: torch.device,
                     generator: torch.Generator) -> dict:
     """A normalised batch of smooth random images, 1–3 present classes each, valid boxes."""
@@ -262,11 +271,7 @@ def profiled(step, steps: int, device: torch.device, top: int = 12) -> dict:
     times, stages, operators = [], {}, {}
     for _ in range(steps):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
+            times.append(timed(step, device))
         for event in prof.key_averages():
             if event.key in STAGES:
                 stages.setdefault(event.key, []).append(event.cpu_time_total / 1e6)
@@ -302,12 +307,7 @@ def metered(step, steps: int, device: torch.device) -> dict:
 
     with mock.patch.object(train_step, "record_function", stage), \
             mock.patch.object(pipeline, "record_function", stage):
-        for _ in range(steps):
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
+        times = [timed(step, device) for _ in range(steps)]
     return {"step_s": statistics.median(times), "peak_mb": round(max(peaks.values()), 1),
             "stages_s": {name: statistics.median(stages[name]) for name in STAGES if name in stages},
             "stages_peak_mb": {name: round(peaks[name], 1) for name in STAGES if name in peaks}}
@@ -326,12 +326,9 @@ def time_variants(s: Setup, warmup: int, steps: int) -> dict:
         for name, speed_paths, off in configurations[shift:] + configurations[:shift]:
             setup = s._replace(cfg=dataclasses.replace(s.cfg, speed_paths=speed_paths))
             pipeline.choose_paths(s.model, speed_paths, [v for v in fast.VARIANTS if v not in off])
-            synchronize(device)
-            start = time.perf_counter()
-            training_step(setup, s.cfg.switch_iters + 1)
-            synchronize(device)
+            seconds = timed(lambda: training_step(setup, s.cfg.switch_iters + 1), device)
             if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -353,14 +350,7 @@ def time_par(par, spec: dict, device: torch.device) -> dict:
 
     def median_time(fn, steps):
         fn()
-        times = []
-        for _ in range(steps):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(timed(fn, device) for _ in range(steps))
 
     steps = max(spec["steps"], 5)
     reference_s = median_time(lambda: par_reference(images.cpu(), masks.cpu()), steps) \
