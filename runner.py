@@ -701,7 +701,8 @@ def stop_nonfinite(run: Run, step: int, values: dict, before: StepStart) -> None
     where = f" (on one of the {run.world} processes; this one's losses)" if run.world > 1 else ""
     raise FloatingPointError(
         f"non-finite loss at iteration {step}{where}: {values}. The weights before this step are "
-        f"saved in {path}; lower --lr or try without --amp, then --resume it.")
+        f"saved in {path}; lower --lr or try without --amp, typed on the command that continues "
+        f"the run: {resume_command(run.cfg)}")
 
 
 def stop_on_signal(run: Run, bar, done: int, signum: int, cut_short: bool = False) -> None:
@@ -907,7 +908,7 @@ def stop_at_once(run: Run, done: int) -> None:
         raise SystemExit(128 + signal.SIGINT)
     kept = latest_checkpoint(run.cfg.work_dir)
     kept_step = int(CHECKPOINT_NAME.fullmatch(os.path.basename(kept)).group(2)) if kept else 0
-    what = (f"kept: {kept} (iteration {kept_step}), continue with --resume auto" if kept else
+    what = (f"kept: {kept} (iteration {kept_step}), continue with: {resume_command(run.cfg)}" if kept else
             "no checkpoint was written yet")
     lost = (f"; lost: iterations {kept_step + 1}–{done}" if done > kept_step else "")
     raise StoppedAtOnce(f"stopped at once by a second Ctrl-C after iteration {done}; {what}{lost}")
