@@ -38,9 +38,8 @@ def call_site():
     for frame in reversed(frames):
         if "torch/optim/" in frame.filename:
             return None
-        path = os.path.relpath(frame.filename, ROOT)
-        if frame.filename.startswith(ROOT) and not path.startswith(("tests", "..")):
-            site = f"{path}:{frame.name}"
+        if os.path.dirname(os.path.abspath(frame.filename)) == ROOT:  # a module of the project
+            site = f"{os.path.basename(frame.filename)}:{frame.name}"
             return None if site in CPU_ONLY else site
     return "elsewhere"
 

@@ -46,14 +46,22 @@ def settings(work_dir):
     return json.loads((Path(work_dir) / "config.json").read_text())
 
 
+ALONE = {**os.environ, "OMP_NUM_THREADS": "1"}  # every run of a comparison with the same threads
+
+
+def run_alone(argv) -> subprocess.CompletedProcess:
+    """`python train.py argv`, one thread, as the interrupted run ran."""
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=PROJECT, capture_output=True,
+                          text=True, timeout=600, env=ALONE)
+
+
 def interrupt(argv, tmp_path):
     """`python train.py argv` stopped by a Ctrl-C once it has logged a step: (iteration saved,
     what it printed)."""
     out = tmp_path / "out.txt"
     with open(out, "w") as stdout:
         process = subprocess.Popen([sys.executable, "train.py", *argv], cwd=PROJECT, stdout=stdout,
-                                   stderr=subprocess.DEVNULL, start_new_session=True,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                   stderr=subprocess.DEVNULL, start_new_session=True, env=ALONE)
         log = Path(argv[argv.index("--work-dir") + 1]) / "log.jsonl"
         while not (log.exists() and log.read_text().strip()):
             assert process.poll() is None, "ended before its first log line"
@@ -63,7 +71,7 @@ def interrupt(argv, tmp_path):
     return done, out.read_text()
 
 
-def test_resume_auto_with_the_printed_command_continues_the_same_run(synthetic, tmp_path, capsys):
+def test_resume_auto_with_the_printed_command_continues_the_same_run(synthetic, tmp_path):
     """The user's case: a run stopped by Ctrl-C, then the command it printed, which names no
     setting of the run: it continues that run to its own end, number for number as the run that
     was never stopped, and config.json keeps its settings."""
@@ -73,13 +81,12 @@ def test_resume_auto_with_the_printed_command_continues_the_same_run(synthetic, 
     assert done < 12
     command = f"python train.py --work-dir {work_dir} --resume auto"
     assert f"continue with: {command}" in out
-    assert train.main(command.split()[2:]) == 0
-    captured = capsys.readouterr()
-    assert "override" not in captured.out + captured.err
+    resumed = run_alone(command.split()[2:])
+    assert resumed.returncode == 0 and "override" not in resumed.stdout + resumed.stderr
     assert settings(work_dir)["iters"] == 12 and settings(work_dir)["overrides"] == []
     assert settings(work_dir)["data_root"] == str(synthetic)
     straight = tmp_path / "straight"
-    assert train.main(tiny(synthetic, straight)) == 0
+    assert run_alone(tiny(synthetic, straight)).returncode == 0
     assert log_lines(work_dir) == log_lines(straight)
 
 
