@@ -24,7 +24,6 @@ import torch.nn.functional as F
 # The 8 neighbour directions (row step, column step), row-major over the 3 × 3 window without its
 # centre. The order fixes the layout of the P = 8 · len(dilations) kernel channels.
 NEIGHBOUR_DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
-CENTRE = 4  # where the pixel itself sits in the row-major 3 × 3 window
 # Guards the divisions by σ in flat regions (σ = 0), where every |I_i − I_j| is 0 as well.
 STD_EPS = 1e-8
 
@@ -74,26 +73,8 @@ class PAR(nn.Module):
         """
         H, W = x.shape[-2:]
         pad = self.pad
-        padded = self.pad_replicate(x)  # (B, c, H + 2·pad, W + 2·pad)
+        padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # (B, c, H + 2·pad, W + 2·pad)
         return [padded[..., pad + dy:pad + dy + H, pad + dx:pad + dx + W] for dy, dx in self.offsets]
-
-    def pad_replicate(self, x):
-        """x (B, c, H, W) replicate-padded by the largest dilation -> (B, c, H + 2·pad, W + 2·pad)."""
-        pad = self.pad
-        return F.pad(x, (pad, pad, pad, pad), mode="replicate")
-
-    def windows(self, padded, H, W):
-        """The 3 × 3 window of every pixel at each dilation d, as views of `padded` (B, c,
-        H + 2·pad, W + 2·pad) from `pad_replicate`: a list over the dilations of (B, c, 3, 3, H, W),
-        whose [:, :, a, b, y, x] is the pixel (y + (a − 1)·d, x + (b − 1)·d) of the image: the
-        neighbours of `neighbours` at this dilation, in their order, around the centre (1, 1)."""
-        B, c = padded.shape[:2]
-        batch_step, channel_step, row_step, column_step = padded.stride()
-        return [padded.as_strided(
-                    (B, c, 3, 3, H, W),
-                    (batch_step, channel_step, d * row_step, d * column_step, row_step, column_step),
-                    padded.storage_offset() + (self.pad - d) * (row_step + column_step))  # the (−d, −d) corner
-                for d in self.dilations]
 
     @torch.no_grad()
     def kernel(self, images):
@@ -126,23 +107,16 @@ class PAR(nn.Module):
             raise ValueError(
                 f"masks must be (B, K, h, w) with B = {kernel.shape[0]}, got shape {tuple(masks.shape)}"
             )
-        B, _, H, W = kernel.shape
+        H, W = kernel.shape[-2:]
         if masks.shape[-2:] != (H, W):
             masks = F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=True)  # (B, K, H, W)
-        # a(i, j) laid out as the windows of `windows`, with weight 0 on each centre (the pixel is
-        # not its own neighbour): (B, 1, D, 3, 3, H, W), D dilations, broadcast over the K masks.
-        by_direction = kernel.view(B, len(self.dilations), len(NEIGHBOUR_DIRECTIONS), H, W)  # (B, D, 8, H, W)
-        centre = by_direction.new_zeros(B, len(self.dilations), 1, H, W)  # (B, D, 1, H, W)
-        weights = torch.cat([by_direction[:, :, :CENTRE], centre, by_direction[:, :, CENTRE:]], dim=2)
-        weights = weights.view(B, 1, len(self.dilations), 3, 3, H, W)  # (B, 1, D, 3, 3, H, W)
+        weights = kernel.unsqueeze(2).unbind(dim=1)  # P × (B, 1, H, W), broadcast over the K masks
         for _ in range(self.num_iter):
-            # m_i ← Σ_j a(i, j) m_j, one dilation (its 8 neighbours) at a time: a few large kernels,
-            # not one per neighbour, and no (B, K, P, H, W) tensor.
-            padded = self.pad_replicate(masks)  # (B, K, H + 2·pad, W + 2·pad)
-            refined = None
-            for index, window in enumerate(self.windows(padded, H, W)):  # (B, K, 3, 3, H, W) each
-                term = (window * weights[:, :, index]).sum(dim=(2, 3))  # (B, K, H, W)
-                refined = term if refined is None else refined.add_(term)
+            # m_i ← Σ_j a(i, j) m_j, accumulated one neighbour at a time: no (B, K, P, H, W) tensor.
+            shifted = self.neighbours(masks)  # P × (B, K, H, W)
+            refined = shifted[0] * weights[0]
+            for neighbour, weight in zip(shifted[1:], weights[1:]):
+                refined.addcmul_(neighbour, weight)
             masks = refined
         return masks
 
