@@ -16,8 +16,10 @@ tests/test_reliability.py, tests/test_exits.py and (under torchrun) tests/test_t
   (`StepStart`, `stop_nonfinite`), a data-loading worker's death ends in one line and a
   checkpoint of the last completed step (`worker_deaths_read_with_batches`); under DDP every
   process agrees before each step and at each validation batch, so that a failed read on one
-  stops all with that checkpoint (`agreed_batch`, `agreed_batches`, `stop_on_failure`); a signal during
-  validation saves at once (`CutShort`), a second Ctrl-C stops in one line (`stop_at_once`);
+  stops all with that checkpoint (`agreed_batch`, `agreed_batches`, `stop_on_failure`); a
+  signal during validation saves at once (`CutShort`), a second Ctrl-C stops in one line
+  (`stop_at_once`); an error in one process's step is named once by the others
+  (`stop_after_error`);
 - user errors as one line and exit code 2, and no data-loading worker outliving the script,
   however it ends (`exit_code`, `end_data_workers`);
 - a warning when steps run far slower than at the start (`PhaseTimes`).
@@ -798,10 +800,10 @@ def stop_after_error(run: Run, error: Exception) -> None:
     if int(failed) == run.rank:
         raise error
     kept = latest_checkpoint(run.cfg.work_dir)
+    where = (f"the newest checkpoint is {kept}; continue with: {resume_command(run.cfg)}" if kept
+             else "no checkpoint was written yet")
     raise PeerFailed(f"process {failed} of {run.world} failed ({what}), so this one stopped; "
-                     f"the newest checkpoint is {kept}; continue with: {resume_command(run.cfg)}"
-                     if kept else f"process {failed} of {run.world} failed ({what}), so this one "
-                     "stopped; no checkpoint was written yet") from error
+                     f"{where}") from error
 
 
 class BatchFailed(Exception):
@@ -908,8 +910,8 @@ def stop_at_once(run: Run, done: int) -> None:
         raise SystemExit(128 + signal.SIGINT)
     kept = latest_checkpoint(run.cfg.work_dir)
     kept_step = int(CHECKPOINT_NAME.fullmatch(os.path.basename(kept)).group(2)) if kept else 0
-    what = (f"kept: {kept} (iteration {kept_step}), continue with: {resume_command(run.cfg)}" if kept else
-            "no checkpoint was written yet")
+    what = (f"kept: {kept} (iteration {kept_step}), continue with: {resume_command(run.cfg)}"
+            if kept else "no checkpoint was written yet")
     lost = (f"; lost: iterations {kept_step + 1}–{done}" if done > kept_step else "")
     raise StoppedAtOnce(f"stopped at once by a second Ctrl-C after iteration {done}; {what}{lost}")
 

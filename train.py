@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from config import PRESETS, Config, ConfigError, parse_flags
+from config import PRESETS, Config, ConfigError, note, parse_flags
 from metrics import format_metrics, metrics_table, validate
 from model import AFANet
 from par import PAR
@@ -61,8 +61,8 @@ from runner import (BatchFailed, CutShort, Resumed, Run, StepSampler, StepStart,
                     exit_code, keep_freed_memory, leave_stop_signals_to_main,
                     nothing_left_on_failure, one_line, rank_0_log, resume_from, run_config, save,
                     set_cuda_math, setup_distributed, shard_loader, start_work_dir, stop_at_once,
-                    stop_after_error, stop_nonfinite, stop_on_failure, stop_on_signal, warn_if_bf16_is_emulated,
-                    worker_deaths_read_with_batches, write_metrics)
+                    stop_after_error, stop_nonfinite, stop_on_failure, stop_on_signal,
+                    warn_if_bf16_is_emulated, worker_deaths_read_with_batches, write_metrics)
 from train_step import build_optimizer, compute_losses, freeze_encoder_norms, make_autocast, update
 from visualize import class_names_of, training_figure
 
@@ -225,9 +225,9 @@ def train(cfg: Config, resumed: Resumed | None = None) -> TrainResult:
 def warn_if_classification_only(cfg: Config) -> None:
     """One line when the run ends before its first step with pseudo labels (step cam_iters + 1)."""
     if cfg.iters <= cfg.cam_iters + 1:
-        print(f"note: --iters {cfg.iters} ends within the classification-only phase (--cam-iters "
-              f"{cfg.cam_iters}): this run trains the classifier alone, without pseudo labels, "
-              "L_seg or L_aff", file=sys.stderr)
+        note(f"--iters {cfg.iters} ends within the classification-only phase (--cam-iters "
+             f"{cfg.cam_iters}): this run trains the classifier alone, without pseudo labels, "
+             "L_seg or L_aff")
 
 
 def train_loop(run: Run, loader, val_loader, val_set, start_step: int) -> dict:
@@ -260,8 +260,8 @@ def train_loop(run: Run, loader, val_loader, val_set, start_step: int) -> dict:
                     stop_nonfinite(run, step, values, before)
                 update(run.optimizer, run.scaler, out.loss)
                 done = step + 1
-                run.times.add("classification-only steps" if step <= cfg.cam_iters else "full steps",
-                              time.perf_counter() - step_started)
+                run.times.add("classification-only steps" if step <= cfg.cam_iters
+                              else "full steps", time.perf_counter() - step_started)
                 running = log_progress(run, bar, running, values, done, started)
                 if done % cfg.eval_every == 0 or done == cfg.iters:
                     metrics = validate_and_save(run, val_loader, val_set, done, stop)
